@@ -1,0 +1,51 @@
+"""The training pass's loss function: selective (SLM) or plain (CLM) token loss on the last pipeline stage.
+
+Returns megatron-core's per-token-loss triple (sum of selected token losses, number selected, stats): with
+TransformerConfig.calculate_per_token_loss, finalize_model_grads all-reduces the count over data-parallel
+ranks and divides the gradients by it, which is exactly the paper's 1/(N*k%) normalisation over the
+global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_slm.loss.selection import TokenSelector
+from megatron_slm.loss.vocab_parallel_ce import selective_cross_entropy, vocab_parallel_token_loss
+from megatron_slm.slm import excess_loss
+
+# Order of the summed statistics a loss call returns; the trainer reduces them over micro-batches and DP.
+STAT_KEYS = (
+    "selected_loss_sum", "num_selected", "all_loss_sum", "num_valid", "ref_loss_sum",
+    "excess_selected_sum", "excess_unselected_sum",
+)
+
+
+class SLMLoss:
+    def __init__(self, loss_mode: str, selector: TokenSelector | None, vocab_size: int):
+        self.loss_mode, self.selector, self.vocab_size = loss_mode, selector, vocab_size
+
+    def __call__(self, mb: dict, logits: torch.Tensor):
+        labels, valid = mb["labels"], mb["loss_mask"] > 0
+        token_loss, lse = vocab_parallel_token_loss(logits, labels, vocab_size=self.vocab_size)
+        if self.loss_mode == "clm":
+            selected, excess, ref = valid, None, None
+        else:
+            ref = mb["ref_loss"]
+            excess = excess_loss(token_loss, ref)
+            selected = self.selector(excess, valid, mb.get("selection")) & valid
+        per_token = selective_cross_entropy(
+            logits, labels, selected, vocab_size=self.vocab_size, token_loss=token_loss, logsumexp=lse
+        )
+        num_selected = selected.sum()
+        with torch.no_grad():
+            validf, self_ = valid.double(), selected.double()
+            stats = [
+                (token_loss.double() * self_).sum(), num_selected.double(),
+                (token_loss.double() * validf).sum(), validf.sum(),
+                (ref.double() * validf).sum() if ref is not None else torch.zeros((), dtype=torch.float64),
+                (excess.double() * self_).sum() if excess is not None else torch.zeros((), dtype=torch.float64),
+                (excess.double() * (validf - self_)).sum() if excess is not None else torch.zeros((), dtype=torch.float64),
+            ]
+        details = {"selected": selected.detach(), "token_loss": token_loss, "ref_loss": ref}
+        return per_token.sum(), num_selected.int(), {"stats": torch.stack(stats), **details}

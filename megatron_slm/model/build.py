@@ -1,0 +1,205 @@
+"""Llama/Mistral decoders on megatron-core's GPTModel, built for this rank's TP/PP slice.
+
+The model code is megatron-core's; this module only maps our ModelConfig to a TransformerConfig, picks
+the layer spec (TransformerEngine on GPU when importable, the local spec otherwise) and initialises
+weights so that the same seed gives the same full model under any TP/PP layout.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from megatron_slm.config import ModelConfig, ParallelConfig, padded_vocab_size
+
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def transformer_config(m: ModelConfig, par: ParallelConfig, params_dtype: torch.dtype = torch.float32):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        activation_func=F.silu,
+        gated_linear_unit=True,  # SwiGLU
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        window_size=(m.sliding_window, 0) if m.sliding_window else None,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        sequence_parallel=par.sequence_parallel and par.tensor_model_parallel_size > 1,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,  # sets TP attributes; layout_invariant_init then rewrites the values
+        # Fused kernels exist only on GPU.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        # The SLM loss is a sum over selected tokens; finalize_model_grads divides by their global count.
+        calculate_per_token_loss=True,
+    )
+
+
+def _layer_spec():
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if torch.cuda.is_available():
+        try:
+            import transformer_engine  # noqa: F401
+
+            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        except ImportError:
+            pass
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(m: ModelConfig, par: ParallelConfig, seed: int, params_dtype: torch.dtype = torch.float32):
+    """This rank's stage of the decoder, weights initialised from ``seed`` independently of TP/PP."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(m, par, params_dtype)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=_layer_spec(),
+        vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, par.tensor_model_parallel_size),
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,  # the loss works on each rank's vocab shard
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=int(m.rotary_base),
+    )
+    model.true_vocab_size = m.vocab_size
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    layout_invariant_init(model, m, seed)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Global names and TP shards of parameters
+
+
+def global_param_name(model, local_name: str) -> str:
+    """``decoder.layers.{i}.x`` on a pipeline stage -> the layer's index in the whole model."""
+    parts = local_name.split(".")
+    if len(parts) > 2 and parts[0] == "decoder" and parts[1] == "layers":
+        layer = model.decoder.layers[int(parts[2])]
+        parts[2] = str(layer.layer_number - 1)
+    name = ".".join(parts)
+    if name == "output_layer.weight" and getattr(model, "share_embeddings_and_output_weights", False):
+        name = "embedding.word_embeddings.weight"
+    return name
+
+
+def _tp():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def shard_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This TP rank's slice of ``full`` for ``param`` (megatron's partition_dim/partition_stride)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    rank, world = _tp()
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    chunk = param.shape[dim] // stride
+    pieces = torch.split(full, chunk, dim=dim)
+    return torch.cat(pieces[rank::world], dim=dim)
+
+
+def unshard(shards: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``shard_of``: the full tensor from every TP rank's shard (in rank order)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return shards[0]
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    per_rank = [torch.split(s, s.shape[dim] // stride, dim=dim) for s in shards]
+    return torch.cat([per_rank[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
+
+
+def full_shape(param: torch.Tensor) -> list[int]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= _tp()[1]
+    return shape
+
+
+@torch.no_grad()
+def layout_invariant_init(model, m: ModelConfig, seed: int) -> None:
+    """Initialise every parameter from (seed, global name): identical full weights under any TP/PP.
+
+    Megatron's own init draws from per-rank generators, so different layouts get different models; tests
+    and TP/PP-changing runs need one model. Llama-style: N(0, std), output projections std/sqrt(2L), norms 1.
+    """
+    out_std = m.init_method_std / math.sqrt(2.0 * m.num_layers)
+    for local_name, param in model.named_parameters():
+        name = global_param_name(model, local_name)
+        shape = full_shape(param)
+        if "norm" in name.rsplit(".", 2)[-2] or name.endswith("layer_norm_weight"):
+            full = torch.ones(shape)
+        else:
+            std = out_std if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else m.init_method_std
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            if name in VOCAB_PARAMS:  # padding rows depend on TP: draw the true rows, zero the rest
+                full = torch.zeros(shape)
+                full[: m.vocab_size] = torch.randn([m.vocab_size] + shape[1:], generator=gen) * std
+            else:
+                full = torch.randn(shape, generator=gen) * std
+        param.copy_(shard_of(full, param).to(param.dtype))
+
+
+def gather_full(model, tensors: dict[str, torch.Tensor] | None = None, use_grad: bool = False) -> dict:
+    """Full (unsharded) tensors of the whole model by global name, on every rank of DP rank 0's replica.
+
+    ``use_grad`` gathers ``param.main_grad`` (megatron DDP) or ``param.grad`` instead of the weights.
+    For tests and conversion; communicates over the TP group and then the PP group.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    tp_world = parallel_state.get_tensor_model_parallel_world_size()
+    local = {}
+    for local_name, param in model.named_parameters():
+        t = param
+        if use_grad:
+            t = getattr(param, "main_grad", None)
+            t = param.grad if t is None else t
+        t = t.detach().float().contiguous()
+        shards = [torch.empty_like(t) for _ in range(tp_world)]
+        dist.all_gather(shards, t, group=tp_group)
+        name = global_param_name(model, local_name)
+        full = unshard(shards, param)
+        if name in VOCAB_PARAMS:
+            full = full[: model.true_vocab_size]
+        if name in local and use_grad:  # tied embedding: its grad is already all-reduced across stages
+            continue
+        local[name] = full
+    out = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(out, local, group=pp_group)
+    merged = {}
+    for d in out:
+        merged.update(d)
+    return merged

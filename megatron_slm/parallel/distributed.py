@@ -1,0 +1,68 @@
+"""Process groups: torch.distributed (NCCL on CUDA, gloo on CPU) and megatron-core's parallel_state."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_slm.parallel import cpu_shims
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234,
+               timeout_minutes: int = 30) -> None:
+    """Initialise torch.distributed from the torchrun environment and megatron-core's model-parallel groups."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    cpu_shims.apply()
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    world = dist.get_world_size()
+    if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
+        from megatron_slm.config import ConfigError
+
+        raise ConfigError(
+            f"world size {world} is not divisible by TP x PP = {tensor_model_parallel_size} x "
+            f"{pipeline_model_parallel_size}; launch a multiple of "
+            f"{tensor_model_parallel_size * pipeline_model_parallel_size} processes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_last_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a local rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

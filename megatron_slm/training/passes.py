@@ -1,0 +1,62 @@
+"""The pipeline passes of one SLM step, all through megatron-core's stock schedules.
+
+Design (docs/design.md): the frozen reference runs a forward-only pipeline pass over the global batch's
+micro-batches *before* the training pass; its per-token losses stay on the last pipeline stage, attached to
+the micro-batch they belong to, where the training pass's loss function reads them. The reference may differ
+in depth and width from the policy (its own TransformerConfig sets the p2p shapes); TP/PP layout is shared.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_slm.loss.vocab_parallel_ce import vocab_parallel_token_loss
+
+
+def model_forward(model, mb: dict) -> torch.Tensor:
+    """Logits shard [b, s, V/TP] on the last stage (hidden states elsewhere); causal mask built in."""
+    return model(mb["tokens"], mb["position_ids"], attention_mask=None, labels=None)
+
+
+def _unwrapped_config(model):
+    from megatron.core.utils import get_model_config
+
+    return get_model_config(model)
+
+
+@torch.no_grad()
+def score_pass(model, micro_batches: list[dict], vocab_size: int) -> list[torch.Tensor] | None:
+    """Forward-only pass: per-token CE of ``model`` for each micro-batch ([b, s] fp32, on the last stage).
+
+    Used for the reference model (every step of online SLM) and for the policy's scoring pass of the
+    ``global_batch`` scope. Returns None on stages other than the last.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model_chunk):
+        mb = next(data_iterator)
+        output = model_forward(model_chunk, mb)
+
+        def collect(output_tensor, non_loss_data=True):
+            return vocab_parallel_token_loss(output_tensor, mb["labels"], vocab_size=vocab_size)[0]
+
+        return output, collect
+
+    first = micro_batches[0]["tokens"]
+    was_training = model.training
+    model.eval()
+    try:
+        scores = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=first.shape[1],
+            micro_batch_size=first.shape[0],
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    finally:
+        model.train(was_training)
+    return list(scores) if parallel_state.is_pipeline_last_stage() else None

@@ -1,0 +1,244 @@
+"""The training loop: megatron-core model, DDP, optimizer, LR schedule and pipeline schedule, plus SLM.
+
+One step = [reference forward-only pass] -> [policy scoring pass, global_batch scope only] -> training pass
+(1F1B when PP > 1) -> optimizer step. Runs under torchrun; every rank builds the same micro-batches for its
+data-parallel slice; only the last pipeline stage sees logits, losses and selection.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_slm.config import Config, validate
+from megatron_slm.loss.selection import TokenSelector, select_global_batch
+from megatron_slm.loss.slm_loss import STAT_KEYS, SLMLoss
+from megatron_slm.model.build import build_model
+from megatron_slm.parallel import distributed
+from megatron_slm.slm import excess_loss
+from megatron_slm.training.metrics import MetricsLogger
+from megatron_slm.training.passes import model_forward, score_pass
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else torch.cuda.is_available()
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def reference_dtype(cfg: Config) -> torch.dtype:
+    if cfg.reference.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return torch.bfloat16 if cfg.reference.dtype == "bf16" else torch.float32
+
+
+def build_reference(cfg: Config):
+    """The frozen reference: same TP/PP layout, no grads, no optimizer, not in DDP, eval mode."""
+    from megatron_slm import checkpoint
+
+    ref = build_model(cfg.reference.model, cfg.parallel, seed=cfg.train.seed + 1, params_dtype=reference_dtype(cfg))
+    if cfg.reference.load:
+        checkpoint.load_model_weights(ref, cfg.reference.load, expected_vocab=cfg.model.vocab_size)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    ref.eval()
+    return ref
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        world = dist.get_world_size() if dist.is_initialized() else _env_world_size()
+        validate(cfg, world_size=world)
+        par, tr = cfg.parallel, cfg.train
+        distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed)
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.is_last_stage = ps.is_pipeline_last_stage()
+        self.dtype = compute_dtype(cfg)
+        torch.manual_seed(tr.seed)
+
+        self.model, self.optimizer, self.scheduler = self._build_policy()
+        self.slm = cfg.slm.loss_mode == "slm"
+        self.reference = build_reference(cfg) if self.slm and cfg.slm.reference_mode == "online" else None
+        selector = TokenSelector(cfg.slm.selection_scope, cfg.slm.slm_select_ratio, cfg.slm.threshold_momentum)
+        self.selector = selector if self.slm else None
+        self.loss = SLMLoss(cfg.slm.loss_mode, self.selector, cfg.model.vocab_size)
+        self.iteration = 0
+        self.metrics = MetricsLogger(cfg, is_logging_rank=distributed.is_last_rank())
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _build_policy(self):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
+
+        cfg, tr = self.cfg, self.cfg.train
+        module = build_model(cfg.model, cfg.parallel, seed=tr.seed, params_dtype=self.dtype)
+        config = module.config
+        if self.dtype == torch.bfloat16:
+            module = Float16Module(config, module)
+        model = DistributedDataParallel(
+            config=config,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+            module=module,
+        )
+        config.no_sync_func = model.no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
+                adam_beta1=tr.adam_beta1, adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps,
+                clip_grad=tr.clip_grad, bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+            ),
+            [model],
+        )
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=tr.lr, min_lr=tr.min_lr,
+            lr_warmup_steps=tr.lr_warmup_iters, lr_decay_steps=max(tr.train_iters, tr.lr_warmup_iters + 1),
+            lr_decay_style="cosine", start_wd=tr.weight_decay, end_wd=tr.weight_decay,
+            wd_incr_steps=max(tr.train_iters, 1), wd_incr_style="constant",
+        )
+        return model, optimizer, scheduler
+
+    @property
+    def policy_module(self):
+        """The GPTModel inside DDP (and Float16Module)."""
+        m = self.model.module
+        return m.module if hasattr(m, "module") and not hasattr(m, "decoder") else m
+
+    # -- one step ------------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        return model_forward(model, mb), functools.partial(self.loss, mb)
+
+    def prepare_selection(self, micro_batches: list[dict]) -> None:
+        """Attach reference scores (online) and global-batch selection masks to the micro-batches."""
+        if not self.slm:
+            return
+        vocab = self.cfg.model.vocab_size
+        if self.reference is not None:
+            ref_scores = score_pass(self.reference, micro_batches, vocab)
+            if ref_scores is not None:
+                for mb, s in zip(micro_batches, ref_scores):
+                    mb["ref_loss"] = s
+        if self.cfg.slm.selection_scope == "global_batch":
+            policy_scores = score_pass(self.model, micro_batches, vocab)
+            if policy_scores is not None:
+                excess = [excess_loss(p, mb["ref_loss"]) for p, mb in zip(policy_scores, micro_batches)]
+                masks = select_global_batch(
+                    excess, [mb["loss_mask"] > 0 for mb in micro_batches], self.cfg.slm.slm_select_ratio
+                )
+                for mb, m in zip(micro_batches, masks):
+                    mb["selection"] = m
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this DP rank's micro-batches. Returns reduced metrics (last stage)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        start = time.perf_counter()
+        self.prepare_selection(micro_batches)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        first = micro_batches[0]["tokens"]
+        outputs = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(micro_batches),
+            model=[self.model],
+            num_microbatches=len(micro_batches),
+            seq_length=first.shape[1],
+            micro_batch_size=first.shape[0],
+            forward_only=False,
+        )
+        update_ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        metrics = self._reduce(outputs)
+        metrics.update(
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=self.optimizer.param_groups[0]["lr"], step_time=time.perf_counter() - start,
+            update_ok=bool(update_ok),
+        )
+        # Per-token details of each micro-batch (last stage): selection masks, policy and reference losses.
+        metrics["token_details"] = [{k: o[k] for k in ("selected", "token_loss", "ref_loss")} for o in outputs] if self.is_last_stage else None
+        return metrics
+
+    def _reduce(self, outputs) -> dict:
+        """Sum loss statistics over micro-batches and data-parallel ranks (on the last stage)."""
+        if not self.is_last_stage:
+            return {}
+        total = torch.stack([o["stats"] for o in outputs]).sum(0)
+        dist.all_reduce(total, group=self.ps.get_data_parallel_group())
+        s = dict(zip(STAT_KEYS, total.tolist()))
+        n_sel, n_valid = max(s["num_selected"], 1.0), max(s["num_valid"], 1.0)
+        n_unsel = max(s["num_valid"] - s["num_selected"], 1.0)
+        return {
+            "loss_selected": s["selected_loss_sum"] / n_sel,
+            "loss_all": s["all_loss_sum"] / n_valid,
+            "ref_loss": s["ref_loss_sum"] / n_valid if self.slm else float("nan"),
+            "excess_selected": s["excess_selected_sum"] / n_sel if self.slm else float("nan"),
+            "excess_unselected": s["excess_unselected_sum"] / n_unsel if self.slm else float("nan"),
+            "selected_fraction": s["num_selected"] / n_valid,
+            "num_selected": s["num_selected"],
+            "num_valid": s["num_valid"],
+        }
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, micro_batches: list[dict]) -> float | None:
+        """Mean policy CE over all valid tokens (plain LM loss), on every rank of the last stage."""
+        scores = score_pass(self.model, micro_batches, self.cfg.model.vocab_size)
+        if scores is None:
+            return None
+        sums = torch.zeros(2, dtype=torch.float64)
+        for s, mb in zip(scores, micro_batches):
+            valid = (mb["loss_mask"] > 0).double()
+            sums += torch.stack([(s.double() * valid).sum(), valid.sum()])
+        dist.all_reduce(sums, group=self.ps.get_data_parallel_group())
+        return (sums[0] / sums[1].clamp(min=1)).item()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self, train_batches, eval_batches=None) -> dict:
+        """``train_batches(step) -> micro-batches``; ``eval_batches() -> list of micro-batch lists``."""
+        tr = self.cfg.train
+        history = []
+        self.metrics.start(tr.train_iters, self.iteration)
+        while self.iteration < tr.train_iters:
+            m = self.train_step(train_batches(self.iteration))
+            m.pop("token_details", None)
+            history.append(m)
+            self.metrics.step(self.iteration, m, tokens=tr.global_batch_size * tr.seq_length)
+            if eval_batches is not None and tr.eval_interval and self.iteration % tr.eval_interval == 0:
+                self.metrics.eval(self.iteration, self.evaluate_all(eval_batches()))
+        result = {"history": history}
+        if eval_batches is not None:
+            result["eval_loss"] = self.evaluate_all(eval_batches())
+            self.metrics.eval(self.iteration, result["eval_loss"])
+        self.metrics.close()
+        return result
+
+    def evaluate_all(self, batches: list[list[dict]]) -> float | None:
+        losses = [self.evaluate(mbs) for mbs in batches]
+        if losses and losses[0] is not None:
+            return float(sum(losses) / len(losses))
+        return None
+
+
+def _env_world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def broadcast_from_last(obj):
+    """Send a Python object from the global last rank (which holds losses) to every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
+    return box[0]
+
