@@ -25,7 +25,7 @@ def run_train(cfg) -> dict:
     """Train one model as configured (called on every rank). Returns the summary on every rank."""
     import torch.distributed as dist
 
-    from megatron_slm.checkpoint import save_model_weights
+    from megatron_slm.checkpoint import read_model_meta, save_model_weights
     from megatron_slm.data.tokens import DataError, TokenFile, TokenSamples, micro_batches
     from megatron_slm.training.trainer import Trainer, broadcast_from_last
 
@@ -42,6 +42,13 @@ def run_train(cfg) -> dict:
             raise DataError(
                 f"{name} data '{tf.prefix}' was tokenized with vocab_size={tf.vocab_size} but the model has "
                 f"vocab_size={cfg.model.vocab_size}; the tokenizer, policy and reference must share one vocabulary"
+            )
+    if cfg.slm.loss_mode == "slm" and cfg.slm.reference_mode == "online" and cfg.reference.load:
+        ref_meta = read_model_meta(cfg.reference.load)["model"]  # fail before any process group starts
+        if ref_meta.get("vocab_size") != cfg.model.vocab_size:
+            raise DataError(
+                f"reference checkpoint '{cfg.reference.load}' has vocab_size={ref_meta.get('vocab_size')} but the "
+                f"policy and its data have {cfg.model.vocab_size}; the reference must share the policy's tokenizer"
             )
     trainer = Trainer(cfg)
     dp_rank, dp_size = trainer.dp_rank, trainer.dp_size

@@ -7,8 +7,6 @@
   masked tokens are never selected; k=1.0 equals CLM; global-batch selection is DP-invariant.
 """
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -164,3 +162,94 @@ def test_single_process_gradient_equals_plain_autograd_of_the_slm_loss(layout_re
 def test_reference_is_frozen_and_holds_no_optimizer_state(layout_results):
     for layout, res in layout_results.items():
         assert all(res["checks"].values()), (layout, res["checks"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Selection scopes at PP=2 x DP=2 against plain implementations; k=1.0 against CLM
+
+SCOPES = ("sequence", "micro_batch", "global_batch", "threshold")
+
+
+def _scopes_worker():
+    from megatron_slm.model.build import gather_full
+    from megatron_slm.training.trainer import Trainer
+
+    out = {}
+    for scope in SCOPES:
+        trainer = Trainer(make_config(1, 2, selection_scope=scope, threshold_momentum=0.5))
+        out[scope] = [h["token_details"] for h in run_steps(trainer, 2, 8)]
+    for name, kw in (("k1", dict(slm_select_ratio=1.0)), ("clm", dict(loss_mode="clm"))):
+        trainer = Trainer(make_config(1, 2, **kw))
+        history = run_steps(trainer, 2, 8)
+        out[name] = dict(losses=[h.get("loss_selected") for h in history], params=gather_full(trainer.policy_module))
+    out["dp_rank"], out["last_stage"] = trainer.dp_rank, trainer.is_last_stage
+    return out
+
+
+@pytest.fixture(scope="module")
+def scope_results():
+    ranks = run_distributed(_scopes_worker, 4)
+    last = {r["dp_rank"]: r for r in ranks if r["last_stage"]}
+    assert sorted(last) == [0, 1]
+    return last
+
+
+def _gathered(scope_results, scope):
+    """[step][dp_rank][micro_batch] -> (excess list, valid list, selected list), flattened row-major."""
+    steps = []
+    for step in range(2):
+        per_rank = []
+        for r in (0, 1):
+            mbs = my_micro_batches(step, 8, r, 2)
+            per_rank.append([
+                ((d["token_loss"] - d["ref_loss"]).flatten().tolist(), (mb["loss_mask"] > 0).flatten().tolist(),
+                 d["selected"].flatten().tolist())
+                for d, mb in zip(scope_results[r][scope][step], mbs)
+            ])
+        steps.append(per_rank)
+    return steps
+
+
+def _cat(parts):
+    return [sum((p[j] for p in parts), []) for j in range(3)]
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_selection_scope_matches_plain_implementation(scope_results, scope):
+    from test_slm import plain_top_k
+
+    k = 0.6
+    thresholds = {0: None, 1: None}
+    for per_rank in _gathered(scope_results, scope):
+        n_mb = len(per_rank[0])
+        for r in (0, 1):
+            for excess, valid, selected in per_rank[r]:
+                assert not any(s and not v for s, v in zip(selected, valid)), "a masked token was selected"
+        if scope == "sequence":
+            for r in (0, 1):
+                for excess, valid, selected in per_rank[r]:
+                    for row in range(MBS):
+                        cut = slice(row * SEQ, (row + 1) * SEQ)
+                        assert selected[cut] == plain_top_k(excess[cut], valid[cut], k)
+        elif scope == "micro_batch":  # micro-batch i of every DP rank together, in rank order
+            for i in range(n_mb):
+                excess, valid, selected = _cat([per_rank[0][i], per_rank[1][i]])
+                assert selected == plain_top_k(excess, valid, k)
+        elif scope == "global_batch":  # everything, ordered by DP rank then micro-batch
+            excess, valid, selected = _cat([mb for r in (0, 1) for mb in per_rank[r]])
+            assert selected == plain_top_k(excess, valid, k)
+        else:  # threshold: each rank's own running estimate, EMA momentum 0.5
+            for r in (0, 1):
+                for excess, valid, selected in per_rank[r]:
+                    q = float(np.quantile(np.array([e for e, v in zip(excess, valid) if v], dtype=np.float32), 1 - k))
+                    thr = q if thresholds[r] is None else thresholds[r]
+                    thresholds[r] = q if thresholds[r] is None else 0.5 * thresholds[r] + 0.5 * q
+                    assert selected == [v and e >= thr for e, v in zip(excess, valid)]
+
+
+def test_k_one_reproduces_clm_exactly(scope_results):
+    for r in (0, 1):
+        k1, clm = scope_results[r]["k1"], scope_results[r]["clm"]
+        assert k1["losses"] == clm["losses"]
+        assert k1["params"].keys() == clm["params"].keys()
+        assert all(torch.equal(k1["params"][n], clm["params"][n]) for n in clm["params"])

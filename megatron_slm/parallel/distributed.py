@@ -21,6 +21,8 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     from megatron.core import parallel_state, tensor_parallel
 
     cpu_shims.apply()
+    if "RANK" not in os.environ:  # run without torchrun: a single process
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -1,6 +1,6 @@
 """The pipeline passes of one SLM step, all through megatron-core's stock schedules.
 
-Design (docs/design.md): the frozen reference runs a forward-only pipeline pass over the global batch's
+Design (README, "Design: where the reference runs"): the frozen reference runs a forward-only pipeline pass over the global batch's
 micro-batches *before* the training pass; its per-token losses stay on the last pipeline stage, attached to
 the micro-batch they belong to, where the training pass's loss function reads them. The reference may differ
 in depth and width from the policy (its own TransformerConfig sets the p2p shapes); TP/PP layout is shared.
@@ -16,12 +16,6 @@ from megatron_slm.loss.vocab_parallel_ce import vocab_parallel_token_loss
 def model_forward(model, mb: dict) -> torch.Tensor:
     """Logits shard [b, s, V/TP] on the last stage (hidden states elsewhere); causal mask built in."""
     return model(mb["tokens"], mb["position_ids"], attention_mask=None, labels=None)
-
-
-def _unwrapped_config(model):
-    from megatron.core.utils import get_model_config
-
-    return get_model_config(model)
 
 
 @torch.no_grad()
