@@ -302,6 +302,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         problems.append("tensor/pipeline_model_parallel_size must be >= 1")
         tp, pp = max(tp, 1), max(pp, 1)
     problems += _model_problems(cfg.model, tp, pp, tr.seq_length, "model", "--")
+    if par.sequence_parallel and tp > 1 and not _has_fused_norm():
+        problems.append(
+            "sequence_parallel needs TransformerEngine or Apex (megatron-core's torch norm refuses it); "
+            "install one on the GPU machine or drop --sequence-parallel"
+        )
     if slm.loss_mode not in LOSS_MODES:
         problems.append(f"slm.loss_mode={slm.loss_mode!r}; use one of {LOSS_MODES}")
     if not (0.0 < slm.slm_select_ratio <= 1.0):
@@ -348,6 +353,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 )
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _has_fused_norm() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("transformer_engine", "apex"))
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

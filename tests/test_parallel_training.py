@@ -253,3 +253,32 @@ def test_k_one_reproduces_clm_exactly(scope_results):
         assert k1["losses"] == clm["losses"]
         assert k1["params"].keys() == clm["params"].keys()
         assert all(torch.equal(k1["params"][n], clm["params"][n]) for n in clm["params"])
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16: megatron's Float16Module + mixed-precision optimizer (fp32 master weights) and a bf16 reference
+
+
+def _bf16_worker(bf16):
+    import torch.distributed as dist
+
+    from megatron_slm.training.trainer import Trainer
+
+    cfg = make_config(2, 1)
+    cfg.train.bf16, cfg.reference.dtype = bf16, "bf16" if bf16 else "fp32"
+    trainer = Trainer(cfg)
+    history = run_steps(trainer, 2, 8)
+    dtypes = {p.dtype for p in trainer.policy_module.parameters()} | {p.dtype for p in trainer.reference.parameters()}
+    master = {p.dtype for g in trainer.optimizer.param_groups for p in g["params"]}
+    if dist.get_rank() != dist.get_world_size() - 1:
+        return None
+    return dict(losses=[h["loss_all"] for h in history], dtypes=dtypes, master=master)
+
+
+def test_bf16_training_tracks_fp32():
+    fp32 = run_distributed(_bf16_worker, 2, False)[-1]
+    bf16 = run_distributed(_bf16_worker, 2, True)[-1]
+    assert bf16["dtypes"] == {torch.bfloat16} and bf16["master"] == {torch.float32}
+    assert fp32["dtypes"] == {torch.float32}
+    for a, b in zip(fp32["losses"], bf16["losses"]):
+        assert b == pytest.approx(a, rel=1e-2) and b != a

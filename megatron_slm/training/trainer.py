@@ -38,7 +38,9 @@ def build_reference(cfg: Config):
     """The frozen reference: same TP/PP layout, no grads, no optimizer, not in DDP, eval mode."""
     from megatron_slm import checkpoint
 
-    ref = build_model(cfg.reference.model, cfg.parallel, seed=cfg.train.seed + 1, params_dtype=reference_dtype(cfg))
+    dtype = reference_dtype(cfg)
+    ref = build_model(cfg.reference.model, cfg.parallel, seed=cfg.train.seed + 1, params_dtype=dtype)
+    ref.to(dtype)  # megatron's torch norms ignore params_dtype; casting everything as Float16Module would
     if cfg.reference.load:
         checkpoint.load_model_weights(ref, cfg.reference.load, expected_vocab=cfg.model.vocab_size)
     for p in ref.parameters():
