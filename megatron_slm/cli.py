@@ -16,55 +16,91 @@ from megatron_slm.config import ConfigError, add_override_arguments, load_config
 
 def _user_errors():
     from megatron_slm.checkpoint import CheckpointError
-    from megatron_slm.data.tokens import DataError
+    from megatron_slm.data.errors import DataError
+    from megatron_slm.data.tokenizer import TokenizerError
 
-    return (ConfigError, CheckpointError, DataError)
+    return (ConfigError, CheckpointError, DataError, TokenizerError)
+
+
+def check_inputs(cfg):
+    """Every check that needs only files, before any process group starts.
+
+    Returns the data's TokenInfo and, for offline SLM, the validated score sidecars."""
+    from megatron_slm.checkpoint import read_model_meta
+    from megatron_slm.data.datasets import parse_blend, token_info
+    from megatron_slm.data.errors import DataError
+
+    fingerprint = None
+    if cfg.data.tokenizer_model:
+        from megatron_slm.data.tokenizer import load_tokenizer
+
+        fingerprint = load_tokenizer(cfg.data.tokenizer_model).fingerprint
+    info = token_info([parse_blend(cfg.data.data_path), parse_blend(cfg.data.valid_data_path)],
+                      cfg.model.vocab_size, fingerprint)
+    for m in (cfg.model, cfg.reference.model):
+        if m.vocab_size is None:
+            m.vocab_size = info.vocab_size
+    online = cfg.slm.loss_mode == "slm" and cfg.slm.reference_mode == "online"
+    if online and cfg.reference.load:
+        ref_vocab = read_model_meta(cfg.reference.load)["model"].get("vocab_size")
+        if ref_vocab != cfg.model.vocab_size:
+            raise DataError(
+                f"reference checkpoint '{cfg.reference.load}' has vocab_size={ref_vocab} but the policy and its "
+                f"data have {cfg.model.vocab_size}; the reference must share the policy's tokenizer"
+            )
+    scores = None
+    if cfg.slm.loss_mode == "slm" and cfg.slm.reference_mode == "offline":
+        from megatron_slm.data.scores import OfflineScores
+
+        scores = OfflineScores(parse_blend(cfg.data.data_path)[0], cfg.reference.scores_path)
+    return info, scores
+
+
+def dataset_sizes(cfg) -> list[int]:
+    """Samples requested from megatron-core per split: what training consumes (and scoring must match)."""
+    G = cfg.train.global_batch_size
+    return [cfg.train.train_iters * G, cfg.train.eval_iters * G, 0]
+
+
+def build_data(cfg, info, dp_rank: int, dp_size: int, offline_scores=None):
+    """Step -> this rank's micro-batches (with offline scores attached when configured), and eval batches."""
+    from megatron_slm.data.batches import micro_batches
+    from megatron_slm.data.datasets import build_datasets, dataset_config
+
+    tr = cfg.train
+    G, b = tr.global_batch_size, tr.micro_batch_size
+    ds_cfg = dataset_config(cfg.data, tr.seq_length, tr.seed, info)
+    sizes = dataset_sizes(cfg)
+    train, valid, _ = build_datasets(ds_cfg, sizes)
+    positions = build_datasets(ds_cfg, sizes, positions=True)[0] if offline_scores is not None else None
+
+    def train_batches(step):
+        mbs = micro_batches(train, step, G, b, dp_rank, dp_size)
+        if positions is not None:
+            offline_scores.attach(mbs, micro_batches(positions, step, G, b, dp_rank, dp_size))
+        return mbs
+
+    eval_batches = None
+    if valid is not None and len(valid) >= G:
+        n_eval = min(tr.eval_iters, len(valid) // G)
+
+        def eval_batches():
+            return [micro_batches(valid, i, G, b, dp_rank, dp_size) for i in range(n_eval)]
+
+    return train_batches, eval_batches
 
 
 def run_train(cfg) -> dict:
     """Train one model as configured (called on every rank). Returns the summary on every rank."""
     import torch.distributed as dist
 
-    from megatron_slm.checkpoint import read_model_meta, save_model_weights
-    from megatron_slm.data.tokens import DataError, TokenFile, TokenSamples, micro_batches
+    from megatron_slm.checkpoint import save_model_weights
     from megatron_slm.training.trainer import Trainer, broadcast_from_last
 
-    tr = cfg.train
-    if not cfg.data.train_data:
-        raise ConfigError("data.train_data is unset; point --train-data at a token file prefix (see README)")
-    train_file = TokenFile(cfg.data.train_data)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = train_file.vocab_size
-        if cfg.reference.model.vocab_size is None:
-            cfg.reference.model.vocab_size = train_file.vocab_size
-    for name, tf in (("train", train_file),) + ((("valid", TokenFile(cfg.data.valid_data)),) if cfg.data.valid_data else ()):
-        if tf.vocab_size != cfg.model.vocab_size:
-            raise DataError(
-                f"{name} data '{tf.prefix}' was tokenized with vocab_size={tf.vocab_size} but the model has "
-                f"vocab_size={cfg.model.vocab_size}; the tokenizer, policy and reference must share one vocabulary"
-            )
-    if cfg.slm.loss_mode == "slm" and cfg.slm.reference_mode == "online" and cfg.reference.load:
-        ref_meta = read_model_meta(cfg.reference.load)["model"]  # fail before any process group starts
-        if ref_meta.get("vocab_size") != cfg.model.vocab_size:
-            raise DataError(
-                f"reference checkpoint '{cfg.reference.load}' has vocab_size={ref_meta.get('vocab_size')} but the "
-                f"policy and its data have {cfg.model.vocab_size}; the reference must share the policy's tokenizer"
-            )
+    info, offline_scores = check_inputs(cfg)
     trainer = Trainer(cfg)
-    dp_rank, dp_size = trainer.dp_rank, trainer.dp_size
-    train = TokenSamples(train_file, tr.seq_length, seed=tr.seed)
-
-    def train_batches(step):
-        return micro_batches(train, step, tr.global_batch_size, tr.micro_batch_size, dp_rank, dp_size)
-
-    eval_batches = None
-    if cfg.data.valid_data:
-        valid = TokenSamples(TokenFile(cfg.data.valid_data), tr.seq_length, seed=tr.seed + 1)
-        n_eval = min(tr.eval_iters, max(len(valid) // tr.global_batch_size, 1))
-
-        def eval_batches():
-            return [micro_batches(valid, i, tr.global_batch_size, tr.micro_batch_size, dp_rank, dp_size) for i in range(n_eval)]
-
+    train_batches, eval_batches = build_data(cfg, info, trainer.dp_rank, trainer.dp_size, offline_scores)
+    dp_size = trainer.dp_size
     result = trainer.train(train_batches, eval_batches)
     if cfg.checkpoint.save:
         save_model_weights(trainer.policy_module, str(Path(cfg.checkpoint.save) / "model"), cfg.model)
@@ -81,6 +117,8 @@ def run_train(cfg) -> dict:
             "eval_loss": result.get("eval_loss"),
             "final": {k: history[-1][k] for k in keys},
             "mean_second_half": {k: sum(h[k] for h in tail) / len(tail) for k in keys},
+            "data_path": cfg.data.data_path,
+            "selected_fraction_by_dataset": trainer.selected_fraction_by_dataset(),
             "parallel": {"tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size, "dp": dp_size},
         }
     summary = broadcast_from_last(summary)
@@ -117,10 +155,16 @@ def main(argv=None) -> int:
     p_check.add_argument("--config")
     p_check.add_argument("--world-size", type=int, default=None)
     add_override_arguments(p_check)
+    sub.add_parser("score-reference", help="offline reference scores (same as tools/score_reference.py)", add_help=False)
     p_demo = sub.add_parser("demo", help="the CPU demo: reference, then SLM vs CLM at TP=2 x PP=2")
     from megatron_slm import demo
 
     demo.add_arguments(p_demo)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["score-reference"]:
+        from megatron_slm.scoring import main as score_main
+
+        return score_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         if args.command == "train":

@@ -50,6 +50,7 @@ class ReferenceConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # unset fields inherit the policy's
     load: Optional[str] = None  # checkpoint of the reference weights (trainer output directory)
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    scores_path: Optional[list] = None  # offline mode: score sidecars in data_path's order; default <prefix>_refscores
 
 
 @dataclass
@@ -95,10 +96,13 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    train_data: Optional[str] = None  # a token file (.npy, int32) written by megatron_slm.data
-    valid_data: Optional[str] = None
-    eod_token_id: Optional[int] = None  # default: read from the token file's metadata
-    tokenizer_model: Optional[str] = None  # sentencepiece model; its vocab must match the model's
+    """megatron-core indexed datasets written by tools/preprocess_data.py (prefixes, without .bin/.idx)."""
+
+    data_path: Optional[list] = None  # [weight] prefix [weight prefix ...], Megatron's --data-path blend
+    valid_data_path: Optional[list] = None  # separate validation blend; default: a split of data_path
+    split: str = "969,30,1"  # train,valid,test proportions of data_path when valid_data_path is unset
+    data_cache_path: Optional[str] = None  # where megatron-core caches its sample indices
+    tokenizer_model: Optional[str] = None  # optional: checked against the tokenizer the data was made with
 
 
 @dataclass
@@ -166,6 +170,8 @@ def _set(obj, path, value):
 def _coerce(value: Any, tp, where: str):
     if value is None:
         return None
+    if tp is list:
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
     try:
         if tp is bool:
             if isinstance(value, bool):
@@ -206,8 +212,10 @@ def _merge_dict(cfg, data: dict, prefix=(), source="config"):
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one ``--megatron-style-name`` option per leaf of the config tree."""
     group = parser.add_argument_group("config overrides (Megatron-style names)")
-    for path, _ in _leaf_paths(Config()):
-        group.add_argument(_flag_for(path), dest="cfg__" + "__".join(path), default=None, metavar="V")
+    cfg = Config()
+    for path, _ in _leaf_paths(cfg):
+        nargs = "+" if _leaf_type(cfg, path) is list else None
+        group.add_argument(_flag_for(path), dest="cfg__" + "__".join(path), default=None, metavar="V", nargs=nargs)
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, args=None) -> Config:

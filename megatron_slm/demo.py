@@ -56,12 +56,14 @@ def main(args) -> int:
         print("=== building the demo corpus (sympy + stdlib docstrings) and a sentencepiece tokenizer", flush=True)
         info = build_demo_corpus(str(data))
         print(json.dumps(info, indent=2), flush=True)
-    common = ["--valid-data", str(data / "math_heldout"), "--tokenizer-model", str(data / "tokenizer.model")]
+    common = ["--valid-data-path", str(data / "math_heldout"), "--tokenizer-model", str(data / "tokenizer.model"),
+              "--data-cache-path", str(out / "index_cache")]
     ref = _torchrun(out, "reference", args.nproc, common + [
-        "--loss-mode", "clm", "--train-data", str(data / "math_ref_train"), "--train-iters", str(args.ref_iters),
+        "--loss-mode", "clm", "--data-path", str(data / "math_ref_train"), "--train-iters", str(args.ref_iters),
     ])
-    policy = common + [
-        "--train-data", str(data / "policy_train"), "--train-iters", str(args.train_iters),
+    policy = common + [  # the policy's data: math and general text blended by weight
+        "--data-path", "0.55", str(data / "math_train"), "0.45", str(data / "general"),
+        "--train-iters", str(args.train_iters),
         "--seed", "4321",  # same init for both policies, different from the reference's
     ]
     slm = _torchrun(out, "slm", args.nproc, policy + [
@@ -82,7 +84,6 @@ def main(args) -> int:
         "parallel": slm["parallel"],
         "total_wall_s": time.perf_counter() - t0,
     }
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2))
     h = report["heldout_math_loss"]
     print("\n================ SLM demo results ================")
     print(f"layout: TP={report['parallel']['tp']} x PP={report['parallel']['pp']} x DP={report['parallel']['dp']}; "
@@ -92,7 +93,13 @@ def main(args) -> int:
     sel = report["slm_selection"]
     print(f"selection (k={sel['k']}, scope={sel['scope']}): selected fraction {sel['selected_fraction']:.3f}; "
           f"mean excess loss selected {sel['excess_loss_selected']:+.3f} vs unselected {sel['excess_loss_unselected']:+.3f}")
+    by_ds = slm.get("selected_fraction_by_dataset")
+    if by_ds:
+        report["slm_selection"]["selected_fraction_math_vs_general"] = by_ds
+        print(f"SLM selected {by_ds[0]:.1%} of math tokens vs {by_ds[1]:.1%} of general tokens "
+              f"(the reference was tuned on math)")
     print(f"step time: SLM (online reference) {s['step_time']:.3f} s vs CLM {c['step_time']:.3f} s "
           f"= {report['step_time_s']['ratio']:.2f}x")
+    (out / "demo_report.json").write_text(json.dumps(report, indent=2))
     print(f"report: {out / 'demo_report.json'}  (total {report['total_wall_s']:.0f} s)")
     return 0

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 
-from megatron_slm.data.tokens import write_token_file
 from megatron_slm.parallel.distributed import free_port
 
 VOCAB = 128
@@ -19,12 +18,21 @@ VOCAB = 128
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    """Real text through the real preprocessing tool, with a sentencepiece tokenizer trained here."""
+    import sentencepiece as spm
+
+    from megatron_slm.data.preprocess import preprocess
+
     d = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
-    docs = [rng.integers(3, VOCAB, size=rng.integers(20, 80)).tolist() for _ in range(60)]
-    write_token_file(str(d / "train"), docs[:50], eod_id=2, vocab_size=VOCAB)
-    write_token_file(str(d / "valid"), docs[50:], eod_id=2, vocab_size=VOCAB)
-    write_token_file(str(d / "other_vocab"), docs[:5], eod_id=2, vocab_size=VOCAB * 2)
+    words = "the of a number integer matrix prime sum value function returns list given x y n".split()
+    lines = [" ".join(rng.choice(words, size=rng.integers(8, 40))) for _ in range(300)]
+    (d / "train.txt").write_text("\n".join(lines[:250]))
+    (d / "valid.txt").write_text("\n".join(lines[250:]))
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(d / "tok"), vocab_size=VOCAB,
+                                   model_type="bpe", eos_id=2, bos_id=1, unk_id=0, pad_id=-1, num_threads=1)
+    for name in ("train", "valid"):
+        preprocess([d / f"{name}.txt"], d / name, d / "tok.model", workers=1, split_lines=True)
     return d
 
 
@@ -39,11 +47,11 @@ def _slm(args, nproc, timeout=240):
 
 def test_torchrun_tp2_pp2_reference_then_slm(data, tmp_path):
     common = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-              "--valid-data", str(data / "valid"), "--eval-iters", "1"]
-    ref = _slm(common + ["--loss-mode", "clm", "--train-data", str(data / "train"), "--train-iters", "2",
+              "--valid-data-path", str(data / "valid"), "--eval-iters", "1", "--tokenizer-model", str(data / "tok.model")]
+    ref = _slm(common + ["--loss-mode", "clm", "--data-path", str(data / "train"), "--train-iters", "2",
                          "--save", str(tmp_path / "ref")], nproc=4)
     assert ref.returncode == 0, ref.stdout + ref.stderr
-    slm = _slm(common + ["--train-data", str(data / "train"), "--train-iters", "3", "--ref-load", str(tmp_path / "ref" / "model"),
+    slm = _slm(common + ["--data-path", str(data / "train"), "--train-iters", "3", "--ref-load", str(tmp_path / "ref" / "model"),
                          "--selection-scope", "global_batch", "--save", str(tmp_path / "slm")], nproc=4)
     assert slm.returncode == 0, slm.stdout + slm.stderr
     assert "[slm] step     3/3" in slm.stdout and "held-out loss" in slm.stdout and "ETA" in slm.stdout
@@ -60,11 +68,13 @@ def test_torchrun_tp2_pp2_reference_then_slm(data, tmp_path):
         (["--tensor-model-parallel-size", "3"], "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
         (["--ref-load", "/nonexistent/ckpt"], "checkpoint directory '/nonexistent/ckpt' does not exist"),
         (["--vocab-size", "100"], "tokenized with vocab_size=128 but the model has vocab_size=100"),
+        (["--reference-mode", "offline"], "no reference scores for dataset"),
+        (["--tokenizer-model", "/nonexistent.model"], "nonexistent.model"),
         (["--ref-vocab-size", "256"], "vocab mismatch"),
     ],
 )
 def test_bad_input_gives_one_clear_error(data, args, message):
-    res = _slm(["--train-data", str(data / "train"), "--train-iters", "1", *args], nproc=1, timeout=120)  # no torchrun
+    res = _slm(["--data-path", str(data / "train"), "--train-iters", "1", *args], nproc=1, timeout=120)  # no torchrun
     assert res.returncode != 0
     assert message in res.stderr
     assert "Traceback" not in res.stderr and res.stderr.count("error:") == 1

@@ -9,11 +9,12 @@ are split by a seeded shuffle into
     math_train      50%  the policy's continual-pretraining math
     math_heldout    15%  evaluation only
 
-``general`` holds the general documents kept (trimmed so that math is ~55% of policy_train's tokens) and
-``policy_train`` = math_train + general, interleaved by a seeded document-level shuffle. A SentencePiece BPE
-tokenizer (byte fallback, identity normalization, so decoding returns the exact text) is trained on the
-non-held-out documents. Everything lands in ``out_dir``: tokenizer.model, <name>.npy/.json token files
-(see megatron_slm.data.tokens) and corpus.json (the summary).
+``general`` holds the general documents kept (trimmed to ~45/55 of math_train's tokens, so that the demo's
+blend ``0.55 math_train 0.45 general`` draws each document about once). A SentencePiece BPE tokenizer (byte
+fallback, identity normalization, so decoding returns the exact text) is trained on the non-held-out
+documents. Everything lands in ``out_dir``: tokenizer.model, ``text/<name>.jsonl``, the megatron-core indexed
+datasets ``<name>.bin/.idx/.json`` made from them by tools/preprocess_data.py's ``preprocess``, and
+corpus.json (the summary).
 
     python -m megatron_slm.data.demo_corpus --out data/demo
 """
@@ -32,11 +33,11 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_slm.data.tokens import write_token_file
+from megatron_slm.data.preprocess import preprocess
 
 MIN_DOC_CHARS = 80
 DEFAULT_MAX_MATH_CHARS = 3_000_000  # all of sympy is ~4.8M characters, more math than the stdlib can balance
-MATH_FRACTION = 0.55  # target share of math tokens in policy_train
+MATH_FRACTION = 0.55  # target share of math tokens in the policy's blend
 MATH_SPLITS = (("math_ref_train", 0.35), ("math_train", 0.50), ("math_heldout", 0.15))
 TOKENIZER_SAMPLE_CHARS = 6_000_000
 EOD_ID = 2  # the tokenizer's eos id
@@ -130,29 +131,29 @@ def build_demo_corpus(out_dir, vocab_size: int = 2048, seed: int = 0, max_math_c
     sp = train_tokenizer(train_texts, model_path, vocab_size, seed)
     t2 = time.perf_counter()
 
-    ids = {name: sp.encode(texts) for name, texts in split.items()}
     general_ids = sp.encode(general)
-    budget = sum(map(len, ids["math_train"])) * (1 - MATH_FRACTION) / MATH_FRACTION
+    budget = sum(map(len, sp.encode(split["math_train"]))) * (1 - MATH_FRACTION) / MATH_FRACTION
     kept, total = [], 0
     for doc in general_ids:
         if total >= budget:
             break
         kept.append(doc)
         total += len(doc)
-    ids["general"] = kept
-    policy = ids["math_train"] + kept
-    ids["policy_train"] = [policy[i] for i in rng.permutation(len(policy))]
+    texts = dict(split, general=general[:len(kept)])  # sp.encode keeps document order
 
-    vocab = sp.get_piece_size()
     files = {}
-    for name, documents in ids.items():
-        meta = write_token_file(out / name, documents, EOD_ID, vocab, str(model_path.resolve()))
+    (out / "text").mkdir(parents=True, exist_ok=True)
+    for name, documents in texts.items():
+        jsonl = out / "text" / f"{name}.jsonl"
+        jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in documents))
+        meta = preprocess([jsonl], out / name, model_path, workers=2, force=True)
         files[name] = {"tokens": meta["num_tokens"], "documents": meta["num_documents"]}
+    vocab = sp.get_piece_size()
     math_tokens = files["math_train"]["tokens"]
     summary = {
         "out_dir": str(out.resolve()), "tokenizer": str(model_path.resolve()), "vocab_size": vocab,
         "eod_token_id": EOD_ID, "seed": seed, "files": files,
-        "policy_train_math_fraction": round(math_tokens / files["policy_train"]["tokens"], 4),
+        "math_fraction_of_policy_data": round(math_tokens / (math_tokens + files["general"]["tokens"]), 4),
         "general_documents_available": len(general),
         "sources": {"sympy": importlib.metadata.version("sympy"), "python": platform.python_version()},
         "seconds": {"extract": round(t1 - t0, 2), "tokenizer": round(t2 - t1, 2),

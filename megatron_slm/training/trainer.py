@@ -71,6 +71,11 @@ class Trainer:
         self.selector = selector if self.slm else None
         self.loss = SLMLoss(cfg.slm.loss_mode, self.selector, cfg.model.vocab_size)
         self.iteration = 0
+        from megatron_slm.data.datasets import parse_blend
+
+        blend = parse_blend(cfg.data.data_path)
+        self.num_datasets = len(blend[0]) if blend else 1
+        self.selection_by_dataset = torch.zeros(2, self.num_datasets, dtype=torch.float64)
         self.metrics = MetricsLogger(cfg, is_logging_rank=distributed.is_last_rank())
 
     # -- setup ---------------------------------------------------------------------------------
@@ -161,6 +166,7 @@ class Trainer:
         self.scheduler.step(increment=1)
         self.iteration += 1
         metrics = self._reduce(outputs)
+        self._count_selection_by_dataset(outputs, micro_batches)
         metrics.update(
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=self.optimizer.param_groups[0]["lr"], step_time=time.perf_counter() - start,
@@ -169,6 +175,23 @@ class Trainer:
         # Per-token details of each micro-batch (last stage): selection masks, policy and reference losses.
         metrics["token_details"] = [{k: o[k] for k in ("selected", "token_loss", "ref_loss")} for o in outputs] if self.is_last_stage else None
         return metrics
+
+    def _count_selection_by_dataset(self, outputs, micro_batches) -> None:
+        """Selected and valid tokens per blended dataset, accumulated over the run (last stage, all DP)."""
+        if not (self.slm and self.is_last_stage and "dataset_id" in micro_batches[0]):
+            return
+        counts = torch.zeros(2, self.num_datasets, dtype=torch.float64)
+        for o, mb in zip(outputs, micro_batches):
+            ids = mb["dataset_id"].long()
+            counts[0].index_add_(0, ids, o["selected"].sum(-1).double())
+            counts[1].index_add_(0, ids, (mb["loss_mask"] > 0).sum(-1).double())
+        dist.all_reduce(counts, group=self.ps.get_data_parallel_group())
+        self.selection_by_dataset += counts
+
+    def selected_fraction_by_dataset(self) -> list[float] | None:
+        if self.selection_by_dataset is None or not self.selection_by_dataset[1].sum():
+            return None
+        return (self.selection_by_dataset[0] / self.selection_by_dataset[1].clamp(min=1)).tolist()
 
     def _reduce(self, outputs) -> dict:
         """Sum loss statistics over micro-batches and data-parallel ranks (on the last stage)."""

@@ -1,0 +1,155 @@
+"""Training data through megatron-core: indexed datasets -> GPTDataset -> BlendedMegatronDatasetBuilder.
+
+Blending by weight, train/valid/test split, seeded shuffling, sequence packing and the loss mask at EOD are
+megatron-core's. This module adds two things:
+
+- one metadata check up front: every dataset of a blend must come from the same tokenizer, and its
+  vocabulary must be the model's (``<prefix>.json``, written by tools/preprocess_data.py);
+- a *positions twin*: the same GPTDataset built over a stand-in low-level dataset whose "tokens" are each
+  token's global position in its ``.bin``. Given the same config and seed, megatron-core's own index
+  building yields, for sample i, exactly where each of its tokens came from, through shuffling, packing
+  and blending. Offline reference scores are looked up by those positions (megatron_slm.data.scores).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.utils import get_blend_from_list
+
+from megatron_slm.data.errors import DataError
+
+
+@dataclass
+class TokenInfo:
+    """What megatron-core's GPTDataset needs from a tokenizer; the data is already tokenized."""
+
+    eod: int
+    vocab_size: int
+    fingerprint: str | None = None
+
+    @property
+    def unique_identifiers(self) -> dict:  # what megatron-core's index-cache hash records
+        return {"class": "TokenInfo", "eod": self.eod, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint}
+
+
+def read_meta(prefix: str) -> dict:
+    """``<prefix>.json`` of an indexed dataset, after checking its ``.bin``/``.idx`` exist."""
+    p = Path(prefix)
+    for suffix in (".bin", ".idx"):
+        if not Path(str(p) + suffix).is_file():
+            raise DataError(
+                f"dataset '{prefix}': {p.name}{suffix} is missing; create it with tools/preprocess_data.py "
+                "(a data path is the prefix without .bin/.idx)"
+            )
+    meta_path = Path(str(p) + ".json")
+    if not meta_path.is_file():
+        raise DataError(f"dataset '{prefix}': {meta_path.name} (tokenizer metadata) is missing; rebuild it with tools/preprocess_data.py")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"dataset '{prefix}': {meta_path.name} is not valid JSON ({exc}); rebuild it with tools/preprocess_data.py") from None
+    size = Path(f"{p}.bin").stat().st_size
+    if "bin_bytes" in meta and size != meta["bin_bytes"]:
+        raise DataError(
+            f"dataset '{prefix}': {p.name}.bin has {size} bytes but was written with {meta['bin_bytes']}: it is "
+            "truncated or corrupt; rebuild it with tools/preprocess_data.py"
+        )
+    if "idx_sha256" in meta:
+        from megatron_slm.data.scores import file_sha256
+
+        if file_sha256(f"{p}.idx") != meta["idx_sha256"]:
+            raise DataError(f"dataset '{prefix}': {p.name}.idx does not match its metadata (corrupt or replaced); rebuild it with tools/preprocess_data.py")
+    return meta
+
+
+def parse_blend(paths: list[str] | None):
+    """Megatron's blend list: ``[prefix, ...]`` or ``[weight, prefix, weight, prefix, ...]``."""
+    if not paths:
+        return None
+    try:
+        return get_blend_from_list([str(p) for p in paths])
+    except (ValueError, AssertionError) as exc:
+        raise DataError(f"data path {paths!r} is not a list of prefixes or of 'weight prefix' pairs ({exc})") from None
+
+
+def token_info(blends, vocab_size: int | None, tokenizer_fingerprint: str | None = None) -> TokenInfo:
+    """Check every dataset of every blend shares one tokenizer whose vocab matches the model."""
+    metas = {prefix: read_meta(prefix) for blend in blends if blend for prefix in blend[0]}
+    if not metas:
+        raise DataError("no training data: set data.data_path (--data-path [weight] PREFIX ...)")
+    fingerprints = {m.get("tokenizer_fingerprint") for m in metas.values()}
+    vocabs = {m["vocab_size"] for m in metas.values()}
+    eods = {m["eod_token_id"] for m in metas.values()}
+    if len(fingerprints) > 1 or len(vocabs) > 1 or len(eods) > 1:
+        detail = "; ".join(f"{p}: vocab {m['vocab_size']}, eod {m['eod_token_id']}, tokenizer {str(m.get('tokenizer_fingerprint'))[:12]}" for p, m in metas.items())
+        raise DataError(f"the datasets were tokenized with different tokenizers ({detail}); re-tokenize them with one")
+    vocab, eod, fp = vocabs.pop(), eods.pop(), fingerprints.pop()
+    if vocab_size is not None and vocab != vocab_size:
+        raise DataError(
+            f"the data was tokenized with vocab_size={vocab} but the model has vocab_size={vocab_size}; the "
+            "tokenizer, policy and reference must share one vocabulary"
+        )
+    if tokenizer_fingerprint is not None and fp is not None and tokenizer_fingerprint != fp:
+        raise DataError("the data was tokenized with a different tokenizer file than data.tokenizer_model; re-tokenize it")
+    return TokenInfo(eod=eod, vocab_size=vocab, fingerprint=fp)
+
+
+def dataset_config(data_cfg, seq_length: int, seed: int, info: TokenInfo) -> GPTDatasetConfig:
+    train_blend = parse_blend(data_cfg.data_path)
+    valid_blend = parse_blend(data_cfg.valid_data_path)
+    common = dict(
+        random_seed=seed, sequence_length=seq_length, tokenizer=info, path_to_cache=data_cfg.data_cache_path,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=True, create_attention_mask=False,
+    )
+    if valid_blend is not None:  # separate validation data: no split of the training blend
+        return GPTDatasetConfig(blend_per_split=[train_blend, valid_blend, None], **common)
+    return GPTDatasetConfig(blend=train_blend, split=data_cfg.split, **common)
+
+
+def build_datasets(config, num_samples: list[int], positions: bool = False):
+    """(train, valid, test) datasets of megatron-core; ``positions`` builds the positions twin instead."""
+    cls = PositionsGPTDataset if positions else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, num_samples, lambda: True, config).build()
+
+
+# ----------------------------------------------------------------------------------------------
+# The positions twin
+
+
+class _PositionsLowLevelDataset:
+    """Stands in for an IndexedDataset: document i's "tokens" are its elements' global positions."""
+
+    def __init__(self, indexed):
+        self._indexed = indexed  # owns the .idx memory map that the arrays below view
+        self.path_prefix = indexed.path_prefix
+        self.sequence_lengths = indexed.sequence_lengths
+        self.document_indices = indexed.document_indices
+        self.starts = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)[:-1]])
+
+    def __len__(self):
+        return len(self.sequence_lengths)
+
+    def get(self, idx, offset=0, length=None):
+        if length is None:
+            length = int(self.sequence_lengths[idx]) - offset
+        return self.starts[idx] + offset + np.arange(length, dtype=np.int64)
+
+
+class PositionsGPTDataset(GPTDataset):
+    """GPTDataset whose samples hold the global positions of their tokens instead of token ids."""
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path, config):
+        return _PositionsLowLevelDataset(GPTDataset.build_low_level_dataset(dataset_path, config))
+
+    def __getitem__(self, idx):
+        text, _ = self._query_document_sample_shuffle_indices(idx)
+        # inputs' and labels' positions: the labels are the tokens whose losses are scored
+        return {"positions": torch.from_numpy(text[:-1].copy()), "label_positions": torch.from_numpy(text[1:].copy())}

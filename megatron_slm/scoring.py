@@ -1,0 +1,172 @@
+"""Offline reference scoring: run the frozen reference (TP/PP/DP, forward only) over the training samples
+and write each dataset's per-token score sidecar (megatron_slm.data.scores).
+
+It walks exactly the samples a training run with the same data flags consumes (same seed, split, blend,
+seq_length, global batch, train_iters), so offline SLM then sees the scores online SLM would compute.
+Each step's scores go to a part file per data-parallel rank; a rerun resumes after the last step that
+every rank finished; rank 0 merges the parts into the sidecars at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_slm.config import ConfigError, validate
+
+
+def _print(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
+        print(msg, flush=True)
+
+
+def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
+    """Score every training sample with the reference; returns the sidecar prefixes written."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_slm.cli import check_inputs, dataset_sizes
+    from megatron_slm.data.batches import micro_batches
+    from megatron_slm.data.datasets import build_datasets, dataset_config, parse_blend
+    from megatron_slm.data.errors import DataError
+    from megatron_slm.data.scores import default_scores_prefix
+    from megatron_slm.parallel import distributed
+    from megatron_slm.training.passes import score_pass
+    from megatron_slm.training.trainer import build_reference
+
+    if not cfg.reference.load:
+        raise ConfigError("scoring needs the reference weights: --ref-load CHECKPOINT_DIR")
+    if dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"--dtype {dtype!r}: use fp32 or bf16")
+    cfg.slm.loss_mode, cfg.slm.reference_mode = "slm", "online"  # what check_inputs should verify
+    prefixes = parse_blend(cfg.data.data_path)[0] if cfg.data.data_path else []
+    outputs = cfg.reference.scores_path or [default_scores_prefix(p) for p in prefixes]
+    if len(outputs) != len(prefixes):
+        raise ConfigError("reference.scores_path must name one sidecar per data_path prefix, in the same order")
+    existing = [o for o in outputs if Path(f"{o}.json").exists()]
+    if existing and not force:
+        raise DataError(f"score sidecar {existing[0]} already exists; pass --force to overwrite it")
+    info, _ = check_inputs(cfg)
+    validate(cfg, world_size=_world_size())
+    tr, par = cfg.train, cfg.parallel
+    distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed)
+    reference = build_reference(cfg)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    writer = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    ds_cfg = dataset_config(cfg.data, tr.seq_length, tr.seed, info)
+    sizes = dataset_sizes(cfg)
+    train = build_datasets(ds_cfg, sizes)[0]
+    positions = build_datasets(ds_cfg, sizes, positions=True)[0]
+    G, b = tr.global_batch_size, tr.micro_batch_size
+
+    parts = Path(f"{outputs[0]}.parts")
+    if dist.get_rank() == 0:
+        parts.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    done = 0
+    while (parts / f"step{done:08d}-dp{dp_rank}.pt").exists():
+        done += 1
+    start = torch.tensor(done)
+    dist.all_reduce(start, op=dist.ReduceOp.MIN)
+    start = int(start)
+    if start:
+        _print(f"resuming after {start} scored steps found in {parts}")
+
+    t0, tokens = time.perf_counter(), 0
+    for step in range(start, tr.train_iters):
+        mbs = micro_batches(train, step, G, b, dp_rank, dp_size)
+        scores = score_pass(reference, mbs, cfg.model.vocab_size)
+        if writer:
+            pmbs = micro_batches(positions, step, G, b, dp_rank, dp_size)
+            part = {
+                "dataset_id": torch.cat([p.get("dataset_id", torch.zeros(p["label_positions"].shape[0], dtype=torch.long)) for p in pmbs]),
+                "label_positions": torch.cat([p["label_positions"] for p in pmbs]),
+                "scores": torch.cat(scores).float(),
+            }
+            path = parts / f"step{step:08d}-dp{dp_rank}.pt"
+            torch.save(part, f"{path}.tmp")
+            Path(f"{path}.tmp").replace(path)
+        tokens += G * tr.seq_length
+        if (step + 1) % max(tr.log_interval, 1) == 0 or step + 1 == tr.train_iters:
+            rate = tokens / (time.perf_counter() - t0)
+            eta = (tr.train_iters - step - 1) * G * tr.seq_length / max(rate, 1e-9)
+            _print(f"[score] step {step + 1:>6}/{tr.train_iters} | {rate:,.0f} tokens/s | ETA {eta:,.0f} s")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _merge(parts, prefixes, outputs, dtype, dp_size, tr.train_iters, cfg)
+        shutil.rmtree(parts)
+    dist.barrier()
+    elapsed = time.perf_counter() - t0
+    _print(f"[score] wrote {', '.join(outputs)} ({tokens:,} tokens scored in {elapsed:.1f} s, {tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
+    return outputs
+
+
+def _merge(parts: Path, prefixes, outputs, dtype, dp_size, steps, cfg) -> None:
+    from megatron_slm.checkpoint import read_model_meta
+    from megatron_slm.data.scores import token_fingerprint, write_sidecar
+
+    flats = []
+    for prefix, out in zip(prefixes, outputs):
+        n = token_fingerprint(prefix)["num_tokens"]
+        flat = np.lib.format.open_memmap(f"{out}.flat.npy", mode="w+", dtype=np.float32, shape=(n,))
+        flat[:] = np.nan
+        flats.append(flat)
+    for step in range(steps):
+        for dp in range(dp_size):
+            part = torch.load(parts / f"step{step:08d}-dp{dp}.pt")
+            for d, pos, val in zip(part["dataset_id"].tolist(), part["label_positions"], part["scores"]):
+                keep = pos >= 0  # -1: padding of the last sample
+                flats[d][pos[keep].numpy()] = val[keep].numpy()
+    manifest = {
+        "reference": {"load": cfg.reference.load, "model": read_model_meta(cfg.reference.load)["model"]},
+        "scoring": {"data_path": cfg.data.data_path, "split": cfg.data.split, "seq_length": cfg.train.seq_length,
+                    "seed": cfg.train.seed, "global_batch_size": cfg.train.global_batch_size, "train_iters": steps},
+    }
+    for prefix, out, flat in zip(prefixes, outputs, flats):
+        manifest_d = dict(manifest, num_scored=int(np.isfinite(flat).sum()))
+        write_sidecar(out, prefix, flat, dtype, manifest_d)
+        del flat
+        Path(f"{out}.flat.npy").unlink()
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from megatron_slm.config import add_override_arguments, load_config
+    from megatron_slm.parallel import distributed
+
+    p = argparse.ArgumentParser(
+        prog="score_reference",
+        description="Write per-token reference scores for offline SLM (run under torchrun with the training run's data flags)",
+    )
+    p.add_argument("--config")
+    p.add_argument("--dtype", default="fp32", help="fp32 (exact replay of online SLM) or bf16 (half the disk)")
+    p.add_argument("--force", action="store_true", help="overwrite existing sidecars")
+    add_override_arguments(p)
+    args = p.parse_args(argv)
+    from megatron_slm.cli import _user_errors
+
+    try:
+        cfg = load_config(args.config, args=args)
+        score_reference(cfg, dtype=args.dtype, force=args.force)
+    except _user_errors() as exc:
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.destroy()
+    return 0

@@ -1,0 +1,260 @@
+"""megatron-core datasets, the positions twin, and offline reference scores.
+
+- blending draws datasets in the configured proportions; every sample's tokens are the raw tokens at the
+  positions its twin reports (so score lookups are aligned through shuffling, packing and blending);
+- with an fp32 sidecar, offline SLM gives the same selection masks and loss curve as online SLM;
+- scoring resumes after an interruption and gives the same sidecar;
+- missing, truncated, misaligned and mismatched sidecars, and unscored tokens, are refused clearly.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dist_helpers import run_distributed
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+from megatron_slm.config import load_config
+from megatron_slm.data.errors import DataError
+
+VOCAB, EOD, SEQ = 96, 0, 16
+
+
+def make_dataset(prefix, seed, num_docs=40, fingerprint="test-tokenizer"):
+    """An indexed dataset of random documents (EOD-terminated), written with megatron-core's builder."""
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for _ in range(num_docs):
+        doc = np.append(rng.integers(1, VOCAB, size=rng.integers(5, 40)), EOD)
+        builder.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    Path(f"{prefix}.json").write_text(json.dumps(
+        {"vocab_size": VOCAB, "eod_token_id": EOD, "tokenizer_fingerprint": fingerprint}))
+    return str(prefix)
+
+
+def make_cfg(data_path, **over):
+    cfg = dict(
+        model=dict(preset="tiny", num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2),
+        parallel=dict(pipeline_model_parallel_size=1),
+        slm=dict(slm_select_ratio=0.6, selection_scope="micro_batch"),
+        train=dict(micro_batch_size=2, global_batch_size=8, seq_length=SEQ, train_iters=3, eval_iters=1, lr=5e-3,
+                   lr_warmup_iters=0, log_interval=100, seed=5),
+        data=dict(data_path=data_path, split="90,10,0"),
+    )
+    for section, values in over.items():
+        cfg.setdefault(section, {}).update(values)
+    return load_config(overrides=cfg)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("offline")
+    a, b = make_dataset(d / "a", 1), make_dataset(d / "b", 2, num_docs=30)
+    return d, ["0.6", a, "0.4", b]
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets and the positions twin (single process)
+
+
+def _blend_worker(blend, cache):
+    import torch.distributed as dist
+
+    from megatron_slm.cli import check_inputs
+    from megatron_slm.data.datasets import build_datasets, dataset_config
+
+    dist.init_process_group("gloo")  # megatron-core's blended index builder asks for a rank
+    cfg = make_cfg(blend, train=dict(train_iters=100), data=dict(data_cache_path=cache))
+    info, _ = check_inputs(cfg)
+    ds_cfg = dataset_config(cfg.data, SEQ, 5, info)
+    train = build_datasets(ds_cfg, [800, 8, 0])[0]
+    twin = build_datasets(ds_cfg, [800, 8, 0], positions=True)[0]
+    return [(train[i], twin[i]) for i in range(800)]
+
+
+def test_blend_proportions_and_positions_twin_alignment(data):
+    d, blend = data
+    pairs = run_distributed(_blend_worker, 1, blend, str(d / "cache1"))[0]
+    raw = [np.memmap(f"{p}.bin", dtype=np.uint16, mode="r") for p in blend[1::2]]  # flat token streams
+    ids = np.array([int(s["dataset_id"]) for s, _ in pairs])
+    assert abs((ids == 0).mean() - 0.6) < 0.01 and abs((ids == 1).mean() - 0.4) < 0.01
+    for s, p in pairs[::3]:
+        assert int(p["dataset_id"]) == int(s["dataset_id"])
+        stream = raw[int(s["dataset_id"])]
+        assert np.array_equal(stream[p["positions"].numpy()], s["tokens"].numpy())
+        assert np.array_equal(stream[p["label_positions"].numpy()], s["labels"].numpy())
+        assert torch.equal(s["loss_mask"], (s["tokens"] != EOD).float())  # loss masked after EOD
+
+
+def test_data_errors_are_clear(data, tmp_path):
+    from megatron_slm.cli import check_inputs
+
+    d, blend = data
+    with pytest.raises(DataError, match="missing; create it with tools/preprocess_data.py"):
+        check_inputs(make_cfg([str(tmp_path / "nope")]))
+    other = make_dataset(tmp_path / "other", 3, fingerprint="another-tokenizer")
+    with pytest.raises(DataError, match="different tokenizers"):
+        check_inputs(make_cfg([blend[1], other]))
+    with pytest.raises(DataError, match="vocab_size=96 but the model has vocab_size=128"):
+        check_inputs(make_cfg(blend, model=dict(vocab_size=128)))
+    broken = make_dataset(tmp_path / "broken", 4)
+    meta = json.loads(Path(f"{broken}.json").read_text())
+    Path(f"{broken}.json").write_text(json.dumps(dict(meta, bin_bytes=Path(f"{broken}.bin").stat().st_size)))
+    check_inputs(make_cfg([broken]))
+    Path(f"{broken}.bin").write_bytes(Path(f"{broken}.bin").read_bytes()[:-2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        check_inputs(make_cfg([broken]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Offline == online; resume; refusals (multi-process)
+
+
+def _reference_ckpt(data_path, out):
+    from megatron_slm.checkpoint import save_model_weights
+    from megatron_slm.cli import build_data, check_inputs
+    from megatron_slm.training.trainer import Trainer
+
+    cfg = make_cfg(data_path, slm=dict(loss_mode="clm"), train=dict(train_iters=2, seed=99))
+    info, _ = check_inputs(cfg)
+    trainer = Trainer(cfg)
+    batches, _ = build_data(cfg, info, trainer.dp_rank, trainer.dp_size)
+    trainer.train(batches)
+    save_model_weights(trainer.policy_module, out, cfg.model)
+
+
+def _score(data_path, ref, pp, fail_after=None, **over):
+    from megatron_slm import scoring
+    from megatron_slm.training import passes
+
+    if fail_after is not None:  # simulate a crash after `fail_after` scored steps
+        real, calls = passes.score_pass, []
+
+        def flaky(*a, **k):
+            calls.append(1)
+            if len(calls) > fail_after:
+                raise KeyboardInterrupt("simulated preemption")
+            return real(*a, **k)
+
+        passes.score_pass = flaky
+    over = dict(dict(reference=dict(load=ref)), **over)
+    cfg = make_cfg(data_path, parallel=dict(pipeline_model_parallel_size=pp), **over)
+    try:
+        scoring.score_reference(cfg, force=True)
+    except KeyboardInterrupt:
+        return "interrupted"
+    return "done"
+
+
+def _train(data_path, ref, mode):
+
+    from megatron_slm.cli import build_data, check_inputs
+    from megatron_slm.training.trainer import Trainer
+
+    cfg = make_cfg(data_path, reference=dict(load=ref), slm=dict(reference_mode=mode))
+    info, scores = check_inputs(cfg)
+    trainer = Trainer(cfg)
+    batches, _ = build_data(cfg, info, trainer.dp_rank, trainer.dp_size, scores)
+    out = []
+    for step in range(cfg.train.train_iters):
+        m = trainer.train_step(batches(step))
+        out.append(dict(loss=m["loss_selected"], ref=m["ref_loss"],
+                        masks=[t["selected"] for t in m["token_details"]], refs=[t["ref_loss"] for t in m["token_details"]]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scored(data):
+    d, blend = data
+    ref = str(d / "ref")
+    run_distributed(_reference_ckpt, 1, blend, ref)
+    assert run_distributed(_score, 2, blend, ref, 2)[0] == "done"  # PP=2 scoring
+    return d, blend, ref
+
+
+def test_offline_training_replays_online_exactly(scored):
+    d, blend, ref = scored
+    online = run_distributed(_train, 2, blend, ref, "online")  # DP=2
+    offline = run_distributed(_train, 2, blend, ref, "offline")
+    for rank_on, rank_off in zip(online, offline):
+        for a, b in zip(rank_on, rank_off):
+            assert a["loss"] == b["loss"] and a["ref"] == b["ref"]
+            for ma, mb, ra, rb in zip(a["masks"], b["masks"], a["refs"], b["refs"]):
+                assert torch.equal(ma, mb)
+                assert torch.equal(ra, rb)
+
+
+def test_scoring_resumes_after_interruption(scored, tmp_path):
+    d, blend, ref = scored
+    clean = {p: Path(f"{p}_refscores.bin").read_bytes() for p in blend[1::2]}
+    outs = [str(tmp_path / "a_scores"), str(tmp_path / "b_scores")]
+    res = run_distributed(_score, 2, blend, ref, 1, 2, reference=dict(load=ref, scores_path=outs))  # DP=2
+    assert res == ["interrupted", "interrupted"]
+    assert len(list(Path(f"{outs[0]}.parts").glob("step*.pt"))) == 4  # 2 steps x 2 DP ranks
+    assert run_distributed(_score, 2, blend, ref, 1, None, reference=dict(load=ref, scores_path=outs)) == ["done", "done"]
+    for p, o in zip(blend[1::2], outs):
+        assert Path(f"{o}.bin").read_bytes() == clean[p]
+        assert json.loads(Path(f"{o}.json").read_text())["num_scored"] > 0
+    assert not Path(f"{outs[0]}.parts").exists()
+
+
+def test_bad_sidecars_are_refused_before_training(scored, tmp_path):
+    from megatron_slm.cli import check_inputs
+
+    d, blend, ref = scored
+    work = tmp_path / "w"
+    work.mkdir()
+    copies = []
+    for name, p in zip("ab", blend[1::2]):
+        for suffix in (".bin", ".idx", ".json", "_refscores.bin", "_refscores.idx", "_refscores.json"):
+            shutil.copy(f"{p}{suffix}", work / f"{name}{suffix}")
+        copies.append(str(work / name))
+    cfg = lambda: make_cfg(["0.6", copies[0], "0.4", copies[1]], slm=dict(reference_mode="offline"))  # noqa: E731
+    check_inputs(cfg())  # the intact copy is accepted
+
+    scores_bin = Path(f"{copies[0]}_refscores.bin")
+    good = scores_bin.read_bytes()
+    scores_bin.write_bytes(good[:-8])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        check_inputs(cfg())
+    scores_bin.write_bytes(good)
+
+    make_dataset(copies[1], seed=77, num_docs=30)  # the token files change under the sidecar
+    with pytest.raises(DataError, match="computed for other token files"):
+        check_inputs(cfg())
+    Path(f"{copies[1]}_refscores.json").unlink()
+    with pytest.raises(DataError, match="no reference scores for dataset"):
+        check_inputs(cfg())
+    with pytest.raises(DataError, match="one per data_path prefix"):
+        check_inputs(make_cfg(["0.6", copies[0], "0.4", copies[1]], slm=dict(reference_mode="offline"),
+                              reference=dict(scores_path=[f"{copies[0]}_refscores"])))
+
+
+def _train_too_long(data_path, ref):
+    try:
+        _train_long(data_path, ref)
+    except DataError as exc:
+        return str(exc)
+    return "no error"
+
+
+def _train_long(data_path, ref):
+    from megatron_slm.cli import build_data, check_inputs
+    from megatron_slm.training.trainer import Trainer
+
+    cfg = make_cfg(data_path, reference=dict(load=ref), slm=dict(reference_mode="offline"), train=dict(train_iters=40))
+    info, scores = check_inputs(cfg)
+    trainer = Trainer(cfg)
+    batches, _ = build_data(cfg, info, trainer.dp_rank, trainer.dp_size, scores)
+    for step in range(cfg.train.train_iters):
+        trainer.train_step(batches(step))
+
+
+def test_tokens_the_scoring_run_never_saw_are_refused(scored):
+    d, blend, ref = scored
+    msg = run_distributed(_train_too_long, 1, blend, ref)[0]
+    assert "have no reference score" in msg and "rerun tools/score_reference.py" in msg

@@ -1,0 +1,19 @@
+#!/usr/bin/env python
+"""Tokenize .jsonl/.json/text files into a megatron-core indexed dataset (<prefix>.bin/.idx + <prefix>.json).
+
+    python tools/preprocess_data.py data/*.jsonl --tokenizer tokenizer.model --output-prefix data/train \
+        [--workers 2] [--json-key text] [--split-lines] [--force] [--quiet]
+
+The logic lives in megatron_slm.data.preprocess (importable: ``preprocess(inputs, output_prefix,
+tokenizer_path, ...)``); this file is its command line. Exit status 2 with one ``error: ...`` line on
+unusable inputs, tokenizer or output prefix.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megatron_slm.data.preprocess import PreprocessError, main, preprocess  # noqa: E402,F401
+
+if __name__ == "__main__":
+    sys.exit(main())
