@@ -94,16 +94,14 @@ def run_train(cfg) -> dict:
     """Train one model as configured (called on every rank). Returns the summary on every rank."""
     import torch.distributed as dist
 
-    from megatron_slm.checkpoint import save_model_weights
     from megatron_slm.training.trainer import Trainer, broadcast_from_last
 
     info, offline_scores = check_inputs(cfg)
     trainer = Trainer(cfg)
+    trainer.resume()
     train_batches, eval_batches = build_data(cfg, info, trainer.dp_rank, trainer.dp_size, offline_scores)
     dp_size = trainer.dp_size
     result = trainer.train(train_batches, eval_batches)
-    if cfg.checkpoint.save:
-        save_model_weights(trainer.policy_module, str(Path(cfg.checkpoint.save) / "model"), cfg.model)
     history = result["history"]
     summary = None
     if trainer.is_last_stage and history:
@@ -114,6 +112,7 @@ def run_train(cfg) -> dict:
             "selection_scope": cfg.slm.selection_scope if cfg.slm.loss_mode == "slm" else None,
             "k": cfg.slm.slm_select_ratio if cfg.slm.loss_mode == "slm" else 1.0,
             "iterations": trainer.iteration,
+            "stopped_by": result.get("stopped_by"),
             "eval_loss": result.get("eval_loss"),
             "final": {k: history[-1][k] for k in keys},
             "mean_second_half": {k: sum(h[k] for h in tail) / len(tail) for k in keys},

@@ -107,9 +107,10 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = None
-    load: Optional[str] = None
-    save_interval: int = 0
+    save: Optional[str] = None  # training checkpoints go here (iter_NNNNNNN/); also where a run resumes from
+    load: Optional[str] = None  # resume from here instead (must hold a checkpoint)
+    save_interval: int = 0  # steps between checkpoints; 0 = only at the end and on SIGTERM/SIGUSR1
+    keep_last: int = 2  # complete checkpoints kept under save
 
 
 @dataclass

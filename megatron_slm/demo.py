@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ def _torchrun(out: Path, name: str, nproc: int, flags: list[str]) -> dict:
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
         "-m", "megatron_slm.cli", "train", "--config", str(DEMO_CONFIG), "--save", str(out / name), *flags,
     ]
+    shutil.rmtree(out / name, ignore_errors=True)  # a fresh run, not a resume of an earlier demo
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     print(f"\n=== {name}: {' '.join(cmd[3:])}", flush=True)
     start = time.perf_counter()
@@ -67,7 +69,7 @@ def main(args) -> int:
         "--seed", "4321",  # same init for both policies, different from the reference's
     ]
     slm = _torchrun(out, "slm", args.nproc, policy + [
-        "--loss-mode", "slm", "--ref-load", str(out / "reference" / "model"),
+        "--loss-mode", "slm", "--ref-load", str(out / "reference"),
         "--slm-select-ratio", str(args.select_ratio), "--selection-scope", args.scope,
     ])
     clm = _torchrun(out, "clm", args.nproc, policy + ["--loss-mode", "clm"])

@@ -51,7 +51,7 @@ def test_torchrun_tp2_pp2_reference_then_slm(data, tmp_path):
     ref = _slm(common + ["--loss-mode", "clm", "--data-path", str(data / "train"), "--train-iters", "2",
                          "--save", str(tmp_path / "ref")], nproc=4)
     assert ref.returncode == 0, ref.stdout + ref.stderr
-    slm = _slm(common + ["--data-path", str(data / "train"), "--train-iters", "3", "--ref-load", str(tmp_path / "ref" / "model"),
+    slm = _slm(common + ["--data-path", str(data / "train"), "--train-iters", "3", "--ref-load", str(tmp_path / "ref"),
                          "--selection-scope", "global_batch", "--save", str(tmp_path / "slm")], nproc=4)
     assert slm.returncode == 0, slm.stdout + slm.stderr
     assert "[slm] step     3/3" in slm.stdout and "held-out loss" in slm.stdout and "ETA" in slm.stdout

@@ -8,7 +8,9 @@ data-parallel slice; only the last pipeline stage sees logits, losses and select
 from __future__ import annotations
 
 import functools
+import signal
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -226,12 +228,60 @@ class Trainer:
         dist.all_reduce(sums, group=self.ps.get_data_parallel_group())
         return (sums[0] / sums[1].clamp(min=1)).item()
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def resume(self) -> bool:
+        """Load the latest checkpoint of ``checkpoint.load`` (required to exist) or ``checkpoint.save``."""
+        from megatron_slm import checkpoint
+
+        ck = self.cfg.checkpoint
+        source = ck.load or ck.save
+        if source is None:
+            return False
+        has_one = checkpoint.latest_iteration(source) is not None or (Path(source) / checkpoint.TRAINER_STATE).is_file()
+        if not has_one:
+            if ck.load:
+                raise checkpoint.CheckpointError(
+                    f"--load {ck.load}: no training checkpoint there (no {checkpoint.LATEST}); check the path, or "
+                    "drop --load to start fresh"
+                )
+            return False
+        it = checkpoint.load_training_checkpoint(self, source)
+        if distributed.is_last_rank():
+            print(f"resumed from {checkpoint.resolve(source)} at iteration {it}", flush=True)
+        return True
+
+    def save_checkpoint(self) -> None:
+        from megatron_slm import checkpoint
+
+        if self.cfg.checkpoint.save:
+            path = checkpoint.save_training_checkpoint(self, self.cfg.checkpoint.save, self.cfg.checkpoint.keep_last)
+            if distributed.is_last_rank():
+                print(f"saved checkpoint {path}", flush=True)
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGUSR1 (Slurm preemption, --signal=B:USR1@N) ask for a checkpoint and a clean stop."""
+        self.stop_signal = None
+
+        def handler(signum, _frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        """Agree on every rank (a signal may reach them at different steps)."""
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     # -- the loop ------------------------------------------------------------------------------
     def train(self, train_batches, eval_batches=None) -> dict:
         """``train_batches(step) -> micro-batches``; ``eval_batches() -> list of micro-batch lists``."""
-        tr = self.cfg.train
+        tr, ck = self.cfg.train, self.cfg.checkpoint
         history = []
+        self._install_signal_handlers()
         self.metrics.start(tr.train_iters, self.iteration)
+        stopped = None
         while self.iteration < tr.train_iters:
             m = self.train_step(train_batches(self.iteration))
             m.pop("token_details", None)
@@ -239,8 +289,17 @@ class Trainer:
             self.metrics.step(self.iteration, m, tokens=tr.global_batch_size * tr.seq_length)
             if eval_batches is not None and tr.eval_interval and self.iteration % tr.eval_interval == 0:
                 self.metrics.eval(self.iteration, self.evaluate_all(eval_batches()))
-        result = {"history": history}
-        if eval_batches is not None:
+            if self._stop_requested():
+                stopped = self.stop_signal or "signal on another rank"
+                break
+            if ck.save_interval and self.iteration % ck.save_interval == 0 and self.iteration < tr.train_iters:
+                self.save_checkpoint()
+        self.save_checkpoint()
+        result = {"history": history, "stopped_by": stopped}
+        if stopped:
+            if distributed.is_last_rank():
+                print(f"stopping at iteration {self.iteration} on {stopped}; resume by rerunning the same command", flush=True)
+        elif eval_batches is not None:
             result["eval_loss"] = self.evaluate_all(eval_batches())
             self.metrics.eval(self.iteration, result["eval_loss"])
         self.metrics.close()
