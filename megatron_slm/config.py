@@ -90,8 +90,9 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 0  # 0 = evaluate only at the end
     eval_iters: int = 4
-    progress: bool = True
     tensorboard_dir: Optional[str] = None
+    selection_dump_interval: int = 0  # every N steps, save per-token selection details (needs checkpoint.save)
+    selection_dump_sequences: int = 4  # how many sequences each dump keeps
 
 
 @dataclass

@@ -52,7 +52,8 @@ def test_torchrun_tp2_pp2_reference_then_slm(data, tmp_path):
                          "--save", str(tmp_path / "ref")], nproc=4)
     assert ref.returncode == 0, ref.stdout + ref.stderr
     slm = _slm(common + ["--data-path", str(data / "train"), "--train-iters", "3", "--ref-load", str(tmp_path / "ref"),
-                         "--selection-scope", "global_batch", "--save", str(tmp_path / "slm")], nproc=4)
+                         "--selection-scope", "global_batch", "--save", str(tmp_path / "slm"),
+                         "--selection-dump-interval", "2"], nproc=4)
     assert slm.returncode == 0, slm.stdout + slm.stderr
     assert "[slm] step     3/3" in slm.stdout and "held-out loss" in slm.stdout and "ETA" in slm.stdout
     summary = json.loads((tmp_path / "slm" / "summary.json").read_text())
@@ -60,6 +61,15 @@ def test_torchrun_tp2_pp2_reference_then_slm(data, tmp_path):
     assert abs(summary["final"]["selected_fraction"] - 0.6) < 0.02
     assert summary["final"]["excess_selected"] > summary["final"]["excess_unselected"]
     assert np.isfinite(summary["eval_loss"])
+    import torch
+
+    dump = torch.load(tmp_path / "slm" / "selection_dumps" / "iter_0000002.pt")
+    assert dump["iteration"] == 2 and dump["k"] == 0.6 and len(dump["sequences"]) == 4  # the whole global batch
+    seq = dump["sequences"][0]
+    assert torch.equal(seq["tokens"][1:], seq["labels"][:-1]) and not (seq["selected"] & (seq["loss_mask"] == 0)).any()
+    assert torch.isfinite(seq["policy_loss"]).all() and torch.isfinite(seq["ref_loss"]).all()
+    assert int(seq["selected"].sum()) > 0
+    assert sorted(p.name for p in (tmp_path / "slm" / "selection_dumps").iterdir()) == ["iter_0000002.pt"]
 
 
 @pytest.mark.parametrize(

@@ -274,6 +274,31 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def _dump_selection(self, micro_batches, details) -> None:
+        """Per-token (token, policy loss, reference loss, selected) of a few sequences, for the heatmaps.
+
+        Written by the last stage's first TP/DP rank to <save>/selection_dumps/iter_NNNNNNN.pt."""
+        tr = self.cfg.train
+        if not (self.slm and details and tr.selection_dump_interval and self.cfg.checkpoint.save
+                and self.iteration % tr.selection_dump_interval == 0
+                and self.dp_rank == 0 and self.ps.get_tensor_model_parallel_rank() == 0):
+            return
+        rows = []
+        for mb, d in zip(micro_batches, details):
+            for r in range(mb["tokens"].shape[0]):
+                if len(rows) < tr.selection_dump_sequences:
+                    rows.append({
+                        "tokens": mb["tokens"][r].clone(), "labels": mb["labels"][r].clone(),
+                        "loss_mask": mb["loss_mask"][r].clone(), "policy_loss": d["token_loss"][r].clone(),
+                        "ref_loss": d["ref_loss"][r].clone(), "selected": d["selected"][r].clone(),
+                    })
+        out = Path(self.cfg.checkpoint.save) / "selection_dumps"
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({
+            "iteration": self.iteration, "k": self.cfg.slm.slm_select_ratio, "scope": self.cfg.slm.selection_scope,
+            "tokenizer": self.cfg.data.tokenizer_model, "sequences": rows,
+        }, out / f"iter_{self.iteration:07d}.pt")
+
     # -- the loop ------------------------------------------------------------------------------
     def train(self, train_batches, eval_batches=None) -> dict:
         """``train_batches(step) -> micro-batches``; ``eval_batches() -> list of micro-batch lists``."""
@@ -283,8 +308,9 @@ class Trainer:
         self.metrics.start(tr.train_iters, self.iteration)
         stopped = None
         while self.iteration < tr.train_iters:
-            m = self.train_step(train_batches(self.iteration))
-            m.pop("token_details", None)
+            mbs = train_batches(self.iteration)
+            m = self.train_step(mbs)
+            self._dump_selection(mbs, m.pop("token_details", None))
             history.append(m)
             self.metrics.step(self.iteration, m, tokens=tr.global_batch_size * tr.seq_length)
             if eval_batches is not None and tr.eval_interval and self.iteration % tr.eval_interval == 0:
