@@ -9,7 +9,9 @@ Two kinds, one format:
   ``keep_last`` are deleted.
 
 Every checkpoint is written to ``<dir>.tmp`` and renamed when complete, and ``latest`` is replaced
-atomically after that: a half-written checkpoint is never taken as the latest. A directory that holds a
+atomically after that: a half-written checkpoint is never taken as the latest. With ``--deepspeed`` the
+engine writes its own format into ``iter_NNNNNNN/`` (resume only; same layout) and ``latest`` is again
+replaced only once it is complete. A directory that holds a
 ``latest`` file can be passed wherever a checkpoint is expected (``--load``, ``--ref-load``).
 """
 
@@ -185,7 +187,12 @@ def save_training_checkpoint(trainer, root: str, keep_last: int = 2) -> Path:
                 "config": trainer.cfg.to_dict(),
             }, indent=2))
 
-    _save(_training_sharded_state(trainer, is_loading=False), final, write)
+    if getattr(trainer, "ds", None) is not None:  # DeepSpeed writes its own (ZeRO-partitioned) format
+        trainer.ds.save(str(root), final.name, client_state={"iteration": trainer.iteration})
+        write(final)
+        _barrier()
+    else:
+        _save(_training_sharded_state(trainer, is_loading=False), final, write)
     if _rank() == 0:
         _write_atomic(Path(root) / LATEST, str(trainer.iteration))
         done = sorted(p for p in Path(root).glob("iter_???????") if p.is_dir())
@@ -204,12 +211,17 @@ def load_training_checkpoint(trainer, directory: str) -> int:
     from megatron.core import tensor_parallel
 
     path = resolve(directory)
-    meta = read_model_meta(str(path))
-    if not (path / TRAINER_STATE).is_file():
-        raise CheckpointError(f"'{path}' holds model weights only, not a training checkpoint; load it with --ref-load or start a new run")
-    loaded = _load(_training_sharded_state(trainer, is_loading=True), path, "model and optimizer", meta)
-    trainer.policy_module.load_state_dict(loaded["model"])
-    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    if getattr(trainer, "ds", None) is not None:
+        if not (path / TRAINER_STATE).is_file():
+            raise CheckpointError(f"'{path}' is not a complete DeepSpeed training checkpoint of megatron_slm")
+        trainer.ds.load(str(path.parent), path.name)
+    else:
+        meta = read_model_meta(str(path))
+        if not (path / TRAINER_STATE).is_file():
+            raise CheckpointError(f"'{path}' holds model weights only, not a training checkpoint; load it with --ref-load or start a new run")
+        loaded = _load(_training_sharded_state(trainer, is_loading=True), path, "model and optimizer", meta)
+        trainer.policy_module.load_state_dict(loaded["model"])
+        trainer.optimizer.load_state_dict(loaded["optimizer"])
     state = json.loads((path / TRAINER_STATE).read_text())
     trainer.iteration = state["iteration"]
     trainer.scheduler.load_state_dict(state["scheduler"])

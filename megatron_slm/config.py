@@ -91,6 +91,7 @@ class TrainConfig:
     eval_interval: int = 0  # 0 = evaluate only at the end
     eval_iters: int = 4
     tensorboard_dir: Optional[str] = None
+    deepspeed: Optional[str] = None  # a ds_configs/*.json: DeepSpeed ZeRO instead of megatron-core's optimizer (PP=1)
     selection_dump_interval: int = 0  # every N steps, save per-token selection details (needs checkpoint.save)
     selection_dump_sequences: int = 4  # how many sequences each dump keeps
 
@@ -361,6 +362,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                     f"global_batch_size={tr.global_batch_size} is not divisible by micro_batch_size x data-parallel "
                     f"size = {tr.micro_batch_size} x {dp}; use a multiple of {tr.micro_batch_size * dp}"
                 )
+    if tr.deepspeed and pp != 1:
+        problems.append("--deepspeed runs with pipeline_model_parallel_size=1; for PP > 1 drop --deepspeed (megatron-core's optimizer)")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

@@ -171,3 +171,13 @@ def apply() -> None:
     for module in (tutils, fused_softmax):
         module.get_default_causal_mask = causal_mask
         module.get_sliding_window_causal_mask = sliding_window_mask
+
+
+def apply_deepspeed() -> None:
+    """DeepSpeed on CPU: skip its shared-memory all-reduce op, which it JIT-compiles (about a minute, with
+    ninja and a C++ compiler) on every fresh machine; gloo's all-reduce serves the CPU runs. No-op on CUDA."""
+    if torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

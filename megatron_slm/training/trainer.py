@@ -84,10 +84,16 @@ class Trainer:
     def _build_policy(self):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.transformer.module import Float16Module
 
         cfg, tr = self.cfg, self.cfg.train
+        if tr.deepspeed:  # DeepSpeed owns precision (bf16 master weights in fp32), DP and the optimizer
+            from megatron_slm.training.deepspeed_backend import DeepSpeedBackend
+
+            module = build_model(cfg.model, cfg.parallel, seed=tr.seed, params_dtype=torch.float32)
+            self.ds = DeepSpeedBackend(module, cfg, self.dp_size)
+            return self.ds.engine, self.ds.optimizer, self._lr_schedule(self.ds.optimizer)
+        self.ds = None
         module = build_model(cfg.model, cfg.parallel, seed=tr.seed, params_dtype=self.dtype)
         config = module.config
         if self.dtype == torch.bfloat16:
@@ -107,13 +113,19 @@ class Trainer:
             ),
             [model],
         )
-        scheduler = OptimizerParamScheduler(
+        return model, optimizer, self._lr_schedule(optimizer)
+
+    def _lr_schedule(self, optimizer):
+        """Linear warm-up then cosine decay to min_lr (megatron-core's scheduler, for either backend)."""
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        tr = self.cfg.train
+        return OptimizerParamScheduler(
             optimizer, init_lr=0.0, max_lr=tr.lr, min_lr=tr.min_lr,
             lr_warmup_steps=tr.lr_warmup_iters, lr_decay_steps=max(tr.train_iters, tr.lr_warmup_iters + 1),
             lr_decay_style="cosine", start_wd=tr.weight_decay, end_wd=tr.weight_decay,
             wd_incr_steps=max(tr.train_iters, 1), wd_incr_style="constant",
         )
-        return model, optimizer, scheduler
 
     @property
     def policy_module(self):
@@ -137,7 +149,7 @@ class Trainer:
                 for mb, s in zip(micro_batches, ref_scores):
                     mb["ref_loss"] = s
         if self.cfg.slm.selection_scope == "global_batch":
-            policy_scores = score_pass(self.model, micro_batches, vocab)
+            policy_scores = score_pass(self.policy_module, micro_batches, vocab)
             if policy_scores is not None:
                 excess = [excess_loss(p, mb["ref_loss"]) for p, mb in zip(policy_scores, micro_batches)]
                 masks = select_global_batch(
@@ -152,6 +164,11 @@ class Trainer:
 
         start = time.perf_counter()
         self.prepare_selection(micro_batches)
+        if self.ds is not None:
+            scope = self.cfg.slm.selection_scope if self.slm else None
+            outputs, grad_norm = self.ds.train_step(micro_batches, self.loss, model_forward, scope, self.cfg.slm.slm_select_ratio)
+            update_ok = True
+            return self._finish_step(outputs, micro_batches, update_ok, grad_norm, start)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         first = micro_batches[0]["tokens"]
@@ -165,6 +182,9 @@ class Trainer:
             forward_only=False,
         )
         update_ok, grad_norm, _ = self.optimizer.step()
+        return self._finish_step(outputs, micro_batches, update_ok, grad_norm, start)
+
+    def _finish_step(self, outputs, micro_batches, update_ok, grad_norm, start) -> dict:
         self.scheduler.step(increment=1)
         self.iteration += 1
         metrics = self._reduce(outputs)
@@ -218,7 +238,7 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, micro_batches: list[dict]) -> float | None:
         """Mean policy CE over all valid tokens (plain LM loss), on every rank of the last stage."""
-        scores = score_pass(self.model, micro_batches, self.cfg.model.vocab_size)
+        scores = score_pass(self.policy_module, micro_batches, self.cfg.model.vocab_size)
         if scores is None:
             return None
         sums = torch.zeros(2, dtype=torch.float64)

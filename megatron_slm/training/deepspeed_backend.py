@@ -1,0 +1,155 @@
+"""DeepSpeed ZeRO as the optimizer/data-parallel backend (``--deepspeed ds_configs/X.json``).
+
+The policy GPTModel (megatron-core layers, TP via parallel_state) goes into ``deepspeed.initialize`` with
+parallel_state as the ``mpu``, so ZeRO shards optimizer state (stage 1) and gradients (stage 2) over the
+data-parallel group only. The frozen reference stays outside the engine. Pipeline parallelism stays with
+megatron-core's schedules: with DeepSpeed, PP must be 1 (DeepSpeed's own pipeline engine needs a
+different model structure).
+
+Normalisation: the SLM loss is sum(selected token losses) / (selected tokens in the global batch). The
+engine back-propagates each micro-batch as it comes, so the denominator must be known first: for the
+sequence, micro_batch and global_batch scopes it follows exactly from the loss masks (selection keeps
+round(k * valid) tokens of each group), computed before the pass; for ``threshold`` it is the expected
+count round(k * valid). DeepSpeed averages gradients over DP, hence the factor DP in the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_slm.config import ConfigError
+
+
+class MegatronMPU:
+    """parallel_state under the names DeepSpeed asks for (``get_model_parallel_*`` are missing in 0.16)."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def __getattr__(self, name):  # get_data_parallel_*, get_tensor_model_parallel_* ...
+        return getattr(self.ps, name)
+
+
+def load_ds_config(path: str, cfg, dp_size: int) -> dict:
+    """The JSON config with batch sizes, precision and clipping filled in from (and checked against) ``cfg``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--deepspeed {path}: no such file; see ds_configs/ for examples")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--deepspeed {path}: not valid JSON ({exc})") from None
+    tr = cfg.train
+    gas = tr.global_batch_size // (tr.micro_batch_size * dp_size)
+    wanted = {"train_micro_batch_size_per_gpu": tr.micro_batch_size, "gradient_accumulation_steps": gas,
+              "train_batch_size": tr.global_batch_size, "gradient_clipping": tr.clip_grad}
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(
+                f"{path}: {key}={ds[key]} disagrees with the run ({value}); set it to \"auto\" or to {value}"
+            )
+        ds[key] = value
+    bf16 = tr.bf16 if tr.bf16 is not None else torch.cuda.is_available()
+    ds["bf16"] = dict(ds.get("bf16", {}), enabled=bool(bf16))
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(
+            f"{path}: leave out 'optimizer' and 'scheduler'; the run's --lr, --min-lr, --weight-decay, --adam-* and "
+            "warmup+cosine schedule are applied for both backends"
+        )
+    return ds
+
+
+def expected_num_selected(micro_batches: list[dict], scope: str | None, k: float) -> float:
+    """Selected tokens in the global batch, from the loss masks alone (see module docstring)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_slm.slm import num_selected
+
+    group = ps.get_data_parallel_group()
+    valid = [(mb["loss_mask"] > 0) for mb in micro_batches]
+    if scope is None:  # CLM: every valid token
+        total = torch.tensor(float(sum(int(v.sum()) for v in valid)), dtype=torch.float64)
+        dist.all_reduce(total, group=group)
+        return float(total)
+    if scope == "sequence":
+        count = torch.tensor(float(sum(int(num_selected(v.sum(-1), k).sum()) for v in valid)), dtype=torch.float64)
+        dist.all_reduce(count, group=group)
+        return float(count)
+    per_mb = torch.tensor([float(v.sum()) for v in valid], dtype=torch.float64)
+    dist.all_reduce(per_mb, group=group)  # micro-batch i summed over DP ranks
+    if scope == "micro_batch":
+        return float(num_selected(per_mb, k).sum())
+    return float(num_selected(per_mb.sum(), k))  # global_batch (exact), threshold (expected)
+
+
+class DeepSpeedBackend:
+    """Owns the engine; ``train_step`` runs the training pass for one global batch (PP=1)."""
+
+    def __init__(self, module, cfg, dp_size: int):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        import deepspeed
+
+        from megatron_slm.parallel import cpu_shims
+
+        cpu_shims.apply_deepspeed()
+
+        if cfg.parallel.pipeline_model_parallel_size != 1:
+            raise ConfigError(
+                "--deepspeed runs with pipeline_model_parallel_size=1; for PP > 1 use megatron-core's optimizer "
+                "(drop --deepspeed)"
+            )
+        self.cfg = cfg
+        ds_config = load_ds_config(cfg.train.deepspeed, cfg, dp_size)
+        tr = cfg.train
+        decay = [p for p in module.parameters() if p.requires_grad and p.dim() > 1]
+        no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() <= 1]  # norms, as megatron
+        optimizer = torch.optim.AdamW(
+            # wd_mult as megatron's param groups carry it: its LR/WD scheduler rescales weight_decay each step
+            [{"params": decay, "weight_decay": tr.weight_decay, "wd_mult": 1.0},
+             {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}],
+            lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
+        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(),
+        )
+        self.dp_size = dp_size
+
+    def train_step(self, micro_batches: list[dict], loss_fn, forward, scope: str | None, k: float):
+        """Forward/backward every micro-batch through the engine, then one optimizer step."""
+        total = max(expected_num_selected(micro_batches, scope, k), 1.0)
+        outputs = []
+        for mb in micro_batches:
+            logits = forward(self.engine, mb)
+            loss_sum, _, info = loss_fn(mb, logits)
+            self.engine.backward(loss_sum * (self.dp_size / total), scale_wrt_gas=False)
+            self.engine.step()  # applies the update only at the gradient-accumulation boundary
+            outputs.append(info)
+        grad_norm = self.engine.get_global_grad_norm()
+        return outputs, grad_norm
+
+    def save(self, root: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, root: str, tag: str) -> dict:
+        path, client_state = self.engine.load_checkpoint(root, tag=tag)
+        if path is None:
+            from megatron_slm.checkpoint import CheckpointError
+
+            raise CheckpointError(f"DeepSpeed checkpoint {root}/{tag} could not be loaded (missing or incomplete)")
+        return client_state
