@@ -116,9 +116,11 @@ def read_model_meta(directory: str) -> dict:
 def _load(sharded_state: dict, path: Path, what: str, meta: dict) -> dict:
     from megatron.core import dist_checkpointing
 
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException (truncated shards)
+
     try:
         return dist_checkpointing.load(sharded_state, str(path))
-    except Exception as exc:  # shape or key mismatches surface deep inside dist_checkpointing
+    except (Exception, CheckpointException) as exc:  # mismatches and damage surface deep inside
         raise CheckpointError(
             f"checkpoint '{path}' does not fit this {what} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
             f"its model config is {meta['model']}"
@@ -138,6 +140,40 @@ def load_model_weights(model, directory: str, expected_vocab: int | None = None)
     loaded = _load(sharded, resolve(directory), "model", meta)
     model.load_state_dict({k: v for k, v in loaded.items() if k in sharded})  # a training checkpoint has more
     return meta
+
+
+def is_hf_dir(directory: str | Path) -> bool:
+    """A transformers model directory (config.json, no megatron_slm metadata)."""
+    p = Path(directory)
+    return (p / "config.json").is_file() and not (p / MODEL_META).is_file() and not (p / LATEST).is_file()
+
+
+def weights_vocab(directory: str) -> int | None:
+    """The vocabulary size of a weights source: megatron_slm checkpoint or transformers directory."""
+    if is_hf_dir(directory):
+        from megatron_slm import convert
+
+        return convert.hf_config_to_model_config(convert.read_hf_config(directory)).vocab_size
+    return read_model_meta(directory)["model"].get("vocab_size")
+
+
+def load_weights(model, directory: str, model_cfg, expected_vocab: int | None = None) -> None:
+    """Weights from a megatron_slm checkpoint (any TP/PP) or straight from a transformers Llama/Mistral dir."""
+    if not is_hf_dir(directory):
+        load_model_weights(model, directory, expected_vocab)
+        return
+    from megatron_slm import convert
+
+    hf_cfg = convert.hf_config_to_model_config(convert.read_hf_config(directory))
+    shape = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size")
+    diff = {k: (getattr(hf_cfg, k), getattr(model_cfg, k)) for k in shape if getattr(hf_cfg, k) != getattr(model_cfg, k)}
+    if diff:
+        raise CheckpointError(
+            f"transformers model '{directory}' does not fit the configured model: "
+            + ", ".join(f"{k} {a} (checkpoint) vs {b} (config)" for k, (a, b) in diff.items())
+        )
+    with torch.no_grad():
+        convert.load_hf_weights_into(model, convert.HFWeights(directory), hf_cfg)
 
 
 # ----------------------------------------------------------------------------------------------

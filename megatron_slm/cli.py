@@ -17,16 +17,17 @@ from megatron_slm.config import ConfigError, add_override_arguments, load_config
 def _user_errors():
     from megatron_slm.checkpoint import CheckpointError
     from megatron_slm.data.errors import DataError
+    from megatron_slm.convert import ConvertError
     from megatron_slm.data.tokenizer import TokenizerError
 
-    return (ConfigError, CheckpointError, DataError, TokenizerError)
+    return (ConfigError, CheckpointError, DataError, TokenizerError, ConvertError)
 
 
 def check_inputs(cfg):
     """Every check that needs only files, before any process group starts.
 
     Returns the data's TokenInfo and, for offline SLM, the validated score sidecars."""
-    from megatron_slm.checkpoint import read_model_meta
+    from megatron_slm.checkpoint import weights_vocab
     from megatron_slm.data.datasets import parse_blend, token_info
     from megatron_slm.data.errors import DataError
 
@@ -41,12 +42,12 @@ def check_inputs(cfg):
         if m.vocab_size is None:
             m.vocab_size = info.vocab_size
     online = cfg.slm.loss_mode == "slm" and cfg.slm.reference_mode == "online"
-    if online and cfg.reference.load:
-        ref_vocab = read_model_meta(cfg.reference.load)["model"].get("vocab_size")
-        if ref_vocab != cfg.model.vocab_size:
+    sources = [("reference", cfg.reference.load if online else None), ("pretrained", cfg.checkpoint.pretrained_checkpoint)]
+    for who, source in sources:
+        if source and weights_vocab(source) != cfg.model.vocab_size:
             raise DataError(
-                f"reference checkpoint '{cfg.reference.load}' has vocab_size={ref_vocab} but the policy and its "
-                f"data have {cfg.model.vocab_size}; the reference must share the policy's tokenizer"
+                f"{who} checkpoint '{source}' has vocab_size={weights_vocab(source)} but the policy and its "
+                f"data have {cfg.model.vocab_size}; the policy, reference and tokenizer must share one vocabulary"
             )
     scores = None
     if cfg.slm.loss_mode == "slm" and cfg.slm.reference_mode == "offline":

@@ -113,6 +113,7 @@ class CheckpointConfig:
     load: Optional[str] = None  # resume from here instead (must hold a checkpoint)
     save_interval: int = 0  # steps between checkpoints; 0 = only at the end and on SIGTERM/SIGUSR1
     keep_last: int = 2  # complete checkpoints kept under save
+    pretrained_checkpoint: Optional[str] = None  # policy's initial weights (megatron_slm or transformers dir)
 
 
 @dataclass

@@ -16,8 +16,8 @@ Layout facts (checked numerically against transformers, see tests/test_convert_c
 - Fused QKV: megatron's ``linear_qkv`` is [ng, (np/ng + 2) * hn, h]: for each KV group its q heads, then k,
   then v. Fused fc1 is [gate; up].
 - Sliding window: transformers' Mistral lets query i see keys j with i - W < j <= i (W tokens), megatron's
-  ``window_size=(w, 0)`` lets it see i - w <= j <= i (w + 1 tokens), so W maps to w = W - 1. The ModelConfig
-  value is chosen from how ``model.build.transformer_config`` turns ``sliding_window`` into ``window_size``.
+  ``window_size=(w, 0)`` lets it see i - w <= j <= i (w + 1 tokens). ModelConfig.sliding_window holds W
+  (Mistral's meaning) and model/build.py passes w = W - 1, so the value is copied unchanged.
 
 Every user-facing failure raises ``ConvertError`` (or the checkpoint's ``CheckpointError``); ``main`` prints
 it as one ``error: ...`` line and returns 2.
@@ -100,21 +100,6 @@ def _rope_theta(cfg: dict) -> float:
     return float(theta)
 
 
-def _window_offset() -> int:
-    """How ``transformer_config`` maps ModelConfig.sliding_window s to megatron's window_size[0] (= s + offset)."""
-    from megatron_slm.config import ParallelConfig
-    from megatron_slm.model.build import transformer_config
-
-    probe = ModelConfig(num_layers=1, hidden_size=8, ffn_hidden_size=8, num_attention_heads=1, num_query_groups=1,
-                        vocab_size=8, max_position_embeddings=8, rotary_base=10000.0, norm_epsilon=1e-5,
-                        untie_embeddings_and_output_weights=True, sliding_window=1000)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformer_config(probe, ParallelConfig()).window_size[0] - 1000
-
-
 def hf_config_to_model_config(cfg: dict) -> ModelConfig:
     """transformers Llama/Mistral config.json -> ModelConfig (rejects what megatron_slm cannot build)."""
     try:
@@ -135,16 +120,20 @@ def hf_config_to_model_config(cfg: dict) -> ModelConfig:
         problems.append(f"hidden_size={hidden}, heads={heads}, kv heads={groups} do not divide")
     elif cfg.get("head_dim") not in (None, hidden // heads):
         problems.append(f"head_dim={cfg.get('head_dim')} != hidden_size / num_attention_heads = {hidden // heads}")
+    theta = _rope_theta(cfg)
+    if theta != int(theta):
+        problems.append(f"rope_theta={theta} is not an integer (megatron_slm passes rotary_base as an int)")
     if problems:
         raise ConvertError("unsupported model: " + "; ".join(problems))
-    theta = _rope_theta(cfg)
     window = cfg.get("sliding_window") if cfg.get("model_type") == "mistral" else None
     if cfg.get("model_type") == "mistral" and cfg.get("use_sliding_window") is False:
         window = None
     sliding = None
     if window:
         # transformers' window W (keys j with i - W < j <= i) is megatron's window_size=(W - 1, 0).
-        sliding = int(window) - 1 - _window_offset()
+        sliding = int(window)  # ModelConfig.sliding_window has Mistral's meaning (model/build.py)
+        if sliding < 1:
+            raise ConvertError(f"unsupported model: sliding_window={window}")
     return ModelConfig(
         num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
         num_query_groups=groups, vocab_size=vocab,
@@ -191,12 +180,14 @@ def model_config_to_hf_config(m: ModelConfig, source: dict | None = None, dtype:
     if mistral:
         window = None
         if m.sliding_window:
-            window = m.sliding_window + _window_offset() + 1
+            window = m.sliding_window
         kwargs["sliding_window"] = window
         cfg = MistralConfig(**kwargs)
     else:
         cfg = LlamaConfig(**kwargs)
     cfg.architectures = [ARCHITECTURES["mistral" if mistral else "llama"]]
+    if source.get("unk_token_id") is not None:
+        cfg.unk_token_id = source["unk_token_id"]
     return cfg
 
 
@@ -482,10 +473,32 @@ def _build(m: ModelConfig):
     from megatron_slm.config import ParallelConfig
     from megatron_slm.model.build import build_model
 
-    torch.manual_seed(0)
-    model = build_model(m, ParallelConfig(1, 1), seed=0, params_dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
+        torch.manual_seed(0)
+        model = build_model(m, ParallelConfig(1, 1), seed=0, params_dtype=torch.float32)
     model.eval()
     return model
+
+
+def _load_checkpoint(model, ckpt_dir: str, m: ModelConfig) -> None:
+    """checkpoint.load_model_weights, with torch DCP's read failures (a BaseException) as CheckpointError."""
+    from megatron_slm.checkpoint import CheckpointError, load_model_weights
+
+    try:
+        load_model_weights(model, ckpt_dir, expected_vocab=m.vocab_size)
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - torch.distributed.checkpoint's CheckpointException
+        if type(exc).__name__ != "CheckpointException":
+            raise
+        causes = []
+        for failure in (getattr(exc, "failures", None) or {}).values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            causes.append(f"{type(inner).__name__}: {str(inner).splitlines()[0][:200]}" if str(inner) else type(inner).__name__)
+        raise CheckpointError(
+            f"checkpoint '{ckpt_dir}' could not be read ({'; '.join(causes) or 'unknown cause'}): a shard is "
+            "truncated or damaged; restore or re-create it"
+        ) from None
 
 
 def _forward(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -493,13 +506,11 @@ def _forward(model, tokens: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    ctx = contextlib.nullcontext()
-    if not torch.cuda.is_available():
-        from megatron_slm.parallel.cpu_shims import _CudaToCpu
+    from megatron_slm.parallel.cpu_shims import on_cpu
 
-        ctx = _CudaToCpu()
-    with torch.no_grad(), ctx:
-        logits = model(tokens, positions, attention_mask=None, labels=None)
+    run = lambda: model(tokens, positions, attention_mask=None, labels=None)  # noqa: E731
+    with torch.no_grad():
+        logits = run() if torch.cuda.is_available() else on_cpu(run)()
     return logits[..., : model.true_vocab_size].float().cpu()
 
 
@@ -542,17 +553,26 @@ def hf_to_megatron(hf_dir: str, out_dir: str, dtype: str = "fp32", verify: bool 
             f"({m.num_layers} layers, hidden {m.hidden_size}, vocab {m.vocab_size}, {dtype})")
         if verify:
             diff = verify_conversion(hf_dir, out_dir, seq_len=verify_seq_len)
-            log(f"verify: max abs logit difference vs transformers = {diff:.3e}")
+            note = ""
+            if hf_cfg.get("model_type") == "mistral" and hf_cfg.get("sliding_window") and \
+                    verify_seq_len <= int(hf_cfg["sliding_window"]):
+                note = " (sequence not longer than the sliding window: raise --verify-seq-len to test the window)"
+            log(f"verify: max abs logit difference vs transformers = {diff:.3e} "
+                f"({verify_seq_len} tokens x 2 sequences, fp32){note}")
             return diff
     return None
 
 
-def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool = False, log=print) -> None:
+def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool = False, hf_config: str | None = None,
+                   log=print) -> None:
     """Convert a megatron_slm checkpoint (saved at any TP/PP) into a transformers directory at ``out_dir``.
 
     ``dtype``: fp32, bf16, or auto (the dtype the checkpoint was converted in, fp32 when unknown).
+    ``hf_config``: a transformers config.json (or its directory) whose token ids and model type to keep, for
+    checkpoints without the ``hf_source.json`` that ``hf_to_megatron`` leaves (e.g. a trained policy).
     """
-    from megatron_slm.checkpoint import CheckpointError, load_model_weights, read_model_meta
+    from megatron_slm import checkpoint
+    from megatron_slm.checkpoint import CheckpointError, read_model_meta
 
     path = Path(ckpt_dir)
     if not path.exists():
@@ -560,12 +580,19 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool
     if (path / "config.json").is_file() and not (path / "slm_model.json").is_file():
         raise ConvertError(f"'{ckpt_dir}' is a transformers directory, not a megatron_slm checkpoint: use hf-to-megatron")
     meta = read_model_meta(ckpt_dir)
+    path = getattr(checkpoint, "resolve", Path)(ckpt_dir)  # a training root -> its latest iteration
     source = {}
     if (path / HF_SOURCE).is_file():
         try:
             source = json.loads((path / HF_SOURCE).read_text())
         except ValueError:
             source = {}
+    if hf_config:
+        cfg_path = Path(hf_config) / "config.json" if Path(hf_config).is_dir() else Path(hf_config)
+        try:
+            source["hf_config"] = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConvertError(f"--hf-config '{hf_config}' is not a readable config.json ({exc})") from None
     if dtype == "auto":
         dtype = source.get("dtype", "fp32") if source.get("dtype") in DTYPES else "fp32"
     torch_dtype = _dtype(dtype)
@@ -579,7 +606,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool
     hf_cfg = model_config_to_hf_config(m, source.get("hf_config"), torch_dtype)
     with _single_process():
         model = _build(m)
-        load_model_weights(model, ckpt_dir, expected_vocab=m.vocab_size)
+        _load_checkpoint(model, ckpt_dir, m)
         full = full_megatron_tensors(model)
         del model
     expected = set(megatron_names(m))
@@ -590,8 +617,12 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool
     out, tmp = Path(out_dir), Path(str(out_dir) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    hf_cfg.save_pretrained(str(tmp))
-    _write_safetensors(tensors, tmp)
+    try:
+        hf_cfg.save_pretrained(str(tmp))
+        _write_safetensors(tensors, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     tmp.rename(out)
@@ -638,7 +669,7 @@ def load_hf_model(hf_dir: str):
 def verify_conversion(hf_dir: str, ckpt_dir: str, seq_len: int = 64, batch: int = 2, seed: int = 0) -> float:
     """Max abs difference between transformers' fp32 logits and the converted checkpoint's (TP=1 PP=1, fp32)
     on the same random token ids."""
-    from megatron_slm.checkpoint import load_model_weights, read_model_meta
+    from megatron_slm.checkpoint import read_model_meta
 
     try:
         hf_model = load_hf_model(hf_dir)
@@ -652,7 +683,7 @@ def verify_conversion(hf_dir: str, ckpt_dir: str, seq_len: int = 64, batch: int 
     del hf_model
     with _single_process():
         model = _build(m)
-        load_model_weights(model, ckpt_dir, expected_vocab=m.vocab_size)
+        _load_checkpoint(model, ckpt_dir, m)
         got = _forward(model, tokens)
     return (got - expected).abs().max().item()
 
@@ -679,12 +710,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", required=True, help="transformers directory to write")
     b.add_argument("--dtype", choices=sorted(DTYPES) + ["auto"], default="auto",
                    help="dtype of the written weights (auto: the dtype the checkpoint was converted in, else fp32)")
+    b.add_argument("--hf-config", default=None, metavar="PATH",
+                   help="config.json (or HF directory) whose token ids/model type to keep, for checkpoints that were "
+                        "not written by hf-to-megatron")
     b.add_argument("--force", action="store_true", help="replace an existing output")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning, UserWarning):  # library chatter, not the user's concern
+        warnings.filterwarnings("ignore", category=category)
+    if getattr(args, "verify", False):
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        except ImportError:
+            pass
     from megatron_slm.checkpoint import CheckpointError
     from megatron_slm.config import ConfigError
 
@@ -695,7 +741,7 @@ def main(argv=None) -> int:
             hf_to_megatron(args.input, args.output, dtype=args.dtype, verify=args.verify, force=args.force,
                            verify_seq_len=args.verify_seq_len)
         else:
-            megatron_to_hf(args.input, args.output, dtype=args.dtype, force=args.force)
+            megatron_to_hf(args.input, args.output, dtype=args.dtype, force=args.force, hf_config=args.hf_config)
     except (ConvertError, CheckpointError, ConfigError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -37,7 +37,9 @@ def transformer_config(m: ModelConfig, par: ParallelConfig, params_dtype: torch.
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
-        window_size=(m.sliding_window, 0) if m.sliding_window else None,
+        # sliding_window W as Mistral defines it (a token sees W tokens, itself included); megatron-core's
+        # (w, 0) sees w + 1.
+        window_size=(m.sliding_window - 1, 0) if m.sliding_window else None,
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         sequence_parallel=par.sequence_parallel and par.tensor_model_parallel_size > 1,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import multiprocessing
+import queue
 import warnings
 
 import torch
@@ -160,13 +160,12 @@ def apply() -> None:
         return ~torch.tril(upper, diagonal=skv - sq + window_size[1])
 
     # dist_checkpointing's writer builds its result queue from a spawn-context Manager, which re-imports
-    # __main__ in a new process (seconds per save; a hang for scripts without a __main__ guard). The
-    # synchronous save only needs a queue its forked writer processes can share.
+    # __main__ in a new process (seconds per save; a hang for scripts without a __main__ guard). In a
+    # synchronous save the queue is filled and read by this same process: an in-process queue suffices (a
+    # multiprocessing queue's feeder thread races the immediate get_nowait under load).
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    filesystem_async._get_write_results_queue = functools.lru_cache(maxsize=None)(
-        lambda: multiprocessing.get_context("fork").Queue()
-    )
+    filesystem_async._get_write_results_queue = functools.lru_cache(maxsize=None)(queue.Queue)
 
     for module in (tutils, fused_softmax):
         module.get_default_causal_mask = causal_mask

@@ -44,7 +44,7 @@ def build_reference(cfg: Config):
     ref = build_model(cfg.reference.model, cfg.parallel, seed=cfg.train.seed + 1, params_dtype=dtype)
     ref.to(dtype)  # megatron's torch norms ignore params_dtype; casting everything as Float16Module would
     if cfg.reference.load:
-        checkpoint.load_model_weights(ref, cfg.reference.load, expected_vocab=cfg.model.vocab_size)
+        checkpoint.load_weights(ref, cfg.reference.load, cfg.reference.model, expected_vocab=cfg.model.vocab_size)
     for p in ref.parameters():
         p.requires_grad_(False)
     ref.eval()
@@ -90,11 +90,11 @@ class Trainer:
         if tr.deepspeed:  # DeepSpeed owns precision (bf16 master weights in fp32), DP and the optimizer
             from megatron_slm.training.deepspeed_backend import DeepSpeedBackend
 
-            module = build_model(cfg.model, cfg.parallel, seed=tr.seed, params_dtype=torch.float32)
+            module = self._initial_policy(torch.float32)
             self.ds = DeepSpeedBackend(module, cfg, self.dp_size)
             return self.ds.engine, self.ds.optimizer, self._lr_schedule(self.ds.optimizer)
         self.ds = None
-        module = build_model(cfg.model, cfg.parallel, seed=tr.seed, params_dtype=self.dtype)
+        module = self._initial_policy(self.dtype)
         config = module.config
         if self.dtype == torch.bfloat16:
             module = Float16Module(config, module)
@@ -114,6 +114,30 @@ class Trainer:
             [model],
         )
         return model, optimizer, self._lr_schedule(optimizer)
+
+    def _initial_policy(self, dtype):
+        """The policy GPTModel; from --pretrained-checkpoint (megatron_slm or transformers dir) when not resuming.
+
+        Loaded before DDP/optimizer wrapping so mixed-precision master weights start from it."""
+        from megatron_slm import checkpoint
+
+        cfg = self.cfg
+        module = build_model(cfg.model, cfg.parallel, seed=cfg.train.seed, params_dtype=dtype)
+        pretrained = cfg.checkpoint.pretrained_checkpoint
+        if pretrained and self._resume_source() is None:
+            checkpoint.load_weights(module, pretrained, cfg.model, expected_vocab=cfg.model.vocab_size)
+            module.to(dtype)
+        return module
+
+    def _resume_source(self) -> str | None:
+        """Where a training checkpoint to resume from lies (--load, else --save), if there is one."""
+        from megatron_slm import checkpoint
+
+        ck = self.cfg.checkpoint
+        source = ck.load or ck.save
+        if source and (checkpoint.latest_iteration(source) is not None or (Path(source) / checkpoint.TRAINER_STATE).is_file()):
+            return source
+        return None
 
     def _lr_schedule(self, optimizer):
         """Linear warm-up then cosine decay to min_lr (megatron-core's scheduler, for either backend)."""
@@ -254,11 +278,8 @@ class Trainer:
         from megatron_slm import checkpoint
 
         ck = self.cfg.checkpoint
-        source = ck.load or ck.save
+        source = self._resume_source()
         if source is None:
-            return False
-        has_one = checkpoint.latest_iteration(source) is not None or (Path(source) / checkpoint.TRAINER_STATE).is_file()
-        if not has_one:
             if ck.load:
                 raise checkpoint.CheckpointError(
                     f"--load {ck.load}: no training checkpoint there (no {checkpoint.LATEST}); check the path, or "
