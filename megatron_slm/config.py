@@ -229,7 +229,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, ar
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]} ({exc.problem_mark})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
         _merge_dict(cfg, data, source=str(path))
