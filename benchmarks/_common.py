@@ -1,0 +1,174 @@
+"""Shared helpers of the benchmark scripts: interleaved timing, medians, tables, the JSON line, forked ranks.
+
+Every script measures its variants side by side in one run (repetitions interleaved in a rotating order,
+medians over repetitions), so background load on a shared machine slows all variants alike and the ratios
+stay meaningful even when the absolute times do not.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import multiprocessing as mp
+import os
+import pickle
+import platform
+import queue as queue_mod
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+
+
+def median(xs):
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def rotated(variants: list, rep: int) -> list:
+    """Repetition ``rep`` runs the variants starting at a different one each time (ABC, BCA, CAB, ...), so no
+    variant always follows the same neighbour (cache state, allocator state, thermal/load drift)."""
+    r = rep % len(variants)
+    return variants[r:] + variants[:r]
+
+
+def machine_info() -> dict:
+    import torch
+
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "loadavg_at_start": [round(x, 2) for x in load] if load else None,
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A plain fixed-width text table."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(c) -> str:
+    if isinstance(c, float):
+        if c != c:
+            return "nan"
+        if abs(c) >= 1000:
+            return f"{c:,.0f}"
+        if abs(c) >= 10:
+            return f"{c:.1f}"
+        return f"{c:.3f}"
+    return str(c)
+
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def emit_json(payload: dict) -> None:
+    """The one machine-readable line every script ends with."""
+    print("BENCH_JSON " + json.dumps(payload, sort_keys=True, default=_json_default), flush=True)
+
+
+def _json_default(o):
+    try:
+        return float(o)
+    except (TypeError, ValueError):
+        return str(o)
+
+
+def mib(nbytes: float) -> float:
+    return nbytes / 2**20
+
+
+class Timer:
+    """Accumulates wall time of the calls of a wrapped function (per-phase timings)."""
+
+    def __init__(self):
+        self.total = 0.0
+
+    def wrap(self, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.total += time.perf_counter() - t0
+
+        return timed
+
+    def take(self) -> float:
+        t, self.total = self.total, 0.0
+        return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Forked ranks joined by gloo (the launch torchrun would do, without re-importing everything per rank)
+
+
+def _rank_main(rank, world, port, threads, q, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        q.put((rank, "ok", pickle.dumps(fn(*args))))
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        q.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            from megatron_slm.parallel import distributed
+
+            distributed.destroy()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_ranks(fn, world: int, *args, threads: int = 1, timeout: float = 3600.0) -> list:
+    """``fn(*args)`` on ``world`` forked processes (RANK/WORLD_SIZE/MASTER_* set); each rank's result, in order."""
+    from megatron_slm.parallel.distributed import free_port
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, threads, q, fn, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    try:
+        for _ in range(world):
+            rank, status, payload = q.get(timeout=timeout)
+            (results if status == "ok" else errors)[rank] = payload
+            if errors:
+                break
+    except queue_mod.Empty:
+        raise RuntimeError(f"ranks timed out after {timeout}s; finished: {sorted(results)}") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10 if not errors else 1)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        r = min(errors)
+        raise RuntimeError(f"rank {r} failed:\n{errors[r]}")
+    return [pickle.loads(results[r]) for r in range(world)]
