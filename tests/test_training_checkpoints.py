@@ -72,7 +72,7 @@ def test_exact_resume_after_a_crash_and_keep_last(tmp_path):
 
 def test_sigusr1_on_one_rank_checkpoints_and_stops_every_rank(tmp_path):
     res = run_distributed(_run, 2, 1, 2, tmp_path / "s", signal_at=2)[-1]  # PP=2: rank 0 is not the logger
-    assert res["stopped_by"] in ("SIGUSR1", "signal on another rank") and res["iteration"] == 3
+    assert res["stopped_by"] == "SIGUSR1" and res["iteration"] == 3  # also on ranks the signal did not reach
     assert (tmp_path / "s" / LATEST).read_text() == "3"
     state = json.loads((tmp_path / "s" / "iter_0000003" / "trainer_state.json").read_text())
     assert state["iteration"] == 3 and state["consumed_samples"] == 24

@@ -309,11 +309,11 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
-    def _stop_requested(self) -> bool:
-        """Agree on every rank (a signal may reach them at different steps)."""
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def _stop_requested(self) -> str | None:
+        """The stop signal any rank received, agreed on every rank (a signal may reach them at different steps)."""
+        number = torch.tensor([float(signal.Signals[self.stop_signal].value) if self.stop_signal else 0.0])
+        dist.all_reduce(number, op=dist.ReduceOp.MAX)
+        return signal.Signals(int(number.item())).name if number.item() else None
 
     def _dump_selection(self, micro_batches, details) -> None:
         """Per-token (token, policy loss, reference loss, selected) of a few sequences, for the heatmaps.
@@ -356,8 +356,8 @@ class Trainer:
             self.metrics.step(self.iteration, m, tokens=tr.global_batch_size * tr.seq_length)
             if eval_batches is not None and tr.eval_interval and self.iteration % tr.eval_interval == 0:
                 self.metrics.eval(self.iteration, self.evaluate_all(eval_batches()))
-            if self._stop_requested():
-                stopped = self.stop_signal or "signal on another rank"
+            stopped = self._stop_requested()
+            if stopped:
                 break
             if ck.save_interval and self.iteration % ck.save_interval == 0 and self.iteration < tr.train_iters:
                 self.save_checkpoint()
