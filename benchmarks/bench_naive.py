@@ -101,13 +101,14 @@ class Ours:
         return list(self.trainer.policy_module.parameters()), list(self.trainer.reference.parameters())
 
     def saved_bytes(self, mb) -> int:
+        from megatron_slm.model.head import output_weight
         from megatron_slm.training.passes import model_forward
 
         t = self.trainer
         t.prepare_selection([mb])  # reference scores (no autograd)
         with SavedBytes(self.params()[0], self.vocab) as sb:
-            logits = model_forward(t.model, mb)
-            loss_sum, _, _ = t.loss(mb, logits)
+            hidden = model_forward(t.model, mb)
+            loss_sum, _, _ = t.loss(mb, output_weight(t.model), hidden)
         loss_sum.backward()
         t.model.zero_grad_buffer()
         return sb.total, sb.head

@@ -6,11 +6,17 @@ Variants, each timed as forward + backward of the summed loss on a logits leaf `
                    ``selective_cross_entropy`` with a k=0.6 mask (gradient only for selected tokens), ``.sum()``,
                    backward. The mask (top-k of random scores) is built outside the timed region.
 * ``slm_k1``    -- the same with every token selected (k=1.0): the same work as a plain CE (CLM path).
-* ``slm_chunked`` (``--proposal``) -- the row-chunked form in ``benchmarks/proposed_chunked_ce.py`` at k=0.6
-                   (a proposed change to ``vocab_parallel_ce.py``; same results, same saved tensors).
 * ``megatron``  -- ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy(logits, labels).sum()``,
                    backward. It modifies its input in place, so every repetition of every variant gets a
                    fresh clone of the logits (made outside the timed region).
+
+With ``--hidden H`` (default 256; 0 skips) the output layer joins in, timed on a hidden-states leaf
+``[N, H]`` and a weight shard ``[V/TP, H]``:
+
+* ``head_megatron`` -- ``F.linear`` (the output layer's matmul) then megatron-core's CE, dense backward.
+* ``head_slm``      -- what training runs: ``head_logits`` + ``vocab_parallel_token_loss`` +
+                       ``selective_head_cross_entropy`` at k, whose backward runs both matmuls over the
+                       selected rows only.
 
 Memory kept for backward (primary measure): the bytes of the distinct storages packed by
 ``torch.autograd.graph.saved_tensors_hooks`` during the forward; a saved view counts its whole storage,
@@ -26,7 +32,6 @@ Targets: time within 1.1x of megatron-core; saved bytes <= (k + 0.05) of megatro
     .venv/bin/python benchmarks/bench_selective_ce.py                     # 4096 x 32000, TP=1, fp32 + bf16
     .venv/bin/python benchmarks/bench_selective_ce.py --tp 2               # 2 forked gloo ranks, shard 16000
     .venv/bin/python benchmarks/bench_selective_ce.py --tokens 8192 --vocab 128256
-    .venv/bin/python benchmarks/bench_selective_ce.py --proposal           # also time the chunked proposal
 """
 
 from __future__ import annotations
@@ -51,12 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--proposal", action="store_true", help="also time benchmarks/proposed_chunked_ce.py")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size of the output-layer variants (0: skip)")
     return p.parse_args(argv)
 
 
 def variants(a) -> list[str]:
-    return list(VARIANTS) + (["slm_chunked"] if a.proposal else [])
+    return list(VARIANTS) + (["head_megatron", "head_slm"] if a.hidden else [])
 
 
 def _rss_kib(field: str) -> int | None:
@@ -85,7 +90,14 @@ def worker(a) -> dict | None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from megatron_slm.loss.vocab_parallel_ce import selective_cross_entropy, vocab_parallel_token_loss
+    import torch.nn.functional as F
+
+    from megatron_slm.loss.vocab_parallel_ce import (
+        head_logits,
+        selective_cross_entropy,
+        selective_head_cross_entropy,
+        vocab_parallel_token_loss,
+    )
     from megatron_slm.parallel import distributed
     from megatron_slm.slm import top_k_mask
 
@@ -100,18 +112,26 @@ def worker(a) -> dict | None:
     labels = torch.randint(0, a.vocab, (a.tokens,), generator=g)
     valid = torch.ones(a.tokens, dtype=torch.bool)
     sel = {"slm": top_k_mask(torch.randn(a.tokens, generator=g), valid, a.k), "slm_k1": valid}
-    sel["slm_chunked"] = sel["slm"]
+    sel["head_slm"] = sel["slm"]
     names = variants(a)
-    if a.proposal:
-        from proposed_chunked_ce import selective_cross_entropy_chunked, token_loss_chunked
+    if a.hidden:
+        hidden0 = torch.randn(a.tokens, a.hidden, generator=g)
+        weight0 = (torch.randn(a.vocab, a.hidden, generator=g) * a.hidden ** -0.5)[tp_rank * part:(tp_rank + 1) * part]
+    leaves = {}
 
     def run(variant, logits):
         if variant == "megatron":
             loss = vocab_parallel_cross_entropy(logits, labels).sum()
-        elif variant == "slm_chunked":
-            tl, lse = token_loss_chunked(logits, labels, vocab_size=a.vocab)
-            loss = selective_cross_entropy_chunked(logits, labels, sel[variant], vocab_size=a.vocab, token_loss=tl,
-                                                   logsumexp=lse).sum()
+        elif variant == "head_megatron":
+            h, w = leaves["head"]
+            loss = vocab_parallel_cross_entropy(F.linear(h, w), labels).sum()
+        elif variant == "head_slm":
+            h, w = leaves["head"]
+            z = head_logits(h, w)
+            tl, lse = vocab_parallel_token_loss(z, labels, vocab_size=a.vocab)
+            loss = selective_head_cross_entropy(h, w, labels, sel[variant], vocab_size=a.vocab, logits=z,
+                                                token_loss=tl, logsumexp=lse).sum()
+            del z
         else:
             tl, lse = vocab_parallel_token_loss(logits, labels, vocab_size=a.vocab)
             loss = selective_cross_entropy(logits, labels, sel[variant], vocab_size=a.vocab, token_loss=tl,
@@ -123,17 +143,25 @@ def worker(a) -> dict | None:
 
         def pack(t):
             s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
+            if not (variant.startswith("head_") and s.data_ptr() == leaves["head"][1].untyped_storage().data_ptr()):
+                storages[s.data_ptr()] = s.nbytes()  # the weight is a parameter, kept anyway
             return t
 
-        x = base.clone().requires_grad_(True)
+        x = fresh_inputs(variant, base)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = run(variant, x)
         loss.backward()
         return sum(storages.values())
 
+    def fresh_inputs(variant, base):
+        """A logits leaf; for the head variants also a (hidden, weight) pair of leaves in the logits' dtype."""
+        if variant.startswith("head_"):
+            leaves["head"] = (hidden0.to(base.dtype).requires_grad_(True), weight0.to(base.dtype).requires_grad_(True))
+            return None
+        return base.clone().requires_grad_(True)
+
     def one(variant, base):
-        x = base.clone().requires_grad_(True)
+        x = fresh_inputs(variant, base)
         dist.barrier()
         have_peak = _reset_peak()
         rss0 = _rss_kib("VmRSS")
@@ -157,13 +185,18 @@ def worker(a) -> dict | None:
     selective_cross_entropy(x2, labels[:64], valid[:64], vocab_size=a.vocab, token_loss=tl, logsumexp=lse).sum().backward()
     torch.testing.assert_close(tl, l1.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
-    if a.proposal:
-        x3 = base32[:64].clone().requires_grad_(True)
-        tl3, lse3 = token_loss_chunked(x3, labels[:64], vocab_size=a.vocab)
-        selective_cross_entropy_chunked(x3, labels[:64], valid[:64], vocab_size=a.vocab, token_loss=tl3,
-                                        logsumexp=lse3).sum().backward()
-        torch.testing.assert_close(tl3, l1.detach(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(x3.grad, x1.grad, rtol=1e-5, atol=1e-6)
+    if a.hidden:  # the fused head at k=1 gives the dense head's gradients
+        grads = []
+        for fused in (False, True):
+            h, w = hidden0[:64].clone().requires_grad_(True), weight0.clone().requires_grad_(True)
+            if fused:
+                loss = selective_head_cross_entropy(h, w, labels[:64], valid[:64], vocab_size=a.vocab)
+            else:
+                loss = vocab_parallel_cross_entropy(F.linear(h, w), labels[:64])
+            loss.sum().backward()
+            grads.append((h.grad, w.grad))
+        torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-6)
 
     out = {}
     for dname in a.dtypes.split(","):
@@ -211,13 +244,15 @@ def main(argv=None) -> dict:
     for dname, r in res.items():
         med = {v: median(r["times"][v]) for v in names}
         cpu = {v: median(r["cpu"][v]) for v in names}
-        paired = {v: median([x / y for x, y in zip(r["times"][v], r["times"]["megatron"])]) for v in names}
+        base_of = {v: "head_megatron" if v.startswith("head_") else "megatron" for v in names}  # own baselines
+        paired = {v: median([x / y for x, y in zip(r["times"][v], r["times"][base_of[v]])]) for v in names}
         peak = {v: median(r["peak_rss_bytes"][v]) for v in names}
         faults = {v: median(r["faults"][v]) for v in names}
         saved = r["saved_bytes"]
         for v in names:
-            rows.append([dname, v, med[v] * 1e3, med[v] / med["megatron"], paired[v], cpu[v] / cpu["megatron"],
-                         mib(saved[v]), saved[v] / saved["megatron"], mib(peak[v]), faults[v] / 1e3])
+            b = base_of[v]
+            rows.append([dname, v, med[v] * 1e3, med[v] / med[b], paired[v],
+                         cpu[v] / cpu[b], mib(saved[v]), saved[v] / saved[b], mib(peak[v]), faults[v] / 1e3])
         t_ratio = med["slm"] / med["megatron"]
         m_ratio = saved["slm"] / saved["megatron"]
         targets[dname] = {
@@ -227,25 +262,27 @@ def main(argv=None) -> dict:
             "saved_bytes_slm_over_megatron": {"value": m_ratio, "target_max": a.k + MEM_SLACK,
                                               "met": m_ratio <= a.k + MEM_SLACK},
         }
-        if a.proposal:
-            targets[dname]["time_proposal_over_megatron"] = {
-                "value": med["slm_chunked"] / med["megatron"], "cpu_time_value": cpu["slm_chunked"] / cpu["megatron"],
-                "target_max": TIME_TARGET, "met": med["slm_chunked"] / med["megatron"] <= TIME_TARGET}
+        if a.hidden:
+            targets[dname]["time_head_slm_over_head_megatron"] = {
+                "value": med["head_slm"] / med["head_megatron"],
+                "cpu_time_value": cpu["head_slm"] / cpu["head_megatron"],
+                "saved_bytes_value": saved["head_slm"] / saved["head_megatron"]}
         results[dname] = {"median_s": med, "median_cpu_s": cpu, "paired_ratio_over_megatron": paired,
                           "minor_page_faults": faults,
                           "saved_bytes": saved,
                           "peak_rss_increase_bytes": peak, "logits_bytes_per_rank": r["logits_bytes"],
                           "all_s": {v: [round(x, 5) for x in r["times"][v]] for v in names}}
-    print(table(["dtype", "variant", "fwd+bwd ms", "x megatron", "x meg paired", "x meg CPU", "saved MiB",
-                 "saved x meg", "peak RSS+ MiB", "page faults k"], rows))
+    print(table(["dtype", "variant", "fwd+bwd ms", "x base", "x base paired", "x base CPU", "saved MiB",
+                 "saved x base", "peak RSS+ MiB", "page faults k"], rows))
     for dname, t in targets.items():
         tt, mm = t["time_slm_over_megatron"], t["saved_bytes_slm_over_megatron"]
         print(f"[{dname}] target time slm/megatron <= {TIME_TARGET}: {tt['value']:.3f} (paired {tt['paired_value']:.3f},"
               f" CPU time {tt['cpu_time_value']:.3f}) -> {verdict(tt['met'])};  saved bytes slm/megatron <= "
               f"{a.k + MEM_SLACK:.2f}: {mm['value']:.3f} -> {verdict(mm['met'])}")
-        if "time_proposal_over_megatron" in t:
-            pp = t["time_proposal_over_megatron"]
-            print(f"[{dname}] proposal (chunked) time/megatron: {pp['value']:.3f} (CPU time {pp['cpu_time_value']:.3f})")
+        if "time_head_slm_over_head_megatron" in t:
+            hh = t["time_head_slm_over_head_megatron"]
+            print(f"[{dname}] with the output layer (H={a.hidden}): head_slm/head_megatron time {hh['value']:.3f} "
+                  f"(CPU time {hh['cpu_time_value']:.3f}), saved bytes {hh['saved_bytes_value']:.3f}")
     payload = {"bench": "selective_ce", "args": vars(a), "machine": info, "results": results, "targets": targets,
                "wall_s": time.perf_counter() - t_start}
     emit_json(payload)

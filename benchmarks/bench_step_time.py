@@ -12,15 +12,14 @@ is the median of its steps. Per-phase times come from timing the trainer's own c
 pass (``Trainer.prepare_selection``), optimizer (``optimizer.step``), and the training pass (the rest:
 1F1B / no-pipelining forward-backward with the loss).
 
-``--proposal`` adds ``clm+chunked`` and ``slm_online+chunked``: the same trainers with the loss and scoring
-functions swapped, for their steps only, for the row-chunked form in ``benchmarks/proposed_chunked_ce.py``.
+``--ref-dtype bf16`` runs the online reference in bf16 (the default on GPU), fp32 otherwise on CPU.
 
 Targets (issue "Benchmarks and speed"): SLM_online / CLM <= 1.36 (the FLOP floor is 1.33 for a same-size
 reference: its forward is 2N FLOPs/token against 6N for a training step); SLM_offline / CLM <= 1.03.
 
     .venv/bin/python benchmarks/bench_step_time.py                      # TP=1 PP=1, one process (~2 min)
     .venv/bin/python benchmarks/bench_step_time.py --nproc 4 --tp 2 --pp 2
-    .venv/bin/python benchmarks/bench_step_time.py --proposal          # + CLM and SLM with the chunked CE proposal
+    .venv/bin/python benchmarks/bench_step_time.py --ref-dtype bf16    # bf16 reference (AMX/avx512-bf16 CPUs, GPU)
     .venv/bin/python benchmarks/bench_step_time.py --layers 22 --hidden 2048 --ffn 5632 --heads 32 \
         --groups 4 --vocab 32000 --seq 2048 --mbs 1 --gbs 8             # TinyLlama-1.1B shape (GPU sized)
 """
@@ -56,40 +55,13 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per variant")
     p.add_argument("--reps", type=int, default=9, help="timed steps per variant (interleaved)")
     p.add_argument("--bf16", action="store_true", help="bf16 policy and reference (GPU runs)")
-    p.add_argument("--proposal", action="store_true", help="also time CLM and SLM online with the chunked CE proposal")
+    p.add_argument("--ref-dtype", choices=("fp32", "bf16"), default=None,
+                   help="online reference dtype (default: bf16 with --bf16, else fp32)")
     return p.parse_args(argv)
 
 
 def variants(a) -> list[str]:
-    return list(VARIANTS) + (["clm+chunked", "slm_online+chunked"] if a.proposal else [])
-
-
-class _Chunked:
-    """Swaps the CE functions the trainer's modules imported for the proposal's, while a step runs."""
-
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        if not self.on:
-            return self
-        from proposed_chunked_ce import selective_cross_entropy_chunked, token_loss_chunked
-
-        from megatron_slm.loss import slm_loss
-        from megatron_slm.training import passes
-
-        self.saved = [(passes, "vocab_parallel_token_loss", token_loss_chunked),
-                      (slm_loss, "vocab_parallel_token_loss", token_loss_chunked),
-                      (slm_loss, "selective_cross_entropy", selective_cross_entropy_chunked)]
-        self.saved = [(m, n, getattr(m, n), f) for m, n, f in self.saved]
-        for m, n, _, f in self.saved:
-            setattr(m, n, f)
-        return self
-
-    def __exit__(self, *exc):
-        if self.on:
-            for m, n, old, _ in self.saved:
-                setattr(m, n, old)
+    return list(VARIANTS)
 
 
 def make_config(a, variant: str):
@@ -104,7 +76,7 @@ def make_config(a, variant: str):
         model=dict(preset="tiny", vocab_size=a.vocab, num_layers=a.layers, hidden_size=a.hidden,
                    ffn_hidden_size=a.ffn, num_attention_heads=a.heads, num_query_groups=a.groups,
                    max_position_embeddings=max(1024, a.seq)),
-        reference=dict(dtype="bf16" if a.bf16 else "fp32"),  # the reference inherits the policy's shape
+        reference=dict(dtype=a.ref_dtype or ("bf16" if a.bf16 else "fp32")),  # the policy's shape
         parallel=dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp),
         slm=slm,
         train=dict(micro_batch_size=a.mbs, global_batch_size=a.gbs, seq_length=a.seq, train_iters=10**6,
@@ -148,17 +120,15 @@ def worker(a) -> dict | None:
     n_params = sum(p.numel() for p in any_t.policy_module.parameters())
 
     def step(v, i):
-        base = v.split("+")[0]
         mbs = synthetic_batch(a, i, dp_rank, dp_size)
-        if base != "slm_offline":
+        if v != "slm_offline":
             for mb in mbs:
                 del mb["ref_loss"]
         dist.barrier()
-        with _Chunked(v.endswith("+chunked")):
-            c0, t0 = time.process_time(), time.perf_counter()
-            trainers[base].train_step(mbs)
-            total, cpu = time.perf_counter() - t0, time.process_time() - c0
-        prep, opt = timers[base][0].take(), timers[base][1].take()
+        c0, t0 = time.process_time(), time.perf_counter()
+        trainers[v].train_step(mbs)
+        total, cpu = time.perf_counter() - t0, time.process_time() - c0
+        prep, opt = timers[v][0].take(), timers[v][1].take()
         # The step of the slowest rank is the step time, its phases from the same rank; CPU time summed over
         # ranks (gloo waits block rather than spin, so it is the work done, whatever the load from others).
         x = torch.tensor([total, prep, opt, cpu], dtype=torch.float64)
@@ -235,16 +205,6 @@ def main(argv=None) -> dict:
                                      "target_max": limit, "met": ok}
         print(f"target {v}/CLM <= {limit:.2f}: {ratios[v]:.3f} wall (paired {paired[v]:.3f}, CPU time "
               f"{cpu_ratios[v]:.3f}) -> {verdict(ok)}")
-    if a.proposal:
-        c = med["clm+chunked"]
-        r = {"wall": med["slm_online+chunked"]["step_s"] / c["step_s"],
-             "cpu_time": med["slm_online+chunked"]["cpu_s"] / c["cpu_s"]}
-        targets["proposal_slm_online_over_clm"] = {"value": r["wall"], "cpu_time_value": r["cpu_time"],
-                                                   "target_max": TARGETS["slm_online"],
-                                                   "met": r["wall"] <= TARGETS["slm_online"]}
-        print(f"proposal (chunked CE in both): slm_online/CLM {r['wall']:.3f} wall (CPU time {r['cpu_time']:.3f}); "
-              f"CLM chunked/current {c['step_s'] / clm:.3f}, SLM online chunked/current "
-              f"{med['slm_online+chunked']['step_s'] / med['slm_online']['step_s']:.3f}")
     ref_share = med["slm_online"]["ref_or_scoring_pass_s"] / med["clm"]["step_s"]
     print(f"reference pass = {ref_share:.3f} of a CLM step (FLOP model for a same-size reference: 2N/6N = 0.333)")
     payload = {

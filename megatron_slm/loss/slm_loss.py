@@ -1,5 +1,8 @@
 """The training pass's loss function: selective (SLM) or plain (CLM) token loss on the last pipeline stage.
 
+It receives the final hidden states and applies the output layer itself (fused with the cross-entropy), so the
+output layer's backward runs over the selected tokens only.
+
 Returns megatron-core's per-token-loss triple (sum of selected token losses, number selected, stats): with
 TransformerConfig.calculate_per_token_loss, finalize_model_grads all-reduces the count over data-parallel
 ranks and divides the gradients by it, which is exactly the paper's 1/(N*k%) normalisation over the
@@ -11,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from megatron_slm.loss.selection import TokenSelector
-from megatron_slm.loss.vocab_parallel_ce import selective_cross_entropy, vocab_parallel_token_loss
+from megatron_slm.loss.vocab_parallel_ce import head_logits, selective_head_cross_entropy, vocab_parallel_token_loss
 from megatron_slm.slm import excess_loss
 
 # Order of the summed statistics a loss call returns; the trainer reduces them over micro-batches and DP.
@@ -25,8 +28,10 @@ class SLMLoss:
     def __init__(self, loss_mode: str, selector: TokenSelector | None, vocab_size: int):
         self.loss_mode, self.selector, self.vocab_size = loss_mode, selector, vocab_size
 
-    def __call__(self, mb: dict, logits: torch.Tensor):
+    def __call__(self, mb: dict, weight: torch.Tensor, hidden: torch.Tensor):
+        """``weight``: this rank's output-layer shard [V/TP, H]; ``hidden``: final hidden states [b, s, H]."""
         labels, valid = mb["labels"], mb["loss_mask"] > 0
+        logits = head_logits(hidden, weight)  # no grad; the selected rows are kept for backward
         token_loss, lse = vocab_parallel_token_loss(logits, labels, vocab_size=self.vocab_size)
         if self.loss_mode == "clm":
             selected, excess, ref = valid, None, None
@@ -34,9 +39,11 @@ class SLMLoss:
             ref = mb["ref_loss"]
             excess = excess_loss(token_loss, ref)
             selected = self.selector(excess, valid, mb.get("selection")) & valid
-        per_token = selective_cross_entropy(
-            logits, labels, selected, vocab_size=self.vocab_size, token_loss=token_loss, logsumexp=lse
+        per_token = selective_head_cross_entropy(
+            hidden, weight, labels, selected, vocab_size=self.vocab_size, logits=logits, token_loss=token_loss,
+            logsumexp=lse,
         )
+        del logits
         num_selected = selected.sum()
         with torch.no_grad():
             validf, self_ = valid.double(), selected.double()

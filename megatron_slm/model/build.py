@@ -1,7 +1,7 @@
 """Llama/Mistral decoders on megatron-core's GPTModel, built for this rank's TP/PP slice.
 
 The model code is megatron-core's; this module only maps our ModelConfig to a TransformerConfig, picks
-the layer spec (TransformerEngine on GPU when importable, the local spec otherwise) and initialises
+the layer spec (TransformerEngine on GPU when importable, else the local spec with fused SDPA attention) and initialises
 weights so that the same seed gives the same full model under any TP/PP layout.
 """
 
@@ -70,7 +70,11 @@ def _layer_spec():
             return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
         except ImportError:
             pass
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    from megatron_slm.model.attention import SDPAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_model(m: ModelConfig, par: ParallelConfig, seed: int, params_dtype: torch.dtype = torch.float32):

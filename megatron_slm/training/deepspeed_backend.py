@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_slm.config import ConfigError
+from megatron_slm.model.head import output_weight
 
 
 class MegatronMPU:
@@ -135,8 +136,8 @@ class DeepSpeedBackend:
         total = max(expected_num_selected(micro_batches, scope, k), 1.0)
         outputs = []
         for mb in micro_batches:
-            logits = forward(self.engine, mb)
-            loss_sum, _, info = loss_fn(mb, logits)
+            hidden = forward(self.engine, mb)
+            loss_sum, _, info = loss_fn(mb, output_weight(self.engine), hidden)
             self.engine.backward(loss_sum * (self.dp_size / total), scale_wrt_gas=False)
             self.engine.step()  # applies the update only at the gradient-accumulation boundary
             outputs.append(info)

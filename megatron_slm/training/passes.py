@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import torch
 
-from megatron_slm.loss.vocab_parallel_ce import vocab_parallel_token_loss
+from megatron_slm.loss.vocab_parallel_ce import head_token_loss
+from megatron_slm.model.head import deferred_head, output_weight
 
 
 def model_forward(model, mb: dict) -> torch.Tensor:
-    """Logits shard [b, s, V/TP] on the last stage (hidden states elsewhere); causal mask built in."""
-    return model(mb["tokens"], mb["position_ids"], attention_mask=None, labels=None)
+    """Last stage: final hidden states [b, s, H], the loss applies the output layer. Causal mask built in."""
+    with deferred_head(model):
+        return model(mb["tokens"], mb["position_ids"], attention_mask=None, labels=None)
+
+
+@torch.no_grad()
+def token_losses(model, mb: dict, vocab_size: int) -> torch.Tensor:
+    """Per-token CE [b, s] (fp32) of a forward pass on the last stage; ``mb`` needs tokens, position_ids, labels."""
+    return head_token_loss(model_forward(model, mb), output_weight(model), mb["labels"], vocab_size=vocab_size)[0]
 
 
 @torch.no_grad()
@@ -33,7 +41,7 @@ def score_pass(model, micro_batches: list[dict], vocab_size: int) -> list[torch.
         output = model_forward(model_chunk, mb)
 
         def collect(output_tensor, non_loss_data=True):
-            return vocab_parallel_token_loss(output_tensor, mb["labels"], vocab_size=vocab_size)[0]
+            return head_token_loss(output_tensor, output_weight(model_chunk), mb["labels"], vocab_size=vocab_size)[0]
 
         return output, collect
 

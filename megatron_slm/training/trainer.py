@@ -19,6 +19,7 @@ from megatron_slm.config import Config, validate
 from megatron_slm.loss.selection import TokenSelector, select_global_batch
 from megatron_slm.loss.slm_loss import STAT_KEYS, SLMLoss
 from megatron_slm.model.build import build_model
+from megatron_slm.model.head import output_weight
 from megatron_slm.parallel import distributed
 from megatron_slm.slm import excess_loss
 from megatron_slm.training.metrics import MetricsLogger
@@ -160,7 +161,8 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
         mb = next(data_iterator)
-        return model_forward(model, mb), functools.partial(self.loss, mb)
+        weight = output_weight(model) if self.is_last_stage else None  # the loss runs on the last stage only
+        return model_forward(model, mb), functools.partial(self.loss, mb, weight)
 
     def prepare_selection(self, micro_batches: list[dict]) -> None:
         """Attach reference scores (online) and global-batch selection masks to the micro-batches."""

@@ -581,15 +581,13 @@ def _load_model(directory, vocab_size: int):
 
 @torch.no_grad()
 def _token_losses(model, cfg, windows: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
-    from megatron_slm.loss.vocab_parallel_ce import vocab_parallel_token_loss
-    from megatron_slm.training.passes import model_forward
+    from megatron_slm.training.passes import token_losses
 
     out = []
     for tokens, labels in windows:
         t = torch.tensor([tokens], dtype=torch.long)
-        mb = {"tokens": t, "position_ids": torch.arange(t.shape[1]).unsqueeze(0)}
-        logits = model_forward(model, mb)
-        out.append(vocab_parallel_token_loss(logits.float(), torch.tensor([labels]), vocab_size=cfg.vocab_size)[0][0])
+        mb = {"tokens": t, "position_ids": torch.arange(t.shape[1]).unsqueeze(0), "labels": torch.tensor([labels])}
+        out.append(token_losses(model, mb, cfg.vocab_size)[0])
     return out
 
 
