@@ -7,6 +7,10 @@
   micro-batch's valid tokens, loss = mean over the selected tokens (divided by the number of
   micro-batches), gradient accumulation over the same micro-batches, grad-norm clipping at 1.0, AdamW.
 
+``--ref-dtype bf16`` gives our reference bf16 weights (the naive one stays fp32); ``--bf16`` runs both in
+bf16 compute: ours in megatron-core's mixed precision (bf16 weights, fp32 master copy) with a bf16 reference,
+the naive one under ``torch.autocast(bf16)``.
+
 Speed: the two take turns step by step after a warm-up (rotating order); tokens/s from median step times.
 
 Memory, two measures (torch CPU allocations bypass tracemalloc, and the process RSS includes the import
@@ -23,6 +27,7 @@ footprint of each framework, so neither alone is fair):
 Targets: ours >= 1.5x the naive tokens/s, and lower memory.
 
     .venv/bin/python benchmarks/bench_naive.py                       # 4 layers, hidden 256, vocab 32000, seq 512
+    .venv/bin/python benchmarks/bench_naive.py --ref-dtype bf16      # our reference in bf16 (AMX/avx512-bf16 CPUs)
     .venv/bin/python benchmarks/bench_naive.py --layers 8 --hidden 512 --ffn 1408 --heads 8 --mbs 4 --gbs 16
 """
 
@@ -54,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--ref-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="our reference's dtype (the naive one stays fp32); bf16 is the default on GPU")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 compute for both: ours in megatron's bf16 mixed precision (fp32 master weights) with "
+                        "a bf16 reference, the naive one under torch.autocast(bf16) (fp32 weights)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--rss-child", choices=("ours", "naive"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -84,10 +94,11 @@ class Ours:
             model=dict(preset="tiny", vocab_size=a.vocab, num_layers=a.layers, hidden_size=a.hidden,
                        ffn_hidden_size=a.ffn, num_attention_heads=a.heads, num_query_groups=a.heads,
                        max_position_embeddings=max(1024, a.seq)),
+            reference=dict(dtype="bf16" if a.bf16 else a.ref_dtype),
             slm=dict(loss_mode="slm", reference_mode="online", slm_select_ratio=a.k, selection_scope="micro_batch"),
             train=dict(micro_batch_size=a.mbs, global_batch_size=a.gbs, seq_length=a.seq, train_iters=10**6,
                        lr=1e-4, min_lr=1e-5, lr_warmup_iters=0, log_interval=10**9, seed=3, clip_grad=1.0,
-                       weight_decay=0.1, bf16=False),
+                       weight_decay=0.1, bf16=a.bf16),
         ))
         self.trainer = Trainer(cfg)
         from megatron_slm.config import padded_vocab_size
@@ -130,7 +141,7 @@ class Naive:
         for p in self.ref.parameters():
             p.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-        self.k, self.V = a.k, a.vocab
+        self.k, self.V, self.bf16 = a.k, a.vocab, a.bf16
 
     def micro_loss(self, mb, n_micro: int):
         import torch
@@ -138,10 +149,12 @@ class Naive:
 
         labels = mb["labels"].reshape(-1)
         valid = mb["loss_mask"].reshape(-1) > 0
-        with torch.no_grad():
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+        with torch.no_grad(), autocast:
             ref_logits = self.ref(input_ids=mb["tokens"], position_ids=mb["position_ids"]).logits
-            ref_ce = F.cross_entropy(ref_logits.reshape(-1, self.V).float(), labels, reduction="none")
-        logits = self.policy(input_ids=mb["tokens"], position_ids=mb["position_ids"]).logits
+        ref_ce = F.cross_entropy(ref_logits.reshape(-1, self.V).float(), labels, reduction="none")
+        with autocast:
+            logits = self.policy(input_ids=mb["tokens"], position_ids=mb["position_ids"]).logits
         ce = F.cross_entropy(logits.reshape(-1, self.V).float(), labels, reduction="none")
         excess = torch.where(valid, ce.detach() - ref_ce, float("-inf"))
         n_sel = max(1, int(round(self.k * int(valid.sum()))))
@@ -243,8 +256,8 @@ def rss_child(a) -> None:
 
 def run_rss(a, which) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", which] + [
-        f"--{k}={getattr(a, k)}" for k in ("layers", "hidden", "ffn", "heads", "vocab", "seq", "mbs", "gbs", "k",
-                                             "threads")]
+        f"--{k.replace('_', '-')}={getattr(a, k)}" for k in ("layers", "hidden", "ffn", "heads", "vocab", "seq", "mbs", "gbs", "k",
+                                             "threads", "ref_dtype")] + (["--bf16"] if a.bf16 else [])
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(a.threads))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # set in this process by distributed.initialize; the child picks its own port
@@ -301,7 +314,7 @@ def main(argv=None) -> dict | None:
     paired = median([n / o for o, n in zip(times["ours"], times["naive"])])
     cpu_speedup = cpu["naive"] / cpu["ours"]
     print(f"\nours vs naive: layers={a.layers} hidden={a.hidden} ffn={a.ffn} heads={a.heads} vocab={a.vocab} seq={a.seq} "
-          f"mbs={a.mbs} gbs={a.gbs} k={a.k} | threads={a.threads} | warmup={a.warmup} reps={a.reps} interleaved, medians")
+          f"mbs={a.mbs} gbs={a.gbs} k={a.k} | {'bf16 compute (ours: megatron mixed precision, naive: autocast)' if a.bf16 else 'fp32, our reference ' + a.ref_dtype} | threads={a.threads} | warmup={a.warmup} reps={a.reps} interleaved, medians")
     rows = []
     for w in names:
         r = rss.get(w, {})

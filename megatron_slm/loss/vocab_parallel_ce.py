@@ -76,9 +76,12 @@ class _ShardStats:
             return
         x = x[:, :n_valid]
         j = i + x.shape[0]
-        m = x.amax(dim=-1).float()
+        # One block-sized fp32 temporary; bf16 is converted once up front (bf16 reductions are slow on CPU).
+        xf = x.float() if x.dtype != torch.float32 else None
+        m = (x if xf is None else xf).amax(dim=-1)
         self.max[i:j] = m
-        self.sum_exp[i:j] = (x - m.unsqueeze(-1)).exp_().sum(dim=-1)  # one block-sized fp32 temporary
+        e = x - m.unsqueeze(-1) if xf is None else xf.sub_(m.unsqueeze(-1))
+        self.sum_exp[i:j] = e.exp_().sum(dim=-1)
         owned = _owned(labels, start, n_valid)
         t = x.gather(-1, torch.where(owned, labels - start, 0).unsqueeze(-1)).squeeze(-1).float()
         self.target[i:j] = torch.where(owned, t, 0.0)
@@ -151,11 +154,13 @@ def head_token_loss(hidden, weight, labels, vocab_size=None, tp_group=None) -> t
 
 def _softmax_grad_blocks(rows, labels, lse, g, start, n_valid):
     """d(loss)/d(logits) of the selected rows ``[n_sel, V/TP]`` on the real columns, ``(softmax - onehot) * g``,
-    as fp32 blocks ``(i, j, grad of rows i:j)``: only one block-sized temporary exists at a time."""
+    as fp32 blocks ``(i, j, grad of rows i:j)``: only one block-sized temporary exists at a time. Consumes
+    ``rows`` (fp32 rows become their own gradient)."""
     step = _block_rows(n_valid, rows.device)
     for i in range(0, rows.shape[0], step):
         gi, lab = g[i:i + step], labels[i:i + step]
-        p = (rows[i:i + step, :n_valid].float() - lse[i:i + step].unsqueeze(-1)).exp_().mul_(gi.unsqueeze(-1))
+        # In place on fp32 rows (they are this function's own copy), else on one fp32 block temporary.
+        p = rows[i:i + step, :n_valid].float().sub_(lse[i:i + step].unsqueeze(-1)).exp_().mul_(gi.unsqueeze(-1))
         own = _owned(lab, start, n_valid).nonzero().squeeze(-1)
         p.index_put_((own, lab[own] - start), -gi[own], accumulate=True)
         yield i, i + p.shape[0], p
@@ -227,7 +232,8 @@ class SelectedHeadCrossEntropy(torch.autograd.Function):
         shape, dtype, start, n_valid = ctx.meta
         g = grad_output.reshape(-1).index_select(0, sel_idx).float()
         for i, j, p in _softmax_grad_blocks(logits_sel, lab_sel, lse_sel, g, start, n_valid):
-            logits_sel[i:j, :n_valid] = p  # the saved rows become their own gradient: no new [n_sel, V/TP]
+            if p.data_ptr() != logits_sel[i:j].data_ptr():  # (fp32 rows were updated in place)
+                logits_sel[i:j, :n_valid] = p  # the saved rows become their own gradient: no new [n_sel, V/TP]
         logits_sel[:, n_valid:] = 0
         grad_logits = logits_sel.to(weight.dtype)
         grad_hidden = grad_weight = None
