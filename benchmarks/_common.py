@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import multiprocessing as mp
 import os
-import pickle
 import platform
-import queue as queue_mod
 import statistics
 import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -107,11 +103,17 @@ class Timer:
         self.total = 0.0
 
     def wrap(self, fn):
+        import torch
+
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
         def timed(*a, **k):
+            sync()
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
+                sync()  # CUDA work is asynchronous: count it in the phase that queued it
                 self.total += time.perf_counter() - t0
 
         return timed
@@ -121,54 +123,8 @@ class Timer:
         return t
 
 
-# ----------------------------------------------------------------------------------------------
-# Forked ranks joined by gloo (the launch torchrun would do, without re-importing everything per rank)
-
-
-def _rank_main(rank, world, port, threads, q, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        q.put((rank, "ok", pickle.dumps(fn(*args))))
-    except BaseException:  # noqa: BLE001 - reported by the parent
-        q.put((rank, "error", traceback.format_exc()))
-    finally:
-        try:
-            from megatron_slm.parallel import distributed
-
-            distributed.destroy()
-        except Exception:  # noqa: BLE001
-            pass
-
-
 def run_ranks(fn, world: int, *args, threads: int = 1, timeout: float = 3600.0) -> list:
-    """``fn(*args)`` on ``world`` forked processes (RANK/WORLD_SIZE/MASTER_* set); each rank's result, in order."""
-    from megatron_slm.parallel.distributed import free_port
+    """``fn(*args)`` on ``world`` forked gloo ranks (RANK/WORLD_SIZE/MASTER_* set); each rank's result, in order."""
+    from megatron_slm.parallel.forked import run_forked
 
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, threads, q, fn, args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results, errors = {}, {}
-    try:
-        for _ in range(world):
-            rank, status, payload = q.get(timeout=timeout)
-            (results if status == "ok" else errors)[rank] = payload
-            if errors:
-                break
-    except queue_mod.Empty:
-        raise RuntimeError(f"ranks timed out after {timeout}s; finished: {sorted(results)}") from None
-    finally:
-        for p in procs:
-            p.join(timeout=10 if not errors else 1)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        r = min(errors)
-        raise RuntimeError(f"rank {r} failed:\n{errors[r]}")
-    return [pickle.loads(results[r]) for r in range(world)]
+    return run_forked(fn, world, *args, threads=threads, timeout=timeout)

@@ -112,11 +112,15 @@ def worker(a) -> dict | None:
     labels = torch.randint(0, a.vocab, (a.tokens,), generator=g)
     valid = torch.ones(a.tokens, dtype=torch.bool)
     sel = {"slm": top_k_mask(torch.randn(a.tokens, generator=g), valid, a.k), "slm_k1": valid}
+    dev = distributed.device()  # CUDA when there is a GPU
+    cuda = dev.type == "cuda"
+    base32, labels, valid = base32.to(dev), labels.to(dev), valid.to(dev)
+    sel = {k: v.to(dev) for k, v in sel.items()}
     sel["head_slm"] = sel["slm"]
     names = variants(a)
     if a.hidden:
-        hidden0 = torch.randn(a.tokens, a.hidden, generator=g)
-        weight0 = (torch.randn(a.vocab, a.hidden, generator=g) * a.hidden ** -0.5)[tp_rank * part:(tp_rank + 1) * part]
+        hidden0 = torch.randn(a.tokens, a.hidden, generator=g).to(dev)
+        weight0 = (torch.randn(a.vocab, a.hidden, generator=g) * a.hidden ** -0.5)[tp_rank * part:(tp_rank + 1) * part].to(dev)
     leaves = {}
 
     def run(variant, logits):
@@ -163,16 +167,24 @@ def worker(a) -> dict | None:
     def one(variant, base):
         x = fresh_inputs(variant, base)
         dist.barrier()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            mem0 = torch.cuda.memory_allocated()
         have_peak = _reset_peak()
         rss0 = _rss_kib("VmRSS")
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         c0, t0 = time.process_time(), time.perf_counter()
         loss = run(variant, x)
         loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         peak = (_rss_kib("VmHWM") - rss0) * 1024 if have_peak and rss0 is not None else float("nan")
-        t = torch.tensor([dt, cpu], dtype=torch.float64)
+        if cuda:  # the peak of GPU memory above what was allocated before the call
+            peak = float(torch.cuda.max_memory_allocated() - mem0)
+        t = torch.tensor([dt, cpu], dtype=torch.float64, device=dev)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a TP step is as slow as its slowest rank
         del x, loss
         return float(t[0]), float(t[1]), float(peak), faults
@@ -273,7 +285,7 @@ def main(argv=None) -> dict:
                           "peak_rss_increase_bytes": peak, "logits_bytes_per_rank": r["logits_bytes"],
                           "all_s": {v: [round(x, 5) for x in r["times"][v]] for v in names}}
     print(table(["dtype", "variant", "fwd+bwd ms", "x base", "x base paired", "x base CPU", "saved MiB",
-                 "saved x base", "peak RSS+ MiB", "page faults k"], rows))
+                 "saved x base", "peak mem+ MiB", "page faults k"], rows))
     for dname, t in targets.items():
         tt, mm = t["time_slm_over_megatron"], t["saved_bytes_slm_over_megatron"]
         print(f"[{dname}] target time slm/megatron <= {TIME_TARGET}: {tt['value']:.3f} (paired {tt['paired_value']:.3f},"

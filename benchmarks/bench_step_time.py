@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per variant")
     p.add_argument("--reps", type=int, default=9, help="timed steps per variant (interleaved)")
     p.add_argument("--bf16", action="store_true", help="bf16 policy and reference (GPU runs)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense peak TFLOP/s for MFU (default on CUDA: 989 = H100/H200 bf16 dense)")
     p.add_argument("--ref-dtype", choices=("fp32", "bf16"), default=None,
                    help="online reference dtype (default: bf16 with --bf16, else fp32)")
     return p.parse_args(argv)
@@ -82,6 +84,18 @@ def make_config(a, variant: str):
         train=dict(micro_batch_size=a.mbs, global_batch_size=a.gbs, seq_length=a.seq, train_iters=10**6,
                    lr=1e-4, min_lr=1e-5, lr_warmup_iters=0, log_interval=10**9, seed=7, bf16=bool(a.bf16)),
     ))
+
+
+def train_flops_per_token(a) -> float:
+    """Model FLOPs of one training token (forward + backward = 3 x forward; the reference is not counted).
+
+    Forward per layer: 2 x the matmul weights (QKV with GQA, output projection, SwiGLU's three) plus
+    4 x seq x hidden for the attention scores and the weighted sum (full square, Megatron's convention);
+    plus the output layer, 2 x hidden x vocab."""
+    head_dim = a.hidden // a.heads
+    linear = a.hidden * (a.hidden + 2 * a.groups * head_dim) + a.hidden * a.hidden + 3 * a.hidden * a.ffn
+    forward = a.layers * (2 * linear + 4 * a.seq * a.hidden) + 2 * a.hidden * a.vocab
+    return 3.0 * forward
 
 
 def synthetic_batch(a, step: int, dp_rank: int, dp_size: int) -> list[dict]:
@@ -205,12 +219,23 @@ def main(argv=None) -> dict:
                                      "target_max": limit, "met": ok}
         print(f"target {v}/CLM <= {limit:.2f}: {ratios[v]:.3f} wall (paired {paired[v]:.3f}, CPU time "
               f"{cpu_ratios[v]:.3f}) -> {verdict(ok)}")
+    peak = a.peak_tflops or (989.0 if torch.cuda.is_available() else None)
+    flops = train_flops_per_token(a) * tokens
+    mfu = {}
+    for v in names:
+        tflops = flops / med[v]["step_s"] / 1e12 / a.nproc  # per device
+        mfu[v] = {"model_tflops_per_device": tflops, "mfu": tflops / peak if peak else None}
+    print("model TFLOP/s per device (6N + attention per token, the reference not counted): " + ", ".join(
+        f"{v} {m['model_tflops_per_device']:.3g}" + (f" (MFU {m['mfu']:.1%} of {peak:g})" if peak else "")
+        for v, m in mfu.items()))
+    print(f"SLM online tokens/s = {1 / ratios['slm_online']:.3f} x CLM's")
     ref_share = med["slm_online"]["ref_or_scoring_pass_s"] / med["clm"]["step_s"]
     print(f"reference pass = {ref_share:.3f} of a CLM step (FLOP model for a same-size reference: 2N/6N = 0.333)")
     payload = {
         "bench": "step_time", "args": vars(a), "machine": info, "medians": med, "ratios_over_clm": ratios,
         "paired_ratios_over_clm": paired,
-        "cpu_time_ratios_over_clm": cpu_ratios, "targets": targets, "reference_pass_over_clm_step": ref_share,
+        "cpu_time_ratios_over_clm": cpu_ratios, "targets": targets, "mfu": mfu, "peak_tflops": peak,
+        "train_flops_per_token": train_flops_per_token(a), "reference_pass_over_clm_step": ref_share,
         "tokens_per_step": tokens, "params_per_replica": res["params_per_replica"], "dp": res["dp"],
         "wall_s": time.perf_counter() - t_start,
     }

@@ -31,7 +31,7 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
     from megatron.core import parallel_state as ps
 
     from megatron_slm.cli import check_inputs, dataset_sizes
-    from megatron_slm.data.batches import micro_batches
+    from megatron_slm.data.batches import micro_batches, to_device
     from megatron_slm.data.datasets import build_datasets, dataset_config, parse_blend
     from megatron_slm.data.errors import DataError
     from megatron_slm.data.scores import default_scores_prefix
@@ -71,7 +71,7 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
     done = 0
     while (parts / f"step{done:08d}-dp{dp_rank}.pt").exists():
         done += 1
-    start = torch.tensor(done)
+    start = torch.tensor(done, device=distributed.device())  # NCCL reduces device tensors only
     dist.all_reduce(start, op=dist.ReduceOp.MIN)
     start = int(start)
     if start:
@@ -79,14 +79,14 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
 
     t0, tokens = time.perf_counter(), 0
     for step in range(start, tr.train_iters):
-        mbs = micro_batches(train, step, G, b, dp_rank, dp_size)
+        mbs = to_device(micro_batches(train, step, G, b, dp_rank, dp_size))
         scores = score_pass(reference, mbs, cfg.model.vocab_size)
         if writer:
             pmbs = micro_batches(positions, step, G, b, dp_rank, dp_size)
             part = {
                 "dataset_id": torch.cat([p.get("dataset_id", torch.zeros(p["label_positions"].shape[0], dtype=torch.long)) for p in pmbs]),
                 "label_positions": torch.cat([p["label_positions"] for p in pmbs]),
-                "scores": torch.cat(scores).float(),
+                "scores": torch.cat(scores).float().cpu(),
             }
             path = parts / f"step{step:08d}-dp{dp_rank}.pt"
             torch.save(part, f"{path}.tmp")

@@ -54,3 +54,15 @@ def test_demo_corpus_builds_indexed_datasets_equal_to_sentencepiece(tmp_path):
     assert not decoded["math_train"] & decoded["math_ref_train"]
     assert decoded["general"] <= set(texts["general"]) and not decoded["general"] & set(texts["math"])
     assert 0.45 <= summary["math_fraction_of_policy_data"] <= 0.65
+
+
+def test_to_device_moves_tensors_in_place():
+    """Micro-batches reach the model's device (CUDA on GPU); the caller's dicts see the moved tensors."""
+    from megatron_slm.data.batches import to_device
+
+    mbs = [{"tokens": torch.arange(6).view(2, 3), "name": "x"}, {"tokens": torch.zeros(2, 3)}]
+    same = [id(mb) for mb in mbs]
+    out = to_device(mbs, torch.device("meta"))
+    assert out is mbs and [id(mb) for mb in mbs] == same
+    assert all(mb["tokens"].device.type == "meta" for mb in mbs) and mbs[0]["name"] == "x"
+    assert to_device(mbs, torch.device("meta"))[0]["tokens"] is mbs[0]["tokens"]  # already there: untouched

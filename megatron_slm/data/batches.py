@@ -27,3 +27,17 @@ def micro_batches(samples, step: int, global_batch_size: int, micro_batch_size: 
         items = [samples[i] for i in range(start, start + micro_batch_size)]
         batches.append({k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]})
     return batches
+
+
+def to_device(mbs: list[dict], device: torch.device | None = None) -> list[dict]:
+    """Moves every tensor of the micro-batches to ``device`` (default: this rank's, CUDA or CPU), in place:
+    the same dicts, so fields added later (reference scores, selections) stay visible to the caller."""
+    if device is None:
+        from megatron_slm.parallel.distributed import device as rank_device
+
+        device = rank_device()
+    for mb in mbs:
+        for k, v in mb.items():
+            if isinstance(v, torch.Tensor) and v.device != device:
+                mb[k] = v.to(device, non_blocking=True)
+    return mbs

@@ -47,12 +47,13 @@ class SLMLoss:
         num_selected = selected.sum()
         with torch.no_grad():
             validf, self_ = valid.double(), selected.double()
+            zero = torch.zeros((), dtype=torch.float64, device=token_loss.device)
             stats = [
                 (token_loss.double() * self_).sum(), num_selected.double(),
                 (token_loss.double() * validf).sum(), validf.sum(),
-                (ref.double() * validf).sum() if ref is not None else torch.zeros((), dtype=torch.float64),
-                (excess.double() * self_).sum() if excess is not None else torch.zeros((), dtype=torch.float64),
-                (excess.double() * (validf - self_)).sum() if excess is not None else torch.zeros((), dtype=torch.float64),
+                (ref.double() * validf).sum() if ref is not None else zero,
+                (excess.double() * self_).sum() if excess is not None else zero,
+                (excess.double() * (validf - self_)).sum() if excess is not None else zero,
             ]
         details = {"selected": selected.detach(), "token_loss": token_loss, "ref_loss": ref}
         return per_token.sum(), num_selected.int(), {"stats": torch.stack(stats), **details}

@@ -26,12 +26,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 # Working-set budget of one block: small on CPU (caches, no fresh mmap), large on GPU (few kernel launches).
-_BLOCK_BYTES = {"cpu": 4 << 20, "cuda": 1 << 30}
+_BLOCK_BYTES = {"cpu": 2 << 20, "cuda": 1 << 30}
 _HEAD_BLOCK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}  # a matmul block wants more rows
 
 
 def _block_rows(cols: int, device: torch.device, budget=_BLOCK_BYTES) -> int:
-    return max(16, budget.get(device.type, budget["cuda"]) // (4 * max(cols, 1)))
+    return max(8, budget.get(device.type, budget["cuda"]) // (4 * max(cols, 1)))
 
 
 def _resolve_group(tp_group):

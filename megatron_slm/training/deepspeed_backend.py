@@ -82,18 +82,22 @@ def expected_num_selected(micro_batches: list[dict], scope: str | None, k: float
 
     from megatron_slm.slm import num_selected
 
-    group = ps.get_data_parallel_group()
+    from megatron_slm.parallel.distributed import device
+
+    group, dev = ps.get_data_parallel_group(), device()  # NCCL reduces device tensors only
     valid = [(mb["loss_mask"] > 0) for mb in micro_batches]
     if scope is None:  # CLM: every valid token
-        total = torch.tensor(float(sum(int(v.sum()) for v in valid)), dtype=torch.float64)
+        total = torch.tensor(float(sum(int(v.sum()) for v in valid)), dtype=torch.float64, device=dev)
         dist.all_reduce(total, group=group)
         return float(total)
     if scope == "sequence":
-        count = torch.tensor(float(sum(int(num_selected(v.sum(-1), k).sum()) for v in valid)), dtype=torch.float64)
+        count = torch.tensor(float(sum(int(num_selected(v.sum(-1), k).sum()) for v in valid)), dtype=torch.float64,
+                             device=dev)
         dist.all_reduce(count, group=group)
         return float(count)
-    per_mb = torch.tensor([float(v.sum()) for v in valid], dtype=torch.float64)
+    per_mb = torch.tensor([float(v.sum()) for v in valid], dtype=torch.float64, device=dev)
     dist.all_reduce(per_mb, group=group)  # micro-batch i summed over DP ranks
+    per_mb = per_mb.cpu()
     if scope == "micro_batch":
         return float(num_selected(per_mb, k).sum())
     return float(num_selected(per_mb.sum(), k))  # global_batch (exact), threshold (expected)

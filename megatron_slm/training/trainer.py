@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_slm.config import Config, validate
+from megatron_slm.data.batches import to_device
 from megatron_slm.loss.selection import TokenSelector, select_global_batch
 from megatron_slm.loss.slm_loss import STAT_KEYS, SLMLoss
 from megatron_slm.model.build import build_model
@@ -189,6 +190,7 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         start = time.perf_counter()
+        to_device(micro_batches)
         self.prepare_selection(micro_batches)
         if self.ds is not None:
             scope = self.cfg.slm.selection_scope if self.slm else None
@@ -228,13 +230,13 @@ class Trainer:
         """Selected and valid tokens per blended dataset, accumulated over the run (last stage, all DP)."""
         if not (self.slm and self.is_last_stage and "dataset_id" in micro_batches[0]):
             return
-        counts = torch.zeros(2, self.num_datasets, dtype=torch.float64)
+        counts = torch.zeros(2, self.num_datasets, dtype=torch.float64, device=distributed.device())
         for o, mb in zip(outputs, micro_batches):
             ids = mb["dataset_id"].long()
             counts[0].index_add_(0, ids, o["selected"].sum(-1).double())
             counts[1].index_add_(0, ids, (mb["loss_mask"] > 0).sum(-1).double())
         dist.all_reduce(counts, group=self.ps.get_data_parallel_group())
-        self.selection_by_dataset += counts
+        self.selection_by_dataset += counts.cpu()
 
     def selected_fraction_by_dataset(self) -> list[float] | None:
         if self.selection_by_dataset is None or not self.selection_by_dataset[1].sum():
@@ -264,10 +266,10 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, micro_batches: list[dict]) -> float | None:
         """Mean policy CE over all valid tokens (plain LM loss), on every rank of the last stage."""
-        scores = score_pass(self.policy_module, micro_batches, self.cfg.model.vocab_size)
+        scores = score_pass(self.policy_module, to_device(micro_batches), self.cfg.model.vocab_size)
         if scores is None:
             return None
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=distributed.device())
         for s, mb in zip(scores, micro_batches):
             valid = (mb["loss_mask"] > 0).double()
             sums += torch.stack([(s.double() * valid).sum(), valid.sum()])
@@ -313,7 +315,8 @@ class Trainer:
 
     def _stop_requested(self) -> str | None:
         """The stop signal any rank received, agreed on every rank (a signal may reach them at different steps)."""
-        number = torch.tensor([float(signal.Signals[self.stop_signal].value) if self.stop_signal else 0.0])
+        number = torch.tensor([float(signal.Signals[self.stop_signal].value) if self.stop_signal else 0.0],
+                              device=distributed.device())  # NCCL reduces device tensors only
         dist.all_reduce(number, op=dist.ReduceOp.MAX)
         return signal.Signals(int(number.item())).name if number.item() else None
 
@@ -331,9 +334,9 @@ class Trainer:
             for r in range(mb["tokens"].shape[0]):
                 if len(rows) < tr.selection_dump_sequences:
                     rows.append({
-                        "tokens": mb["tokens"][r].clone(), "labels": mb["labels"][r].clone(),
-                        "loss_mask": mb["loss_mask"][r].clone(), "policy_loss": d["token_loss"][r].clone(),
-                        "ref_loss": d["ref_loss"][r].clone(), "selected": d["selected"][r].clone(),
+                        "tokens": mb["tokens"][r].cpu(), "labels": mb["labels"][r].cpu(),
+                        "loss_mask": mb["loss_mask"][r].cpu(), "policy_loss": d["token_loss"][r].cpu(),
+                        "ref_loss": d["ref_loss"][r].cpu(), "selected": d["selected"][r].cpu(),
                     })
         out = Path(self.cfg.checkpoint.save) / "selection_dumps"
         out.mkdir(parents=True, exist_ok=True)

@@ -581,13 +581,14 @@ def _load_model(directory, vocab_size: int):
 
 @torch.no_grad()
 def _token_losses(model, cfg, windows: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+    from megatron_slm.data.batches import to_device
     from megatron_slm.training.passes import token_losses
 
     out = []
     for tokens, labels in windows:
         t = torch.tensor([tokens], dtype=torch.long)
         mb = {"tokens": t, "position_ids": torch.arange(t.shape[1]).unsqueeze(0), "labels": torch.tensor([labels])}
-        out.append(token_losses(model, mb, cfg.vocab_size)[0])
+        out.append(token_losses(model, to_device([mb])[0], cfg.vocab_size)[0].cpu())
     return out
 
 

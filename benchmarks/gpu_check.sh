@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU checks of the benchmarks issue in one short run on a lent H100/H200 (the device tool), prepared on
+# a CPU machine so that a session with a GPU spends its minutes measuring. Not yet run on a GPU.
+#
+#   here, once (CPU machine with PyPI):   bash benchmarks/gpu_check.sh fetch
+#   there (one device call, carry .whl):  bash benchmarks/gpu_check.sh run
+#
+# The GPU machine has python3 with torch, numpy, pyyaml, psutil and sentencepiece but no registry:
+# megatron-core travels as a wheel in .whl/ (git-ignored), the project as its source tree (PYTHONPATH).
+# Without TransformerEngine the model uses megatron-core's local layer spec with fused SDPA attention.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+fetch)
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    -d .whl megatron-core==0.16.1
+  ls -la .whl
+  ;;
+run)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+  out=${OUT:-/tmp/gpu_check}
+  mkdir -p "$out"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+  # 1. ~1B Llama (TinyLlama-1.1B's shape) at sequence 2048 in bf16 on one GPU (NCCL, one rank): CLM, SLM with
+  #    the online bf16 reference and SLM with offline scores; tokens/s and MFU.
+  timeout 300 python3 benchmarks/bench_step_time.py --bf16 --layers 22 --hidden 2048 --ffn 5632 --heads 32 \
+    --groups 4 --vocab 32000 --seq 2048 --mbs 1 --gbs 8 --warmup 2 --reps 5 2>&1 | tee "$out/step_time_1b.log"
+  # 2. The selective CE (and fused head) vs megatron-core's on CUDA: 8192 tokens x 32000 vocab.
+  timeout 200 python3 benchmarks/bench_selective_ce.py --tokens 8192 --hidden 2048 --warmup 3 --reps 10 2>&1 \
+    | tee "$out/selective_ce.log"
+  ;;
+*)
+  echo "usage: bash benchmarks/gpu_check.sh fetch|run" >&2
+  exit 2
+  ;;
+esac
