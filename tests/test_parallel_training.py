@@ -1,7 +1,8 @@
 """Multi-process training steps (gloo, forked ranks) against single-process and plain-torch truths.
 
 - TP=2, PP=2 and TP=2 x PP=2 give the losses, gathered gradients and updated weights of TP=1 PP=1.
-- TP=1 PP=1 gradients equal plain autograd of sum(F.cross_entropy * selected) / num_selected.
+- TP=1 PP=1 gradients equal plain autograd of sum(F.cross_entropy * selected) / num_selected, untied and tied
+  embeddings (tied also at TP=2 x PP=2).
 - The reference is bitwise unchanged, has no gradients, no optimizer state and no DDP buffer.
 - Every selection scope equals a plain single-process implementation over gathered scores;
   masked tokens are never selected; k=1.0 equals CLM; global-batch selection is DP-invariant.
@@ -17,10 +18,10 @@ from megatron_slm.config import load_config
 VOCAB, EOD, SEQ, MBS = 96, 0, 16, 2  # vocab 96 pads to 128: padded logits must be ignored
 
 
-def make_config(tp=1, pp=1, gbs=8, **slm):
+def make_config(tp=1, pp=1, gbs=8, tied=False, **slm):
     return load_config(overrides=dict(
         model=dict(preset="tiny", vocab_size=VOCAB, num_layers=4, hidden_size=32, ffn_hidden_size=64,
-                   num_attention_heads=4, num_query_groups=2),
+                   num_attention_heads=4, num_query_groups=2, untie_embeddings_and_output_weights=not tied),
         reference=dict(model=dict(num_layers=2, hidden_size=48, ffn_hidden_size=96)),  # a different shape
         parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
         slm=dict(dict(slm_select_ratio=0.6, selection_scope="micro_batch"), **slm),
@@ -64,13 +65,13 @@ def _scalars(history):
 # Layout equivalence
 
 
-def _layout_worker(tp, pp):
+def _layout_worker(tp, pp, tied=False):
     import torch.distributed as dist
 
     from megatron_slm.model.build import gather_full
     from megatron_slm.training.trainer import Trainer
 
-    trainer = Trainer(make_config(tp, pp))
+    trainer = Trainer(make_config(tp, pp, tied=tied))
     ref_before = [p.detach().clone() for p in trainer.reference.parameters()]
     manual = _manual_grads(trainer) if tp * pp == 1 else None
     history = run_steps(trainer, 1, 8)
@@ -157,6 +158,21 @@ def test_single_process_gradient_equals_plain_autograd_of_the_slm_loss(layout_re
     assert res["scalars"][0]["grad_norm"] == pytest.approx(norm, rel=1e-5)
     clip = min(1.0, 1.0 / (norm + 1e-6))  # megatron clips the gradient in place to clip_grad=1.0
     _assert_close_dicts({k: g * clip for k, g in res["manual"].items()}, res["grads0"])
+
+
+def test_tied_embeddings_match_single_process_and_plain_autograd():
+    """Tied input/output embeddings: the fused head's weight gradient joins the embedding's (PP=1) or is
+    all-reduced with the first stage's copy (PP=2); both equal plain autograd of the SLM loss."""
+    single, par = (run_distributed(_layout_worker, tp * pp, tp, pp, True)[-1] for tp, pp in [(1, 1), (2, 2)])
+    assert "output_layer.weight" not in single["grads0"] and "embedding.word_embeddings.weight" in single["grads0"]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in single["manual"].values())).item()
+    clip = min(1.0, 1.0 / (norm + 1e-6))
+    _assert_close_dicts({k: g * clip for k, g in single["manual"].items()}, single["grads0"])
+    for s, p in zip(single["scalars"], par["scalars"]):
+        for k in s:
+            assert p[k] == pytest.approx(s[k], rel=1e-5, abs=1e-6), k
+    _assert_close_dicts(single["grads"], par["grads"])
+    _assert_close_dicts(single["params"], par["params"])
 
 
 def test_reference_is_frozen_and_holds_no_optimizer_state(layout_results):
