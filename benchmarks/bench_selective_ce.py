@@ -18,6 +18,10 @@ With ``--hidden H`` (default 256; 0 skips) the output layer joins in, timed on a
                        ``selective_head_cross_entropy`` at k, whose backward runs both matmuls over the
                        selected rows only.
 
+Each variant's ratios (``x base``) are against its own baseline: ``megatron`` for the logits-level variants,
+``head_megatron`` for the head variants. On CUDA the tensors live on the GPU, timings are synchronised and
+the peak is GPU memory above what was allocated before the call.
+
 Memory kept for backward (primary measure): the bytes of the distinct storages packed by
 ``torch.autograd.graph.saved_tensors_hooks`` during the forward; a saved view counts its whole storage,
 since that is what stays alive. Secondary: peak RSS increase of the process during one forward+backward
