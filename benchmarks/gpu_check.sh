@@ -23,6 +23,9 @@ run)
   out=${OUT:-/tmp/gpu_check}
   mkdir -p "$out"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+  # 0. Correctness on CUDA first: the fused head and one NCCL training step against plain autograd.
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/loss/test_selective_head.py \
+    tests/test_parallel_training.py -k cuda 2>&1 | tee "$out/cuda_tests.log" || true  # the benchmarks run anyway
   # 1. ~1B Llama (TinyLlama-1.1B's shape) at sequence 2048 in bf16 on one GPU (NCCL, one rank): CLM, SLM with
   #    the online bf16 reference and SLM with offline scores; tokens/s and MFU.
   timeout 300 python3 benchmarks/bench_step_time.py --bf16 --layers 22 --hidden 2048 --ffn 5632 --heads 32 \

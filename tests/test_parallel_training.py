@@ -22,13 +22,13 @@ def make_config(tp=1, pp=1, gbs=8, tied=False, **slm):
     return load_config(overrides=dict(
         model=dict(preset="tiny", vocab_size=VOCAB, num_layers=4, hidden_size=32, ffn_hidden_size=64,
                    num_attention_heads=4, num_query_groups=2, untie_embeddings_and_output_weights=not tied),
-        reference=dict(model=dict(num_layers=2, hidden_size=48, ffn_hidden_size=96)),  # a different shape
+        reference=dict(model=dict(num_layers=2, hidden_size=48, ffn_hidden_size=96), dtype="fp32"),  # another shape
         parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
         slm=dict(dict(slm_select_ratio=0.6, selection_scope="micro_batch"), **slm),
         # adam_eps well above round-off: Adam's first step is lr * sign(g) for |g| << eps, which would turn
         # 1e-9 reduction-order noise in near-zero gradients into lr-sized weight differences between layouts.
         train=dict(micro_batch_size=MBS, global_batch_size=gbs, seq_length=SEQ, train_iters=10, lr=1e-2,
-                   lr_warmup_iters=0, log_interval=1000, seed=11, adam_eps=1e-4, clip_grad=1.0),
+                   lr_warmup_iters=0, log_interval=1000, seed=11, adam_eps=1e-4, clip_grad=1.0, bf16=False),
     ))
 
 
@@ -106,7 +106,9 @@ def _manual_grads(trainer):
     from test_slm import plain_top_k
 
     model, ref = trainer.policy_module, trainer.reference
-    mbs = my_micro_batches(0, 8, 0, 1)
+    from megatron_slm.data.batches import to_device
+
+    mbs = to_device(my_micro_batches(0, 8, 0, 1))
     params = [p for p in model.parameters()]
     losses, counts = [], 0
     for mb in mbs:
@@ -173,6 +175,23 @@ def test_tied_embeddings_match_single_process_and_plain_autograd():
             assert p[k] == pytest.approx(s[k], rel=1e-5, abs=1e-6), k
     _assert_close_dicts(single["grads"], par["grads"])
     _assert_close_dicts(single["params"], par["params"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+def test_cuda_training_step_equals_plain_autograd():
+    """The CUDA/NCCL path (one rank, in this process): step 0's gradient equals plain autograd, the reference
+    stays frozen. Run it alone (-k cuda): later tests fork ranks, which a CUDA-initialised process cannot."""
+    from megatron_slm.parallel import distributed
+
+    try:
+        res = _layout_worker(1, 1)
+    finally:
+        distributed.destroy()
+    assert all(res["checks"].values()), res["checks"]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in res["manual"].values())).item()
+    assert res["scalars"][0]["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    clip = min(1.0, 1.0 / (norm + 1e-6))
+    _assert_close_dicts({k: g * clip for k, g in res["manual"].items()}, res["grads0"])
 
 
 def test_reference_is_frozen_and_holds_no_optimizer_state(layout_results):

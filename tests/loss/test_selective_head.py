@@ -131,3 +131,20 @@ def test_backward_pays_for_selected_tokens_only():
     assert r["fused_flops"] == pytest.approx(r["k"] * r["full_flops"], rel=0.01), r
     assert r["fused_saved"] <= r["k"] * r["logits_bytes"] * 1.2 + 4096, r
     assert r["dense_saved"] >= r["logits_bytes"], r
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+def test_cuda_matches_linear_plus_cross_entropy():
+    """The same comparison on CUDA tensors, one process (TP=1, no process group)."""
+    for i, (name, shape, vocab, dtype) in enumerate(CASES):
+        hidden, weight, labels, mask, scale = (t.cuda() for t in _make(shape, vocab, seed=7 + i))
+        weight = weight.to(dtype)
+        ce, h_grad, w_grad = _truth(hidden, weight, labels, vocab, scale * mask)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = vpce.selective_head_cross_entropy(h, w, labels, mask, vocab_size=vocab)
+        (loss * scale).sum().backward()
+        scored, _ = vpce.head_token_loss(hidden, weight, labels, vocab_size=vocab)
+        tol = 3e-2 if dtype == torch.bfloat16 else 2e-5
+        ref = max(h_grad.abs().max().item(), w_grad.abs().max().item())
+        assert _err(loss, ce * mask) < tol and _err(scored, ce) < tol, name
+        assert _err(h.grad, h_grad) < tol * ref and _err(w.grad, w_grad) < tol * ref, name
