@@ -62,10 +62,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def variants(a) -> list[str]:
-    return list(VARIANTS)
-
-
 def make_config(a, variant: str):
     from megatron_slm.config import load_config
 
@@ -152,7 +148,7 @@ def worker(a) -> dict | None:
         slowest[3] = float(sum(float(y[3]) for y in gathered))  # CPU time: all ranks' work together
         return slowest
 
-    names = variants(a)
+    names = list(VARIANTS)
     for i in range(a.warmup):
         for v in names:
             step(v, i)
@@ -184,7 +180,7 @@ def main(argv=None) -> dict:
     else:
         res = run_ranks(worker, a.nproc, a, threads=a.threads)[0]
 
-    names = variants(a)
+    names = list(VARIANTS)
     med = {}
     for v in names:
         s = res["samples"][v]
