@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_slm.errors import CheckpointError
+
 MODEL_META = "slm_model.json"
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest_checkpointed_iteration.txt"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not fit the model; the message names the fix."""
 
 
 def _barrier():

@@ -11,16 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_slm.config import ConfigError, add_override_arguments, load_config, validate
-
-
-def _user_errors():
-    from megatron_slm.checkpoint import CheckpointError
-    from megatron_slm.data.errors import DataError
-    from megatron_slm.convert import ConvertError
-    from megatron_slm.data.tokenizer import TokenizerError
-
-    return (ConfigError, CheckpointError, DataError, TokenizerError, ConvertError)
+from megatron_slm.config import add_override_arguments, load_config, validate
+from megatron_slm.errors import SLMError
 
 
 def check_inputs(cfg):
@@ -29,7 +21,7 @@ def check_inputs(cfg):
     Returns the data's TokenInfo and, for offline SLM, the validated score sidecars."""
     from megatron_slm.checkpoint import weights_vocab
     from megatron_slm.data.datasets import parse_blend, token_info
-    from megatron_slm.data.errors import DataError
+    from megatron_slm.errors import DataError
 
     fingerprint = None
     if cfg.data.tokenizer_model:
@@ -172,7 +164,7 @@ def main(argv=None) -> int:
         if args.command == "check-config":
             return _check_main(args)
         return demo.main(args)
-    except _user_errors() as exc:
+    except SLMError as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 2

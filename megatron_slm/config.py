@@ -18,9 +18,9 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_slm.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message lists each problem and how to fix it."""
+
 
 
 @dataclass

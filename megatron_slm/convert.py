@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from megatron_slm.config import ModelConfig
+from megatron_slm.errors import CheckpointError, ConvertError, SLMError
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -44,8 +45,6 @@ HF_SOURCE = "hf_source.json"  # sidecar in a converted checkpoint: the original 
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
-class ConvertError(RuntimeError):
-    """An input or output the converter cannot use; the message says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,7 +481,7 @@ def _build(m: ModelConfig):
 
 def _load_checkpoint(model, ckpt_dir: str, m: ModelConfig) -> None:
     """checkpoint.load_model_weights, with torch DCP's read failures (a BaseException) as CheckpointError."""
-    from megatron_slm.checkpoint import CheckpointError, load_model_weights
+    from megatron_slm.checkpoint import load_model_weights
 
     try:
         load_model_weights(model, ckpt_dir, expected_vocab=m.vocab_size)
@@ -572,7 +571,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool
     checkpoints without the ``hf_source.json`` that ``hf_to_megatron`` leaves (e.g. a trained policy).
     """
     from megatron_slm import checkpoint
-    from megatron_slm.checkpoint import CheckpointError, read_model_meta
+    from megatron_slm.checkpoint import read_model_meta
 
     path = Path(ckpt_dir)
     if not path.exists():
@@ -731,9 +730,6 @@ def main(argv=None) -> int:
             hf_logging.set_verbosity_error()
         except ImportError:
             pass
-    from megatron_slm.checkpoint import CheckpointError
-    from megatron_slm.config import ConfigError
-
     try:
         if args.command == "hf-to-megatron":
             if args.verify_seq_len < 1:
@@ -742,7 +738,7 @@ def main(argv=None) -> int:
                            verify_seq_len=args.verify_seq_len)
         else:
             megatron_to_hf(args.input, args.output, dtype=args.dtype, force=args.force, hf_config=args.hf_config)
-    except (ConvertError, CheckpointError, ConfigError) as exc:
+    except SLMError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     return 0

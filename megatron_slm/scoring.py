@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_slm.config import ConfigError, validate
+from megatron_slm.config import validate
+from megatron_slm.errors import ConfigError
 
 
 def _print(msg: str) -> None:
@@ -33,7 +34,7 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
     from megatron_slm.cli import check_inputs, dataset_sizes
     from megatron_slm.data.batches import micro_batches, to_device
     from megatron_slm.data.datasets import build_datasets, dataset_config, parse_blend
-    from megatron_slm.data.errors import DataError
+    from megatron_slm.errors import DataError
     from megatron_slm.data.scores import default_scores_prefix
     from megatron_slm.parallel import distributed
     from megatron_slm.training.passes import score_pass
@@ -156,12 +157,12 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite existing sidecars")
     add_override_arguments(p)
     args = p.parse_args(argv)
-    from megatron_slm.cli import _user_errors
+    from megatron_slm.errors import SLMError
 
     try:
         cfg = load_config(args.config, args=args)
         score_reference(cfg, dtype=args.dtype, force=args.force)
-    except _user_errors() as exc:
+    except SLMError as exc:
         import os
 
         if int(os.environ.get("RANK", "0")) == 0:

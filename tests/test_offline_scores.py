@@ -18,7 +18,7 @@ from dist_helpers import run_distributed
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from megatron_slm.config import load_config
-from megatron_slm.data.errors import DataError
+from megatron_slm.errors import DataError
 
 VOCAB, EOD, SEQ = 96, 0, 16
 

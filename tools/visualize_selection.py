@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             p.error("checkpoint mode needs " + ", ".join(f"--{m}" for m in missing))
         import warnings
 
-        from megatron_slm.cli import _user_errors
+        from megatron_slm.errors import SLMError
 
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex")  # megatron-core on CPU
         warnings.filterwarnings("ignore", category=FutureWarning)  # dist_checkpointing's torch deprecations
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         try:
             dumps = compute_selection(args.policy, args.reference, read_texts(args.text), args.tokenizer, k=args.k,
                                       seq_length=args.seq_length, scope=args.select_over)
-        except (*_user_errors(), ValueError) as exc:
+        except (SLMError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         title = args.title or "SLM token selection (policy vs reference)"

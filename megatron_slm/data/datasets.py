@@ -23,7 +23,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import get_blend_from_list
 
-from megatron_slm.data.errors import DataError
+from megatron_slm.errors import DataError
 
 
 @dataclass

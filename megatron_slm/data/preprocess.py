@@ -34,7 +34,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from megatron_slm.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from megatron_slm.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_slm.errors import PreprocessError, TokenizerError
 
 TOOL = "megatron_slm preprocess_data"
 TOOL_VERSION = "1"
@@ -43,8 +44,6 @@ BATCH_DOCS = 256            # documents per worker task at most
 BATCH_BYTES = 1 << 20       # raw bytes per worker task at most (a single larger document is its own task)
 
 
-class PreprocessError(ValueError):
-    """The inputs, the output prefix or the options cannot be used; the message says which and why."""
 
 
 # ------------------------------------------------------------------------------------------------ inputs

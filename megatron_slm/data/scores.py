@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_slm.data.errors import DataError
+from megatron_slm.errors import DataError
 
 FORMAT = "megatron_slm.ref_scores.v1"
 STORAGE = {"fp32": np.float32, "bf16": np.uint16}  # bf16 is stored as its raw 16 bits

@@ -21,6 +21,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
+from megatron_slm.errors import TokenizerError
+
 EXPECTED = "expected a sentencepiece .model or a Hugging Face tokenizer.json"
 
 # Tried in this order when a tokenizer.json does not say which token ends a document.
@@ -31,8 +33,6 @@ PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 SENTENCEPIECE, HUGGINGFACE = "sentencepiece", "huggingface"
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file is missing, of an unknown kind, unparsable, or lacks an end-of-document token."""
 
 
 class Tokenizer:

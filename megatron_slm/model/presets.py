@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from megatron_slm.errors import ConfigError
+
 PRESETS = {
     # 4 layers, hidden 64: trains in seconds on 2 CPU cores; divisible by TP in {1,2,4} and PP in {1,2,4}.
     "tiny": dict(
@@ -30,8 +32,6 @@ def apply_preset(model_cfg) -> None:
     """Fill the unset fields of ``model_cfg`` from its preset (explicit values win)."""
     if model_cfg.preset is not None:
         if model_cfg.preset not in PRESETS:
-            from megatron_slm.config import ConfigError
-
             raise ConfigError(f"unknown model preset {model_cfg.preset!r}; choose one of {sorted(PRESETS)}")
         for key, value in PRESETS[model_cfg.preset].items():
             if getattr(model_cfg, key) is None:

@@ -8,6 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatron_slm.errors import ConfigError
 from megatron_slm.parallel import cpu_shims
 
 
@@ -32,8 +33,6 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
         )
     world = dist.get_world_size()
     if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
-        from megatron_slm.config import ConfigError
-
         raise ConfigError(
             f"world size {world} is not divisible by TP x PP = {tensor_model_parallel_size} x "
             f"{pipeline_model_parallel_size}; launch a multiple of "

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_slm.config import ConfigError
+from megatron_slm.errors import CheckpointError, ConfigError
 from megatron_slm.model.head import output_weight
 
 
@@ -154,7 +154,5 @@ class DeepSpeedBackend:
     def load(self, root: str, tag: str) -> dict:
         path, client_state = self.engine.load_checkpoint(root, tag=tag)
         if path is None:
-            from megatron_slm.checkpoint import CheckpointError
-
             raise CheckpointError(f"DeepSpeed checkpoint {root}/{tag} could not be loaded (missing or incomplete)")
         return client_state
