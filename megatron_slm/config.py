@@ -91,6 +91,10 @@ class TrainConfig:
     eval_interval: int = 0  # 0 = evaluate only at the end
     eval_iters: int = 4
     tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None  # Weights & Biases project; W&B logging is on when set
+    wandb_exp_name: Optional[str] = None  # W&B run name
+    wandb_save_dir: Optional[str] = None  # W&B's local directory (default: <save>/wandb)
+    peak_tflops: Optional[float] = None  # per-GPU peak (bf16 dense) for MFU; default from the GPU's name
     deepspeed: Optional[str] = None  # a ds_configs/*.json: DeepSpeed ZeRO instead of megatron-core's optimizer (PP=1)
     selection_dump_interval: int = 0  # every N steps, save per-token selection details (needs checkpoint.save)
     selection_dump_sequences: int = 4  # how many sequences each dump keeps
