@@ -1,0 +1,66 @@
+"""Logging for the library and its commands: one ``megatron_slm`` logger tree, rank-aware, and the one place
+where known third-party noise is filtered.
+
+Library modules log through ``get_logger(__name__)``; entry points call ``setup_logging`` once. As in
+Megatron-LM, general messages come from rank 0 and the training log (``METRICS_LOGGER``: losses, selection,
+throughput) from the global last rank, which holds the losses; ``all_ranks`` prints from every rank with a
+``[rank N]`` prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+LEVELS = ("debug", "info", "warning", "error")
+METRICS_LOGGER = "megatron_slm.metrics"
+
+# Messages every CPU or TE-less run would otherwise print on every rank, none of them actionable here.
+_NOISE = (
+    ".*Transformer Engine and Apex are not installed.*",
+    ".*Apex is not installed.*",
+    ".*full scope is deprecated.*",
+    ".*torch.distributed._sharded_tensor will be deprecated.*",
+    ".*TypedStorage is deprecated.*",
+    ".*`torch.cuda.amp.custom_(fwd|bwd).*` is deprecated.*",
+    ".*torch.distributed.checkpoint.*",
+    ".*Detected mismatch between collected number of non-loss data.*",
+)
+_NOISY_LOGGERS = ("megatron.core", "torch.distributed.checkpoint", "DeepSpeed", "deepspeed")
+
+
+def get_logger(name: str = "megatron_slm") -> logging.Logger:
+    return logging.getLogger(name if name.startswith("megatron_slm") else f"megatron_slm.{name}")
+
+
+def _rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def filter_third_party_noise() -> None:
+    """Silence the known, harmless warnings of megatron-core, torch and DeepSpeed (idempotent)."""
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(megatron|torch|deepspeed|transformers)\b.*")
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def setup_logging(level: str = "info", all_ranks: bool = False) -> logging.Logger:
+    """Configure the ``megatron_slm`` logger: ``level`` on the logging rank (or every rank), errors elsewhere."""
+    filter_third_party_noise()
+    rank, world = _rank()
+    logger = logging.getLogger("megatron_slm")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stdout)
+    prefix = f"[rank {rank}] " if all_ranks and world > 1 else ""
+    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    wanted = getattr(logging, level.upper())
+    logger.setLevel(wanted if all_ranks or rank == 0 else logging.ERROR)
+    logging.getLogger(METRICS_LOGGER).setLevel(wanted if all_ranks or rank == world - 1 else logging.ERROR)
+    return logger
