@@ -18,8 +18,9 @@ import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "tests"):  # run as `python benchmarks/x.py` from anywhere; tests/helpers is shared
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
@@ -125,6 +126,6 @@ class Timer:
 
 def run_ranks(fn, world: int, *args, threads: int = 1, timeout: float = 3600.0) -> list:
     """``fn(*args)`` on ``world`` forked gloo ranks (RANK/WORLD_SIZE/MASTER_* set); each rank's result, in order."""
-    from megatron_slm.parallel.forked import run_forked
+    from helpers.forked import run_forked
 
     return run_forked(fn, world, *args, threads=threads, timeout=timeout)

@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--mbs", type=int, default=2)
     p.add_argument("--gbs", type=int, default=4)
-    p.add_argument("--k", type=float, default=0.6)
+    p.add_argument("--slm-select-ratio", dest="k", type=float, default=0.6, help="k: fraction of the tokens selected")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=4)

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--gbs", type=int, default=64, help="sequences per global batch")
     p.add_argument("--mbs", type=int, default=4)
     p.add_argument("--dp", type=int, default=4, help="simulated data-parallel ranks")
-    p.add_argument("--k", type=float, default=0.6)
+    p.add_argument("--slm-select-ratio", dest="k", type=float, default=0.6, help="k: fraction of the tokens selected")
     p.add_argument("--batches", type=int, default=4, help="global batches measured")
     p.add_argument("--threshold-warm", type=int, default=2, help="global batches the running threshold sees first")
     p.add_argument("--momentum", type=float, default=0.9)

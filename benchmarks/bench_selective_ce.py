@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=4096, help="N = micro-batch x sequence tokens")
     p.add_argument("--vocab", type=int, default=32000, help="full vocab V (each TP rank holds V/TP)")
     p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--k", type=float, default=0.6)
+    p.add_argument("--slm-select-ratio", dest="k", type=float, default=0.6, help="k: fraction of the tokens selected")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
@@ -96,9 +96,9 @@ def worker(a) -> dict | None:
 
     import torch.nn.functional as F
 
+    from helpers.selective_ce import selective_cross_entropy
     from megatron_slm.loss.vocab_parallel_ce import (
         head_logits,
-        selective_cross_entropy,
         selective_head_cross_entropy,
         vocab_parallel_token_loss,
     )

@@ -148,13 +148,31 @@ def is_hf_dir(directory: str | Path) -> bool:
     return (p / "config.json").is_file() and not (p / MODEL_META).is_file() and not (p / LATEST).is_file()
 
 
+def read_model_config(directory: str):
+    """The ModelConfig a weights source was saved with: a megatron_slm checkpoint (its slm_model.json, or a
+    training run's latest iteration) or a transformers Llama/Mistral directory (its config.json)."""
+    from megatron_slm.config import ModelConfig
+    from megatron_slm.model.presets import apply_preset
+
+    if is_hf_dir(directory):
+        from megatron_slm.model import hf
+
+        return hf.hf_config_to_model_config(hf.read_hf_config(directory))
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    m = ModelConfig(**{k: v for k, v in read_model_meta(directory).get("model", {}).items() if k in fields})
+    apply_preset(m)
+    if m.num_query_groups is None:
+        m.num_query_groups = m.num_attention_heads
+    missing = [n for n in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
+               if getattr(m, n) is None]
+    if missing:
+        raise CheckpointError(f"checkpoint '{directory}': its {MODEL_META} lacks {', '.join(missing)}")
+    return m
+
+
 def weights_vocab(directory: str) -> int | None:
     """The vocabulary size of a weights source: megatron_slm checkpoint or transformers directory."""
-    if is_hf_dir(directory):
-        from megatron_slm import convert
-
-        return convert.hf_config_to_model_config(convert.read_hf_config(directory)).vocab_size
-    return read_model_meta(directory)["model"].get("vocab_size")
+    return read_model_config(directory).vocab_size
 
 
 def load_weights(model, directory: str, model_cfg, expected_vocab: int | None = None) -> None:
@@ -162,9 +180,9 @@ def load_weights(model, directory: str, model_cfg, expected_vocab: int | None = 
     if not is_hf_dir(directory):
         load_model_weights(model, directory, expected_vocab)
         return
-    from megatron_slm import convert
+    from megatron_slm.model import hf
 
-    hf_cfg = convert.hf_config_to_model_config(convert.read_hf_config(directory))
+    hf_cfg = hf.hf_config_to_model_config(hf.read_hf_config(directory))
     shape = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size")
     diff = {k: (getattr(hf_cfg, k), getattr(model_cfg, k)) for k in shape if getattr(hf_cfg, k) != getattr(model_cfg, k)}
     if diff:
@@ -173,7 +191,7 @@ def load_weights(model, directory: str, model_cfg, expected_vocab: int | None = 
             + ", ".join(f"{k} {a} (checkpoint) vs {b} (config)" for k, (a, b) in diff.items())
         )
     with torch.no_grad():
-        convert.load_hf_weights_into(model, convert.HFWeights(directory), hf_cfg)
+        hf.load_hf_weights_into(model, hf.HFWeights(directory), hf_cfg)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,28 +19,50 @@ from typing import Any, Optional
 import yaml
 
 from megatron_slm.errors import ConfigError
+from megatron_slm.log import LEVELS as LOG_LEVELS
 
 
+
+
+# Choices of the enumerated fields (also the argparse ``choices``).
+SELECTION_SCOPES = ("sequence", "micro_batch", "global_batch", "threshold")
+LOSS_MODES = ("slm", "clm")
+REFERENCE_MODES = ("online", "offline")
+REFERENCE_DTYPES = ("auto", "fp32", "bf16")
+SCORE_DTYPES = ("fp32", "bf16")  # slm score-reference --dtype: how the sidecar stores the scores
+
+
+def _opt(default, help: str, choices: tuple | None = None):
+    """A config leaf: its default, help text and (optionally) its fixed set of values, for YAML and the CLI."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _presets() -> tuple:
+    from megatron_slm.model.presets import PRESETS
+
+    return tuple(PRESETS)
 
 
 @dataclass
 class ModelConfig:
-    """A Llama/Mistral-family decoder (RMSNorm, SwiGLU, RoPE, GQA)."""
+    """A Llama/Mistral-family decoder (RMSNorm, SwiGLU, RoPE, GQA). Unset shape fields come from ``preset``."""
 
-    preset: Optional[str] = None  # fills unset shape fields from megatron_slm.model.presets
-    num_layers: Optional[int] = None
-    hidden_size: Optional[int] = None
-    ffn_hidden_size: Optional[int] = None
-    num_attention_heads: Optional[int] = None
-    num_query_groups: Optional[int] = None  # GQA: number of KV heads; None = num_attention_heads
-    vocab_size: Optional[int] = None  # the tokenizer's vocabulary; padded internally for TP
-    max_position_embeddings: Optional[int] = None
-    rotary_base: Optional[float] = None
-    norm_epsilon: Optional[float] = None
-    untie_embeddings_and_output_weights: Optional[bool] = None
-    sliding_window: Optional[int] = None  # Mistral-style attention window (tokens); None = full causal
-    make_vocab_size_divisible_by: int = 128
-    init_method_std: float = 0.02
+    preset: Optional[str] = _opt(None, "named model shape that fills the unset fields below", _presets())
+    num_layers: Optional[int] = _opt(None, "transformer layers")
+    hidden_size: Optional[int] = _opt(None, "hidden size")
+    ffn_hidden_size: Optional[int] = _opt(None, "SwiGLU inner size")
+    num_attention_heads: Optional[int] = _opt(None, "attention heads")
+    num_query_groups: Optional[int] = _opt(None, "GQA key/value heads (unset: num_attention_heads)")
+    vocab_size: Optional[int] = _opt(None, "the tokenizer's vocabulary (unset: read from the data's metadata); "
+                                           "padded internally for TP")
+    max_position_embeddings: Optional[int] = _opt(None, "longest sequence the model is built for")
+    rotary_base: Optional[float] = _opt(None, "RoPE theta (unset: preset, else 10000)")
+    norm_epsilon: Optional[float] = _opt(None, "RMSNorm epsilon (unset: preset, else 1e-5)")
+    untie_embeddings_and_output_weights: Optional[bool] = _opt(
+        None, "separate output layer instead of the word embedding (unset: preset, else untied)")
+    sliding_window: Optional[int] = _opt(None, "Mistral-style attention window in tokens (unset: full causal)")
+    make_vocab_size_divisible_by: int = _opt(128, "pad the vocabulary to a multiple of this times TP")
+    init_method_std: float = _opt(0.02, "std of the normal weight init")
 
 
 @dataclass
@@ -48,76 +70,86 @@ class ReferenceConfig:
     """The frozen reference model that scores tokens (online) or its precomputed scores (offline)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)  # unset fields inherit the policy's
-    load: Optional[str] = None  # checkpoint of the reference weights (trainer output directory)
-    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
-    scores_path: Optional[list] = None  # offline mode: score sidecars in data_path's order; default <prefix>_refscores
+    load: Optional[str] = _opt(None, "reference weights: a megatron_slm checkpoint (or training run) or a "
+                                     "transformers directory")
+    dtype: str = _opt("auto", "reference weights' dtype (auto: bf16 on GPU, fp32 on CPU)", REFERENCE_DTYPES)
+    scores_path: Optional[list] = _opt(None, "offline mode: score sidecars in --data-path's order "
+                                             "(unset: <prefix>_refscores)")
 
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
+    tensor_model_parallel_size: int = _opt(1, "tensor-parallel size")
+    pipeline_model_parallel_size: int = _opt(1, "pipeline-parallel size")
+    sequence_parallel: bool = _opt(False, "sequence parallelism (needs TransformerEngine or Apex)")
 
 
 @dataclass
 class SLMConfig:
     """Selective Language Modeling (Rho-1): train only on the top-k% tokens by excess loss."""
 
-    loss_mode: str = "slm"  # slm | clm (plain causal LM, no reference)
-    slm_select_ratio: float = 0.6  # k: fraction of (unmasked) tokens that contribute to the loss
-    selection_scope: str = "micro_batch"  # sequence | micro_batch | global_batch | threshold
-    reference_mode: str = "online"  # online (co-located model) | offline (precomputed score sidecar)
-    threshold_momentum: float = 0.9  # threshold scope: EMA weight of the previous quantile estimate
+    loss_mode: str = _opt("slm", "slm: selective loss against a reference; clm: plain causal LM", LOSS_MODES)
+    slm_select_ratio: float = _opt(0.6, "k: fraction of the (unmasked) tokens that train (paper: 0.6 for 1B, "
+                                        "0.7 for 7B)")
+    selection_scope: str = _opt("micro_batch", "which tokens the top-k ranks together (README: selection "
+                                               "scopes)", SELECTION_SCOPES)
+    reference_mode: str = _opt("online", "online: co-located reference model; offline: precomputed score "
+                                         "sidecars (slm score-reference)", REFERENCE_MODES)
+    threshold_momentum: float = _opt(0.9, "threshold scope: EMA weight of the previous quantile estimate")
 
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 2
-    global_batch_size: int = 8
-    seq_length: int = 128
-    train_iters: int = 100
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    lr_warmup_iters: int = 10
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    seed: int = 1234
-    bf16: Optional[bool] = None  # None = bf16 on GPU, fp32 on CPU
-    log_interval: int = 10
-    eval_interval: int = 0  # 0 = evaluate only at the end
-    eval_iters: int = 4
-    tensorboard_dir: Optional[str] = None
-    wandb_project: Optional[str] = None  # Weights & Biases project; W&B logging is on when set
-    wandb_exp_name: Optional[str] = None  # W&B run name
-    wandb_save_dir: Optional[str] = None  # W&B's local directory (default: <save>/wandb)
-    peak_tflops: Optional[float] = None  # per-GPU peak (bf16 dense) for MFU; default from the GPU's name
-    deepspeed: Optional[str] = None  # a ds_configs/*.json: DeepSpeed ZeRO instead of megatron-core's optimizer (PP=1)
-    selection_dump_interval: int = 0  # every N steps, save per-token selection details (needs checkpoint.save)
-    selection_dump_sequences: int = 4  # how many sequences each dump keeps
+    micro_batch_size: int = _opt(2, "sequences per micro-batch")
+    global_batch_size: int = _opt(8, "sequences per optimizer step (all data-parallel ranks)")
+    seq_length: int = _opt(128, "tokens per sequence")
+    train_iters: int = _opt(100, "optimizer steps of the whole run")
+    lr: float = _opt(3e-4, "peak learning rate")
+    min_lr: float = _opt(3e-5, "learning rate at the end of the cosine decay")
+    lr_warmup_iters: int = _opt(10, "linear warm-up steps")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (not on norms)")
+    adam_beta1: float = _opt(0.9, "Adam beta1")
+    adam_beta2: float = _opt(0.95, "Adam beta2")
+    adam_eps: float = _opt(1e-8, "Adam epsilon")
+    clip_grad: float = _opt(1.0, "gradient-norm clipping (0: off)")
+    seed: int = _opt(1234, "seed of the weight init, the data order and dropout")
+    bf16: Optional[bool] = _opt(None, "bf16 compute with fp32 master weights (unset: on GPU yes, on CPU no)")
+    log_interval: int = _opt(10, "steps between log lines")
+    logging_level: str = _opt("info", "log level of the library's messages", LOG_LEVELS)
+    eval_interval: int = _opt(0, "steps between held-out evaluations (0: only at the end)")
+    eval_iters: int = _opt(4, "global batches per held-out evaluation")
+    tensorboard_dir: Optional[str] = _opt(None, "write TensorBoard scalars here")
+    wandb_project: Optional[str] = _opt(None, "Weights & Biases project; W&B logging is on when set")
+    wandb_exp_name: Optional[str] = _opt(None, "W&B run name")
+    wandb_save_dir: Optional[str] = _opt(None, "W&B's local directory (unset: <save>/wandb)")
+    peak_tflops: Optional[float] = _opt(None, "per-GPU peak TFLOP/s for MFU (unset: from the GPU's name)")
+    deepspeed: Optional[str] = _opt(None, "a ds_configs/*.json: DeepSpeed ZeRO instead of megatron-core's "
+                                          "optimizer (PP=1)")
+    selection_dump_interval: int = _opt(0, "every N steps save per-token selection details under "
+                                           "<save>/selection_dumps (0: never)")
+    selection_dump_sequences: int = _opt(4, "sequences each selection dump keeps")
 
 
 @dataclass
 class DataConfig:
     """megatron-core indexed datasets written by tools/preprocess_data.py (prefixes, without .bin/.idx)."""
 
-    data_path: Optional[list] = None  # [weight] prefix [weight prefix ...], Megatron's --data-path blend
-    valid_data_path: Optional[list] = None  # separate validation blend; default: a split of data_path
-    split: str = "969,30,1"  # train,valid,test proportions of data_path when valid_data_path is unset
-    data_cache_path: Optional[str] = None  # where megatron-core caches its sample indices
-    tokenizer_model: Optional[str] = None  # optional: checked against the tokenizer the data was made with
+    data_path: Optional[list] = _opt(None, "training data: [weight] prefix [weight prefix ...] (Megatron's blend)")
+    valid_data_path: Optional[list] = _opt(None, "separate validation blend (unset: a split of --data-path)")
+    split: str = _opt("969,30,1", "train,valid,test proportions of --data-path when --valid-data-path is unset")
+    data_cache_path: Optional[str] = _opt(None, "where megatron-core caches its sample indices")
+    tokenizer_model: Optional[str] = _opt(None, "tokenizer file, checked against the one the data was made with")
 
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = None  # training checkpoints go here (iter_NNNNNNN/); also where a run resumes from
-    load: Optional[str] = None  # resume from here instead (must hold a checkpoint)
-    save_interval: int = 0  # steps between checkpoints; 0 = only at the end and on SIGTERM/SIGUSR1
-    keep_last: int = 2  # complete checkpoints kept under save
-    pretrained_checkpoint: Optional[str] = None  # policy's initial weights (megatron_slm or transformers dir)
+    save: Optional[str] = _opt(None, "training checkpoints go here; a run with a checkpoint here resumes from it")
+    load: Optional[str] = _opt(None, "resume from this training checkpoint instead of --save (must hold one)")
+    save_interval: int = _opt(0, "steps between checkpoints (0: only at the end and on SIGTERM/SIGUSR1)")
+    keep_last: int = _opt(2, "complete checkpoints kept under --save")
+    pretrained_checkpoint: Optional[str] = _opt(
+        None, "the policy's initial weights (megatron_slm or transformers dir) when there is nothing to resume; "
+              "optimizer and LR schedule start fresh")
 
 
 @dataclass
@@ -132,11 +164,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-SELECTION_SCOPES = ("sequence", "micro_batch", "global_batch", "threshold")
-LOSS_MODES = ("slm", "clm")
-REFERENCE_MODES = ("online", "offline")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,13 +244,44 @@ def _merge_dict(cfg, data: dict, prefix=(), source="config"):
             _set(cfg, path, _coerce(value, _leaf_type(cfg, path), f"{source}: {'.'.join(path)}"))
 
 
+def _show_default(value) -> str:
+    if value is None:
+        return "unset"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--megatron-style-name`` option per leaf of the config tree."""
-    group = parser.add_argument_group("config overrides (Megatron-style names)")
+    """One Megatron-style option per leaf of the config tree, its help, default and choices taken from the
+    field's metadata. Booleans are flags (``--bf16`` / ``--no-bf16``). Values left unset keep the YAML's."""
     cfg = Config()
-    for path, _ in _leaf_paths(cfg):
-        nargs = "+" if _leaf_type(cfg, path) is list else None
-        group.add_argument(_flag_for(path), dest="cfg__" + "__".join(path), default=None, metavar="V", nargs=nargs)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for path, f in _leaf_paths(cfg):
+        section = ".".join(path[:-1])
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} (YAML section '{section}:')")
+        tp = _leaf_type(cfg, path)
+        meta = f.metadata
+        text = meta.get("help", "").replace("%", "%%")
+        default = _get(cfg, path)
+        if path[:2] == ("reference", "model") and f.name != "preset":
+            shown = " (default: the policy's)"
+        elif default is None and "(unset:" in text:
+            shown = ""  # the help says what unset means
+        else:
+            shown = f" (default: {_show_default(default)})"
+        kwargs = dict(dest="cfg__" + "__".join(path), default=None, help=text + shown)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = str  # coerced (and reported) by load_config, like YAML values
+            is_path = path[-1].endswith(("load", "save", "dir", "path", "model", "checkpoint", "deepspeed"))
+            kwargs["metavar"] = {int: "N", float: "X", list: "PATH"}.get(tp, "PATH" if is_path else "STR")
+            if tp is list:
+                kwargs["nargs"] = "+"
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+                del kwargs["metavar"]
+        groups[section].add_argument(_flag_for(path), **kwargs)
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, args=None) -> Config:
@@ -273,12 +331,16 @@ def resolve(cfg: Config) -> Config:
 # Validation
 
 
-def _model_problems(m: ModelConfig, tp: int, pp: int, seq_length: int, who: str, flag: str) -> list[str]:
+def _model_problems(m: ModelConfig, tp: int, pp: int, seq_length: int, who: str, flag: str,
+                    require_vocab: bool = True) -> list[str]:
     problems = []
-    required = ["num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"]
+    required = ["num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"]
+    required += ["vocab_size"] if require_vocab else []
     missing = [n for n in required if getattr(m, n) is None]
     if missing:
         return [f"{who}: {', '.join(missing)} unset; set {flag}preset or {' '.join(flag + n.replace('_', '-') for n in missing)}"]
+    if m.num_query_groups is None:  # not resolved yet
+        m = dataclasses.replace(m, num_query_groups=m.num_attention_heads)
     if m.num_attention_heads % tp:
         problems.append(
             f"{who}: num_attention_heads={m.num_attention_heads} is not divisible by "
@@ -312,37 +374,48 @@ def _model_problems(m: ModelConfig, tp: int, pp: int, seq_length: int, who: str,
     return problems
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    """Raise ConfigError listing every problem in ``cfg`` (and with ``world_size``, the layout)."""
+def reference_in_memory(cfg: Config) -> bool:
+    """Online SLM: the run hosts the reference model (offline SLM reads score sidecars; CLM has none)."""
+    return cfg.slm.loss_mode == "slm" and cfg.slm.reference_mode == "online"
+
+
+def uses_offline_scores(cfg: Config) -> bool:
+    return cfg.slm.loss_mode == "slm" and cfg.slm.reference_mode == "offline"
+
+
+def validate(cfg: Config, world_size: Optional[int] = None, require_vocab: bool = True,
+             check_reference: Optional[bool] = None) -> None:
+    """Raise ConfigError listing every problem in ``cfg`` (and with ``world_size``, the layout).
+
+    ``require_vocab=False``: the vocabulary is still to be read from the data (check-config without data).
+    ``check_reference``: check the reference model's shape (default: when the run hosts it)."""
     problems = []
     par, slm, tr = cfg.parallel, cfg.slm, cfg.train
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
         problems.append("tensor/pipeline_model_parallel_size must be >= 1")
         tp, pp = max(tp, 1), max(pp, 1)
-    problems += _model_problems(cfg.model, tp, pp, tr.seq_length, "model", "--")
+    problems += _model_problems(cfg.model, tp, pp, tr.seq_length, "model", "--", require_vocab)
     if par.sequence_parallel and tp > 1 and not _has_fused_norm():
         problems.append(
             "sequence_parallel needs TransformerEngine or Apex (megatron-core's torch norm refuses it); "
             "install one on the GPU machine or drop --sequence-parallel"
         )
-    if slm.loss_mode not in LOSS_MODES:
-        problems.append(f"slm.loss_mode={slm.loss_mode!r}; use one of {LOSS_MODES}")
+    for path, f in _leaf_paths(cfg):
+        choices, value = f.metadata.get("choices"), _get(cfg, path)
+        if choices and value is not None and value not in choices:
+            problems.append(f"{'.'.join(path)}={value!r}; use one of {', '.join(choices)} ({_flag_for(path)})")
     if not (0.0 < slm.slm_select_ratio <= 1.0):
         problems.append(
             f"slm.slm_select_ratio (k) = {slm.slm_select_ratio} is outside (0, 1]; the paper uses 0.6 (1B) / 0.7 (7B)"
         )
-    if slm.selection_scope not in SELECTION_SCOPES:
-        problems.append(f"slm.selection_scope={slm.selection_scope!r}; use one of {SELECTION_SCOPES}")
-    if slm.reference_mode not in REFERENCE_MODES:
-        problems.append(f"slm.reference_mode={slm.reference_mode!r}; use one of {REFERENCE_MODES}")
     if not (0.0 <= slm.threshold_momentum < 1.0):
         problems.append(f"slm.threshold_momentum={slm.threshold_momentum} must be in [0, 1)")
-    if slm.loss_mode == "slm" and slm.reference_mode == "online":
+    if reference_in_memory(cfg) if check_reference is None else check_reference:
         ref = cfg.reference.model
         policy_text = {p.split(": ", 1)[-1] for p in problems}
         problems += [  # a reference that inherits the policy's shape would repeat the policy's problems
-            p for p in _model_problems(ref, tp, pp, tr.seq_length, "reference model", "--ref-")
+            p for p in _model_problems(ref, tp, pp, tr.seq_length, "reference model", "--ref-", require_vocab)
             if p.split(": ", 1)[-1] not in policy_text
         ]
         if ref.vocab_size != cfg.model.vocab_size:
@@ -350,8 +423,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 f"vocab mismatch: policy vocab_size={cfg.model.vocab_size}, reference vocab_size={ref.vocab_size}; "
                 "the reference must share the policy's tokenizer"
             )
-    if cfg.reference.dtype not in ("auto", "fp32", "bf16"):
-        problems.append(f"reference.dtype={cfg.reference.dtype!r}; use auto, fp32 or bf16")
     if tr.micro_batch_size < 1 or tr.global_batch_size < 1 or tr.seq_length < 2:
         problems.append("micro_batch_size and global_batch_size must be >= 1 and seq_length >= 2")
     if tr.train_iters < 0:
@@ -359,12 +430,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if tr.lr_warmup_iters < 0 or tr.lr < 0 or tr.min_lr < 0 or tr.min_lr > tr.lr:
         problems.append(f"need lr >= min_lr >= 0 and lr_warmup_iters >= 0 (lr={tr.lr}, min_lr={tr.min_lr})")
     if world_size is not None:
-        if world_size % (tp * pp):
-            problems.append(
-                f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; launch a multiple of {tp * pp} processes"
-            )
+        try:
+            dp = data_parallel_size(world_size, tp, pp)
+        except ConfigError as exc:
+            problems.append(str(exc))
         else:
-            dp = world_size // (tp * pp)
             if tr.global_batch_size % (tr.micro_batch_size * dp):
                 problems.append(
                     f"global_batch_size={tr.global_batch_size} is not divisible by micro_batch_size x data-parallel "
@@ -374,6 +444,33 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         problems.append("--deepspeed runs with pipeline_model_parallel_size=1; for PP > 1 drop --deepspeed (megatron-core's optimizer)")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def data_parallel_size(world_size: int, tp: int, pp: int) -> int:
+    """World size = TP x PP x DP: the data-parallel size, or the error that names the fix."""
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; launch a multiple of {tp * pp} processes"
+        )
+    return world_size // (tp * pp)
+
+
+def bf16_enabled(train: TrainConfig) -> bool:
+    """--bf16 / --no-bf16 when given; unset: bf16 exactly when a GPU is present."""
+    if train.bf16 is not None:
+        return train.bf16
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def reference_bf16(cfg: Config) -> bool:
+    """The reference's weights in bf16 (--ref-dtype; auto: on a GPU)."""
+    if cfg.reference.dtype == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return cfg.reference.dtype == "bf16"
 
 
 def _has_fused_norm() -> bool:

@@ -20,12 +20,18 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo_tiny.yaml"
 
 
 def add_arguments(p) -> None:
+    """The demo's flags; the SLM ones take their names, defaults and choices from the config tree."""
+    from megatron_slm.config import SELECTION_SCOPES, SLMConfig
+
+    slm = SLMConfig()
     p.add_argument("--out", default="demo_out", help="working directory (data, checkpoints, logs)")
     p.add_argument("--ref-iters", type=int, default=150, help="reference training steps on the clean math split")
     p.add_argument("--train-iters", type=int, default=150, help="policy steps (SLM and CLM each)")
-    p.add_argument("--select-ratio", type=float, default=0.6, help="k: fraction of tokens SLM trains on")
-    p.add_argument("--scope", default="micro_batch", help="selection scope (sequence|micro_batch|global_batch|threshold)")
-    p.add_argument("--nproc", type=int, default=4, help="processes (TP x PP x DP)")
+    p.add_argument("--slm-select-ratio", type=float, default=slm.slm_select_ratio,
+                   help="k: fraction of the tokens SLM trains on")
+    p.add_argument("--selection-scope", default=slm.selection_scope, choices=SELECTION_SCOPES,
+                   help="which tokens the top-k ranks together")
+    p.add_argument("--nproc", type=int, default=4, help="processes (TP x PP x DP; the config's TP x PP = 4 divides it)")
     p.add_argument("--rebuild-data", action="store_true", help="rebuild the corpus even if present")
 
 
@@ -70,7 +76,7 @@ def main(args) -> int:
     ]
     slm = _torchrun(out, "slm", args.nproc, policy + [
         "--loss-mode", "slm", "--ref-load", str(out / "reference"),
-        "--slm-select-ratio", str(args.select_ratio), "--selection-scope", args.scope,
+        "--slm-select-ratio", str(args.slm_select_ratio), "--selection-scope", args.selection_scope,
     ])
     clm = _torchrun(out, "clm", args.nproc, policy + ["--loss-mode", "clm"])
 
@@ -78,7 +84,7 @@ def main(args) -> int:
     report = {
         "heldout_math_loss": {"reference": ref["eval_loss"], "slm": slm["eval_loss"], "clm": clm["eval_loss"]},
         "slm_selection": {
-            "k": args.select_ratio, "scope": args.scope, "selected_fraction": s["selected_fraction"],
+            "k": args.slm_select_ratio, "scope": args.selection_scope, "selected_fraction": s["selected_fraction"],
             "excess_loss_selected": s["excess_selected"], "excess_loss_unselected": s["excess_unselected"],
             "policy_loss_selected": s["loss_selected"], "policy_loss_all": s["loss_all"], "reference_loss_all": s["ref_loss"],
         },

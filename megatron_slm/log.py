@@ -47,6 +47,10 @@ def filter_third_party_noise() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"(megatron|torch|deepspeed|transformers)\b.*")
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # transformers configures its own loggers on import; these are read then (no progress bars, errors only)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def setup_logging(level: str = "info", all_ranks: bool = False) -> logging.Logger:

@@ -1,9 +1,9 @@
-"""Multi-rank tests fork gloo ranks from the pytest process (megatron_slm.parallel.forked); one real torchrun
+"""Multi-rank tests fork gloo ranks from the pytest process (helpers/forked.py); one real torchrun
 smoke test lives in tests/test_cli_torchrun.py."""
 
 from __future__ import annotations
 
-from megatron_slm.parallel.forked import run_forked
+from helpers.forked import run_forked
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 180.0, **kwargs) -> list:

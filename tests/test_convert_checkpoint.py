@@ -24,9 +24,10 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from megatron_slm import convert  # noqa: E402
-from megatron_slm.checkpoint import load_model_weights, read_model_meta, save_model_weights  # noqa: E402
+from megatron_slm.checkpoint import load_model_weights, read_model_config, save_model_weights  # noqa: E402
 from megatron_slm.config import ParallelConfig  # noqa: E402
 from megatron_slm.model import build  # noqa: E402,F401 - import megatron before forking ranks
+from megatron_slm.model import hf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB, BATCH, SEQ, WINDOW = 100, 2, 24, 8  # vocab 100 pads to 128 (TP=1) and 256 (TP=2)
@@ -86,7 +87,7 @@ def _tp2pp2(ckpts, tokens, resave):
     distributed.initialize(2, 2)
     out = {}
     for key, ckpt in ckpts.items():
-        m = convert.model_config_from_meta(read_model_meta(ckpt))
+        m = read_model_config(ckpt)
         torch.manual_seed(0)
         model = build_model(m, ParallelConfig(2, 2), seed=5)
         load_model_weights(model, ckpt, expected_vocab=m.vocab_size)
@@ -136,8 +137,8 @@ def tiny(tmp_path_factory):
 def test_tp2_pp2_logits_match_transformers_and_round_trip(tiny):
     root, tokens = tiny["root"], tiny["tokens"]
     kinds = ("llama", "mistral")
-    m = convert.model_config_from_meta(read_model_meta(str(root / "ck_mistral")))
-    assert convert.hf_config_to_model_config(json.loads((root / "hf_mistral/config.json").read_text())) == m
+    m = read_model_config(str(root / "ck_mistral"))
+    assert hf.hf_config_to_model_config(json.loads((root / "hf_mistral/config.json").read_text())) == m
     assert not m.untie_embeddings_and_output_weights and m.sliding_window is not None
 
     ranks = run_distributed(_tp2pp2, 4, {k: str(root / f"ck_{k}") for k in kinds}, tokens,
@@ -182,13 +183,13 @@ def test_verify_reports_logit_difference(tiny):
 def test_sliding_window_maps_transformers_window_exactly():
     cfg = {"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
            "intermediate_size": 96, "vocab_size": VOCAB, "sliding_window": 4096}
-    m = convert.hf_config_to_model_config(cfg)
+    m = hf.hf_config_to_model_config(cfg)
     from megatron_slm.model.build import transformer_config
 
     # transformers: key j visible to query i iff i - W < j <= i; megatron window_size=(w, 0): i - w <= j <= i.
     assert transformer_config(m, ParallelConfig()).window_size == (4095, 0)
-    assert convert.model_config_to_hf_config(m).sliding_window == 4096
-    assert convert.hf_config_to_model_config(dict(cfg, sliding_window=None)).sliding_window is None
+    assert hf.model_config_to_hf_config(m).sliding_window == 4096
+    assert hf.hf_config_to_model_config(dict(cfg, sliding_window=None)).sliding_window is None
 
 
 def test_qkv_fuse_split_inverse_and_layout():
@@ -196,19 +197,19 @@ def test_qkv_fuse_split_inverse_and_layout():
 
     m = ModelConfig(hidden_size=8, num_attention_heads=4, num_query_groups=2)
     q, k, v = torch.randn(8, 8), torch.randn(4, 8), torch.randn(4, 8)
-    qkv = convert.fuse_qkv(q, k, v, m)
+    qkv = hf.fuse_qkv(q, k, v, m)
     # group 0: q heads 0-1, k head 0, v head 0; then group 1 (head dim 2)
     assert torch.equal(qkv[:4], q[:4]) and torch.equal(qkv[4:6], k[:2]) and torch.equal(qkv[6:8], v[:2])
     assert torch.equal(qkv[8:12], q[4:]) and torch.equal(qkv[12:14], k[2:]) and torch.equal(qkv[14:], v[2:])
-    assert all(torch.equal(a, b) for a, b in zip(convert.split_qkv(qkv, m), (q, k, v)))
+    assert all(torch.equal(a, b) for a, b in zip(hf.split_qkv(qkv, m), (q, k, v)))
 
 
 def test_transformer_engine_names_map_to_local_names():
-    assert convert.canonical_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight") == \
+    assert hf.canonical_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight") == \
         "decoder.layers.3.input_layernorm.weight"
-    assert convert.canonical_name("decoder.layers.0.mlp.linear_fc1.layer_norm_weight") == \
+    assert hf.canonical_name("decoder.layers.0.mlp.linear_fc1.layer_norm_weight") == \
         "decoder.layers.0.pre_mlp_layernorm.weight"
-    assert convert.canonical_name("decoder.layers.0.mlp.linear_fc1.weight") == "decoder.layers.0.mlp.linear_fc1.weight"
+    assert hf.canonical_name("decoder.layers.0.mlp.linear_fc1.weight") == "decoder.layers.0.mlp.linear_fc1.weight"
 
 
 # ----------------------------------------------------------------------------------------------

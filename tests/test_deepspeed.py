@@ -26,7 +26,7 @@ def _trainer(tp, ds_config, scope="micro_batch", save=None):
 def _curves(tp, configs, scope):
     import torch.distributed as dist
 
-    from megatron_slm.model.build import gather_full
+    from helpers.gather import gather_full
 
     out = {}
     for name in configs:

@@ -64,12 +64,12 @@ def data(tmp_path_factory):
 def _blend_worker(blend, cache):
     import torch.distributed as dist
 
-    from megatron_slm.cli import check_inputs
+    from megatron_slm.training.run import check_run_inputs
     from megatron_slm.data.datasets import build_datasets, dataset_config
 
     dist.init_process_group("gloo")  # megatron-core's blended index builder asks for a rank
     cfg = make_cfg(blend, train=dict(train_iters=100), data=dict(data_cache_path=cache))
-    info, _ = check_inputs(cfg)
+    info, _ = check_run_inputs(cfg)
     ds_cfg = dataset_config(cfg.data, SEQ, 5, info)
     train = build_datasets(ds_cfg, [800, 8, 0])[0]
     twin = build_datasets(ds_cfg, [800, 8, 0], positions=True)[0]
@@ -91,23 +91,23 @@ def test_blend_proportions_and_positions_twin_alignment(data):
 
 
 def test_data_errors_are_clear(data, tmp_path):
-    from megatron_slm.cli import check_inputs
+    from megatron_slm.training.run import check_run_inputs
 
     d, blend = data
     with pytest.raises(DataError, match="missing; create it with tools/preprocess_data.py"):
-        check_inputs(make_cfg([str(tmp_path / "nope")]))
+        check_run_inputs(make_cfg([str(tmp_path / "nope")]))
     other = make_dataset(tmp_path / "other", 3, fingerprint="another-tokenizer")
     with pytest.raises(DataError, match="different tokenizers"):
-        check_inputs(make_cfg([blend[1], other]))
+        check_run_inputs(make_cfg([blend[1], other]))
     with pytest.raises(DataError, match="vocab_size=96 but the model has vocab_size=128"):
-        check_inputs(make_cfg(blend, model=dict(vocab_size=128)))
+        check_run_inputs(make_cfg(blend, model=dict(vocab_size=128)))
     broken = make_dataset(tmp_path / "broken", 4)
     meta = json.loads(Path(f"{broken}.json").read_text())
     Path(f"{broken}.json").write_text(json.dumps(dict(meta, bin_bytes=Path(f"{broken}.bin").stat().st_size)))
-    check_inputs(make_cfg([broken]))
+    check_run_inputs(make_cfg([broken]))
     Path(f"{broken}.bin").write_bytes(Path(f"{broken}.bin").read_bytes()[:-2])
     with pytest.raises(DataError, match="truncated or corrupt"):
-        check_inputs(make_cfg([broken]))
+        check_run_inputs(make_cfg([broken]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,11 +116,11 @@ def test_data_errors_are_clear(data, tmp_path):
 
 def _reference_ckpt(data_path, out):
     from megatron_slm.checkpoint import save_model_weights
-    from megatron_slm.cli import build_data, check_inputs
+    from megatron_slm.training.run import build_data, check_run_inputs
     from megatron_slm.training.trainer import Trainer
 
     cfg = make_cfg(data_path, slm=dict(loss_mode="clm"), train=dict(train_iters=2, seed=99))
-    info, _ = check_inputs(cfg)
+    info, _ = check_run_inputs(cfg)
     trainer = Trainer(cfg)
     batches, _ = build_data(cfg, info, trainer.dp_rank, trainer.dp_size)
     trainer.train(batches)
@@ -128,7 +128,7 @@ def _reference_ckpt(data_path, out):
 
 
 def _score(data_path, ref, pp, fail_after=None, **over):
-    from megatron_slm import scoring
+    from megatron_slm.training import scoring
     from megatron_slm.training import passes
 
     if fail_after is not None:  # simulate a crash after `fail_after` scored steps
@@ -152,11 +152,11 @@ def _score(data_path, ref, pp, fail_after=None, **over):
 
 def _train(data_path, ref, mode):
 
-    from megatron_slm.cli import build_data, check_inputs
+    from megatron_slm.training.run import build_data, check_run_inputs
     from megatron_slm.training.trainer import Trainer
 
     cfg = make_cfg(data_path, reference=dict(load=ref), slm=dict(reference_mode=mode))
-    info, scores = check_inputs(cfg)
+    info, scores = check_run_inputs(cfg)
     trainer = Trainer(cfg)
     batches, _ = build_data(cfg, info, trainer.dp_rank, trainer.dp_size, scores)
     out = []
@@ -203,7 +203,7 @@ def test_scoring_resumes_after_interruption(scored, tmp_path):
 
 
 def test_bad_sidecars_are_refused_before_training(scored, tmp_path):
-    from megatron_slm.cli import check_inputs
+    from megatron_slm.training.run import check_run_inputs
 
     d, blend, ref = scored
     work = tmp_path / "w"
@@ -214,23 +214,23 @@ def test_bad_sidecars_are_refused_before_training(scored, tmp_path):
             shutil.copy(f"{p}{suffix}", work / f"{name}{suffix}")
         copies.append(str(work / name))
     cfg = lambda: make_cfg(["0.6", copies[0], "0.4", copies[1]], slm=dict(reference_mode="offline"))  # noqa: E731
-    check_inputs(cfg())  # the intact copy is accepted
+    check_run_inputs(cfg())  # the intact copy is accepted
 
     scores_bin = Path(f"{copies[0]}_refscores.bin")
     good = scores_bin.read_bytes()
     scores_bin.write_bytes(good[:-8])
     with pytest.raises(DataError, match="truncated or corrupt"):
-        check_inputs(cfg())
+        check_run_inputs(cfg())
     scores_bin.write_bytes(good)
 
     make_dataset(copies[1], seed=77, num_docs=30)  # the token files change under the sidecar
     with pytest.raises(DataError, match="computed for other token files"):
-        check_inputs(cfg())
+        check_run_inputs(cfg())
     Path(f"{copies[1]}_refscores.json").unlink()
     with pytest.raises(DataError, match="no reference scores for dataset"):
-        check_inputs(cfg())
+        check_run_inputs(cfg())
     with pytest.raises(DataError, match="one per data_path prefix"):
-        check_inputs(make_cfg(["0.6", copies[0], "0.4", copies[1]], slm=dict(reference_mode="offline"),
+        check_run_inputs(make_cfg(["0.6", copies[0], "0.4", copies[1]], slm=dict(reference_mode="offline"),
                               reference=dict(scores_path=[f"{copies[0]}_refscores"])))
 
 
@@ -243,11 +243,11 @@ def _train_too_long(data_path, ref):
 
 
 def _train_long(data_path, ref):
-    from megatron_slm.cli import build_data, check_inputs
+    from megatron_slm.training.run import build_data, check_run_inputs
     from megatron_slm.training.trainer import Trainer
 
     cfg = make_cfg(data_path, reference=dict(load=ref), slm=dict(reference_mode="offline"), train=dict(train_iters=40))
-    info, scores = check_inputs(cfg)
+    info, scores = check_run_inputs(cfg)
     trainer = Trainer(cfg)
     batches, _ = build_data(cfg, info, trainer.dp_rank, trainer.dp_size, scores)
     for step in range(cfg.train.train_iters):

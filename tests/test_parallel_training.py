@@ -68,7 +68,7 @@ def _scalars(history):
 def _layout_worker(tp, pp, tied=False):
     import torch.distributed as dist
 
-    from megatron_slm.model.build import gather_full
+    from helpers.gather import gather_full
     from megatron_slm.training.trainer import Trainer
 
     trainer = Trainer(make_config(tp, pp, tied=tied))
@@ -206,7 +206,7 @@ SCOPES = ("sequence", "micro_batch", "global_batch", "threshold")
 
 
 def _scopes_worker():
-    from megatron_slm.model.build import gather_full
+    from helpers.gather import gather_full
     from megatron_slm.training.trainer import Trainer
 
     out = {}

@@ -28,7 +28,7 @@ def _cfg(tp, pp, save, **ck):
 def _run(tp, pp, save, crash_after=None, signal_at=None, **ck):
     import torch.distributed as dist
 
-    from megatron_slm.model.build import gather_full
+    from helpers.gather import gather_full
     from megatron_slm.training.trainer import Trainer
 
     trainer = Trainer(_cfg(tp, pp, save, **ck))
@@ -81,7 +81,8 @@ def test_sigusr1_on_one_rank_checkpoints_and_stops_every_rank(tmp_path):
 def _load_weights(tp, pp, path):
     import torch.distributed as dist
 
-    from megatron_slm.model.build import build_model, gather_full
+    from helpers.gather import gather_full
+    from megatron_slm.model.build import build_model
     from megatron_slm.parallel import distributed
 
     cfg = _cfg(tp, pp, "unused")

@@ -5,12 +5,13 @@
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 [--dtype bf16] [--force]
 
 Use the training run's data flags (data path, split, seed, seq length, global batch, train iters); then train
-with --reference-mode offline. Interrupted runs resume. See megatron_slm/scoring.py.
+with --reference-mode offline. Interrupted runs resume. Same as `slm score-reference`; see
+megatron_slm/training/scoring.py.
 """
 
 import sys
 
-from megatron_slm.scoring import main
+from megatron_slm.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["score-reference", *sys.argv[1:]]))

@@ -9,7 +9,7 @@ Two sources, one self-contained HTML page (``--out``; open it in any browser, ho
 
   # (b) computed here from checkpoints on CPU (TP=1, PP=1): policy (one or several) vs reference on some text
   python tools/visualize_selection.py --policy runs/slm --reference runs/reference \\
-      --tokenizer data/tokenizer.model --text notes.txt --k 0.6 --out page.html
+      --tokenizer data/tokenizer.model --text notes.txt --slm-select-ratio 0.6 --out page.html
 
 ``--text`` is a file (``.jsonl``: one document per line's "text"; other files: one document) or, if no such
 file exists, the text itself; repeat it for several documents. ``--png FILE`` also draws the first shown
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     ck.add_argument("--policy", nargs="+", metavar="CKPT", help="policy checkpoint(s); several = one section each")
     ck.add_argument("--reference", metavar="CKPT", help="reference checkpoint")
     ck.add_argument("--text", nargs="+", metavar="FILE_OR_TEXT", help="documents to score")
-    ck.add_argument("--k", type=float, default=0.6, help="fraction of the scored tokens selected (default 0.6)")
+    ck.add_argument("--slm-select-ratio", dest="k", type=float, default=0.6, help="k: fraction of the scored tokens selected (default 0.6)")
     ck.add_argument("--select-over", choices=("document", "batch"), default="document",
                     help="top-k over each document, or over all texts together as one batch (default document)")
     ck.add_argument("--seq-length", type=int, default=None, help="window length (default: the models' max positions)")

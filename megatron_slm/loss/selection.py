@@ -1,20 +1,23 @@
-"""Which tokens the top-k% runs over: the selection scopes, with their data-parallel communication.
+"""Which tokens the top-k% runs over: one object per selection scope, with its data-parallel communication.
 
 The paper says "top k% of tokens in a batch" without saying which batch. Each scope is one answer:
 
 - ``sequence``: top-k% of each sequence on its own. No communication; every sequence trains on k of its tokens.
-- ``micro_batch``: exact top-k% over the micro-batch of the *whole data-parallel group* (all DP ranks'
-  micro-batch i together). Costs one all-gather of [DP, b, s] fp32 scores per micro-batch (16 KiB for
-  b=1, s=4096) on the last pipeline stage; results do not depend on the DP size for a fixed global layout.
+- ``micro_batch``: exact top-k% over micro-batch i of *every data-parallel rank* together. Costs one
+  all-gather of [DP, b, s] fp32 scores per micro-batch (16 KiB for b=1, s=4096) on the last pipeline stage.
+  The groups ranked together depend on the DP size: at DP=2 micro-batch i of rank 0 and of rank 1 are ranked
+  together, at DP=1 each micro-batch alone.
 - ``global_batch``: exact top-k% over the whole global batch (all micro-batches, all DP ranks). In 1F1B a
   micro-batch runs its backward before later ones run their forward, so the policy's token losses of the
-  whole batch must exist first: a forward-only scoring pass of the policy (+2N FLOPs/token, i.e. ~+33% of a
-  6N training step) precedes the training pass, then one all-gather of all scores over DP. Most faithful,
-  most expensive.
+  whole batch must exist first: ``prepare`` runs a forward-only scoring pass of the policy (+2N FLOPs/token,
+  i.e. ~+33% of a 6N training step) before the training pass, then one all-gather of all scores over DP.
+  Independent of DP and micro-batch size. Most faithful, most expensive.
 - ``threshold``: a running (1-k) quantile estimate per rank (megatron_slm.slm.RunningThreshold). No
   communication and no extra pass; the selected fraction is k on average rather than exactly.
 
-Ties are broken by global position (DP rank, micro-batch, sequence, token), so results are deterministic.
+CLM (``--loss-mode clm``) is the selector that keeps every valid token. Ties are broken by global position
+(DP rank, micro-batch, sequence, token), so results are deterministic. The trainer and the DeepSpeed
+backend talk to a selector only through ``prepare``, ``__call__`` and ``expected_count``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_slm.slm import RunningThreshold, top_k_mask
+from megatron_slm.slm import RunningThreshold, num_selected, top_k_mask
 
 
 def _dp_group():
@@ -41,50 +44,143 @@ def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(out)
 
 
-def select_over_dp(excess: torch.Tensor, valid: torch.Tensor, k: float, group=None) -> torch.Tensor:
-    """Exact top-k% of ``excess`` over this tensor on every rank of ``group`` together; returns this rank's part."""
-    group = _dp_group() if group is None else group
-    all_excess = _all_gather(excess.float(), group)
-    all_valid = _all_gather(valid.to(torch.uint8), group).bool()
-    mask = top_k_mask(all_excess, all_valid, k)
-    rank = dist.get_rank(group) if group is not None and dist.is_initialized() else 0
-    return mask[rank]
+def _dp_rank(group) -> int:
+    return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
+
+
+def _dp_sum(values: list[float]) -> torch.Tensor:
+    """Element-wise sum over the DP group (float64, on the CPU afterwards)."""
+    from megatron_slm.parallel.distributed import device
+
+    t = torch.tensor(values, dtype=torch.float64, device=device())  # NCCL reduces device tensors only
+    group = _dp_group()
+    if group is not None and dist.is_initialized():
+        dist.all_reduce(t, group=group)
+    return t.cpu()
+
+
+def _valid_masks(micro_batches: list[dict]) -> list[torch.Tensor]:
+    return [mb["loss_mask"] > 0 for mb in micro_batches]
 
 
 class TokenSelector:
-    """Applies the configured scope to one micro-batch's excess losses ([b, s]) on the last pipeline stage."""
+    """A selection rule, applied on the last pipeline stage to one micro-batch's excess losses ([b, s]).
 
-    def __init__(self, scope: str, k: float, threshold_momentum: float = 0.9):
-        self.scope, self.k = scope, k
-        self.threshold = RunningThreshold(k, threshold_momentum) if scope == "threshold" else None
+    - ``prepare(micro_batches, policy_scores)`` runs before the training pass (``policy_scores()`` runs the
+      policy's forward-only scoring pass and returns its per-token losses, or None off the last stage);
+    - ``__call__(excess, valid, mb)`` returns the selected-token mask of that micro-batch;
+    - ``expected_count(micro_batches)`` is the number of tokens the global batch will select, from the loss
+      masks alone (a backend that back-propagates each micro-batch as it comes needs the denominator first).
+    """
 
-    def __call__(self, excess: torch.Tensor, valid: torch.Tensor, precomputed: torch.Tensor | None = None):
-        valid = valid.bool()
-        if self.scope == "sequence":
-            return top_k_mask(excess, valid, self.k, dim=-1)
-        if self.scope == "micro_batch":
-            return select_over_dp(excess, valid, self.k)
-        if self.scope == "threshold":
-            return self.threshold(excess, valid)
-        if self.scope == "global_batch":
-            if precomputed is None:
-                raise RuntimeError("global_batch selection needs the scoring pass's masks (select_global_batch)")
-            return precomputed.bool() & valid
-        raise ValueError(f"unknown selection scope {self.scope!r}")
+    uses_reference = True  # excess losses need the reference's token losses
+
+    def __init__(self, k: float):
+        self.k = k
+
+    def prepare(self, micro_batches: list[dict], policy_scores) -> None:
+        pass
+
+    def __call__(self, excess: torch.Tensor | None, valid: torch.Tensor, mb: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def expected_count(self, micro_batches: list[dict]) -> float:
+        """Default: round(k x valid tokens of the global batch) (exact for global_batch, expected for threshold)."""
+        total = _dp_sum([float(sum(int(v.sum()) for v in _valid_masks(micro_batches)))])
+        return float(num_selected(total[0], self.k))
 
     def state_dict(self) -> dict:
-        return {"threshold": self.threshold.state_dict() if self.threshold else None}
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.threshold is not None and state.get("threshold"):
+        pass
+
+
+class AllTokens(TokenSelector):
+    """Plain causal LM: every valid token trains; no reference."""
+
+    uses_reference = False
+
+    def __init__(self):
+        super().__init__(1.0)
+
+    def __call__(self, excess, valid, mb):
+        return valid.bool()
+
+    def expected_count(self, micro_batches):
+        return float(_dp_sum([float(sum(int(v.sum()) for v in _valid_masks(micro_batches)))])[0])
+
+
+class SequenceScope(TokenSelector):
+    def __call__(self, excess, valid, mb):
+        return top_k_mask(excess, valid.bool(), self.k, dim=-1)
+
+    def expected_count(self, micro_batches):
+        per_rank = sum(int(num_selected(v.sum(-1), self.k).sum()) for v in _valid_masks(micro_batches))
+        return float(_dp_sum([float(per_rank)])[0])
+
+
+class MicroBatchScope(TokenSelector):
+    def __call__(self, excess, valid, mb):
+        group = _dp_group()
+        all_excess = _all_gather(excess.float(), group)
+        all_valid = _all_gather(valid.to(torch.uint8), group).bool()
+        return top_k_mask(all_excess, all_valid, self.k)[_dp_rank(group)]
+
+    def expected_count(self, micro_batches):
+        per_mb = _dp_sum([float(v.sum()) for v in _valid_masks(micro_batches)])  # micro-batch i over DP ranks
+        return float(num_selected(per_mb, self.k).sum())
+
+
+class GlobalBatchScope(TokenSelector):
+    _KEY = "global_batch_selection"  # this selector's mask, parked on the micro-batch between prepare and call
+
+    def prepare(self, micro_batches, policy_scores):
+        scores = policy_scores()
+        if scores is None:  # not the last pipeline stage
+            return
+        from megatron_slm.slm import excess_loss
+
+        group = _dp_group()
+        excess = torch.stack([excess_loss(p, mb["ref_loss"]) for p, mb in zip(scores, micro_batches)])
+        valid = torch.stack([v.to(torch.uint8) for v in _valid_masks(micro_batches)])
+        masks = top_k_mask(_all_gather(excess, group), _all_gather(valid, group).bool(), self.k)[_dp_rank(group)]
+        for mb, mask in zip(micro_batches, masks.unbind(0)):
+            mb[self._KEY] = mask
+
+    def __call__(self, excess, valid, mb):
+        if self._KEY not in mb:
+            raise RuntimeError("global_batch selection runs prepare() (the policy scoring pass) before the loss")
+        return mb[self._KEY] & valid.bool()
+
+
+class ThresholdScope(TokenSelector):
+    def __init__(self, k: float, momentum: float):
+        super().__init__(k)
+        self.threshold = RunningThreshold(k, momentum)
+
+    def __call__(self, excess, valid, mb):
+        return self.threshold(excess, valid)
+
+    def state_dict(self):
+        return {"threshold": self.threshold.state_dict()}
+
+    def load_state_dict(self, state):
+        if state.get("threshold"):
             self.threshold.load_state_dict(state["threshold"])
 
 
-def select_global_batch(excess: list[torch.Tensor], valid: list[torch.Tensor], k: float, group=None):
-    """Exact top-k% over all micro-batches of all DP ranks; returns this rank's masks, one per micro-batch."""
-    group = _dp_group() if group is None else group
-    all_excess = _all_gather(torch.stack([e.float() for e in excess]), group)  # [DP, M, b, s]
-    all_valid = _all_gather(torch.stack([v.to(torch.uint8) for v in valid]), group).bool()
-    mask = top_k_mask(all_excess, all_valid, k)
-    rank = dist.get_rank(group) if group is not None and dist.is_initialized() else 0
-    return list(mask[rank].unbind(0))
+def build_selector(slm_cfg) -> TokenSelector:
+    """The selector for ``cfg.slm`` (loss mode, scope, k)."""
+    if slm_cfg.loss_mode == "clm":
+        return AllTokens()
+    k, scope = slm_cfg.slm_select_ratio, slm_cfg.selection_scope
+    if scope == "sequence":
+        return SequenceScope(k)
+    if scope == "micro_batch":
+        return MicroBatchScope(k)
+    if scope == "global_batch":
+        return GlobalBatchScope(k)
+    if scope == "threshold":
+        return ThresholdScope(k, slm_cfg.threshold_momentum)
+    raise ValueError(f"unknown selection scope {scope!r}")  # validate() reports it first

@@ -25,20 +25,19 @@ STAT_KEYS = (
 
 
 class SLMLoss:
-    def __init__(self, loss_mode: str, selector: TokenSelector | None, vocab_size: int):
-        self.loss_mode, self.selector, self.vocab_size = loss_mode, selector, vocab_size
+    """Token losses of one micro-batch, the selector's choice, and the fused selective output layer + CE."""
+
+    def __init__(self, selector: TokenSelector, vocab_size: int):
+        self.selector, self.vocab_size = selector, vocab_size
 
     def __call__(self, mb: dict, weight: torch.Tensor, hidden: torch.Tensor):
         """``weight``: this rank's output-layer shard [V/TP, H]; ``hidden``: final hidden states [b, s, H]."""
         labels, valid = mb["labels"], mb["loss_mask"] > 0
         logits = head_logits(hidden, weight)  # no grad; the selected rows are kept for backward
         token_loss, lse = vocab_parallel_token_loss(logits, labels, vocab_size=self.vocab_size)
-        if self.loss_mode == "clm":
-            selected, excess, ref = valid, None, None
-        else:
-            ref = mb["ref_loss"]
-            excess = excess_loss(token_loss, ref)
-            selected = self.selector(excess, valid, mb.get("selection")) & valid
+        ref = mb["ref_loss"] if self.selector.uses_reference else None
+        excess = excess_loss(token_loss, ref) if ref is not None else None
+        selected = self.selector(excess, valid, mb) & valid
         per_token = selective_head_cross_entropy(
             hidden, weight, labels, selected, vocab_size=self.vocab_size, logits=logits, token_loss=token_loss,
             logsumexp=lse,
@@ -46,14 +45,14 @@ class SLMLoss:
         del logits
         num_selected = selected.sum()
         with torch.no_grad():
-            validf, self_ = valid.double(), selected.double()
+            valid_f, selected_f = valid.double(), selected.double()
             zero = torch.zeros((), dtype=torch.float64, device=token_loss.device)
             stats = [
-                (token_loss.double() * self_).sum(), num_selected.double(),
-                (token_loss.double() * validf).sum(), validf.sum(),
-                (ref.double() * validf).sum() if ref is not None else zero,
-                (excess.double() * self_).sum() if excess is not None else zero,
-                (excess.double() * (validf - self_)).sum() if excess is not None else zero,
+                (token_loss.double() * selected_f).sum(), num_selected.double(),
+                (token_loss.double() * valid_f).sum(), valid_f.sum(),
+                (ref.double() * valid_f).sum() if ref is not None else zero,
+                (excess.double() * selected_f).sum() if excess is not None else zero,
+                (excess.double() * (valid_f - selected_f)).sum() if excess is not None else zero,
             ]
         details = {"selected": selected.detach(), "token_loss": token_loss, "ref_loss": ref}
         return per_token.sum(), num_selected.int(), {"stats": torch.stack(stats), **details}

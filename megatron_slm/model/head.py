@@ -15,8 +15,11 @@ import torch
 
 
 def unwrap(model):
-    """The GPTModel inside DDP / Float16Module / a DeepSpeed engine."""
-    while not hasattr(model, "decoder") and hasattr(model, "module"):
+    """The GPTModel inside DDP / Float16Module / a DeepSpeed engine (by type: an engine forwards attribute
+    lookups to its module, so it looks like a GPTModel to ``hasattr``)."""
+    from megatron.core.models.gpt import GPTModel
+
+    while not isinstance(model, GPTModel):
         model = model.module
     return model
 

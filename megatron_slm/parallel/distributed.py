@@ -8,7 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megatron_slm.errors import ConfigError
+from megatron_slm.config import data_parallel_size
 from megatron_slm.parallel import cpu_shims
 
 
@@ -31,13 +31,7 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
             backend="nccl" if torch.cuda.is_available() else "gloo",
             timeout=timedelta(minutes=timeout_minutes),
         )
-    world = dist.get_world_size()
-    if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
-        raise ConfigError(
-            f"world size {world} is not divisible by TP x PP = {tensor_model_parallel_size} x "
-            f"{pipeline_model_parallel_size}; launch a multiple of "
-            f"{tensor_model_parallel_size * pipeline_model_parallel_size} processes"
-        )
+    data_parallel_size(dist.get_world_size(), tensor_model_parallel_size, pipeline_model_parallel_size)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -54,6 +48,11 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def world_size() -> int:
+    """Processes in the job: the process group's size, else torchrun's WORLD_SIZE, else 1."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_last_rank() -> bool:

@@ -7,10 +7,9 @@ megatron-core's schedules: with DeepSpeed, PP must be 1 (DeepSpeed's own pipelin
 different model structure).
 
 Normalisation: the SLM loss is sum(selected token losses) / (selected tokens in the global batch). The
-engine back-propagates each micro-batch as it comes, so the denominator must be known first: for the
-sequence, micro_batch and global_batch scopes it follows exactly from the loss masks (selection keeps
-round(k * valid) tokens of each group), computed before the pass; for ``threshold`` it is the expected
-count round(k * valid). DeepSpeed averages gradients over DP, hence the factor DP in the loss.
+engine back-propagates each micro-batch as it comes, so the denominator must be known first: the selector's
+``expected_count`` gives it from the loss masks alone (exact for every scope but ``threshold``, whose count
+is the expected round(k * valid)). DeepSpeed averages gradients over DP, hence the factor DP in the loss.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from megatron_slm.config import bf16_enabled
 from megatron_slm.errors import CheckpointError, ConfigError
 from megatron_slm.model.head import output_weight
 
@@ -66,41 +65,13 @@ def load_ds_config(path: str, cfg, dp_size: int) -> dict:
                 f"{path}: {key}={ds[key]} disagrees with the run ({value}); set it to \"auto\" or to {value}"
             )
         ds[key] = value
-    bf16 = tr.bf16 if tr.bf16 is not None else torch.cuda.is_available()
-    ds["bf16"] = dict(ds.get("bf16", {}), enabled=bool(bf16))
+    ds["bf16"] = dict(ds.get("bf16", {}), enabled=bf16_enabled(tr))
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(
             f"{path}: leave out 'optimizer' and 'scheduler'; the run's --lr, --min-lr, --weight-decay, --adam-* and "
             "warmup+cosine schedule are applied for both backends"
         )
     return ds
-
-
-def expected_num_selected(micro_batches: list[dict], scope: str | None, k: float) -> float:
-    """Selected tokens in the global batch, from the loss masks alone (see module docstring)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_slm.slm import num_selected
-
-    from megatron_slm.parallel.distributed import device
-
-    group, dev = ps.get_data_parallel_group(), device()  # NCCL reduces device tensors only
-    valid = [(mb["loss_mask"] > 0) for mb in micro_batches]
-    if scope is None:  # CLM: every valid token
-        total = torch.tensor(float(sum(int(v.sum()) for v in valid)), dtype=torch.float64, device=dev)
-        dist.all_reduce(total, group=group)
-        return float(total)
-    if scope == "sequence":
-        count = torch.tensor(float(sum(int(num_selected(v.sum(-1), k).sum()) for v in valid)), dtype=torch.float64,
-                             device=dev)
-        dist.all_reduce(count, group=group)
-        return float(count)
-    per_mb = torch.tensor([float(v.sum()) for v in valid], dtype=torch.float64, device=dev)
-    dist.all_reduce(per_mb, group=group)  # micro-batch i summed over DP ranks
-    per_mb = per_mb.cpu()
-    if scope == "micro_batch":
-        return float(num_selected(per_mb, k).sum())
-    return float(num_selected(per_mb.sum(), k))  # global_batch (exact), threshold (expected)
 
 
 class DeepSpeedBackend:
@@ -114,11 +85,6 @@ class DeepSpeedBackend:
 
         cpu_shims.apply_deepspeed()
 
-        if cfg.parallel.pipeline_model_parallel_size != 1:
-            raise ConfigError(
-                "--deepspeed runs with pipeline_model_parallel_size=1; for PP > 1 use megatron-core's optimizer "
-                "(drop --deepspeed)"
-            )
         self.cfg = cfg
         ds_config = load_ds_config(cfg.train.deepspeed, cfg, dp_size)
         tr = cfg.train
@@ -135,9 +101,10 @@ class DeepSpeedBackend:
         )
         self.dp_size = dp_size
 
-    def train_step(self, micro_batches: list[dict], loss_fn, forward, scope: str | None, k: float):
-        """Forward/backward every micro-batch through the engine, then one optimizer step."""
-        total = max(expected_num_selected(micro_batches, scope, k), 1.0)
+    def train_step(self, micro_batches: list[dict], loss_fn, forward, selector):
+        """Forward/backward every micro-batch through the engine, then one optimizer step (PP=1, checked by
+        config.validate)."""
+        total = max(selector.expected_count(micro_batches), 1.0)
         outputs = []
         for mb in micro_batches:
             hidden = forward(self.engine, mb)

@@ -15,34 +15,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_slm.config import Config, validate
+from megatron_slm import checkpoint
+from megatron_slm.config import Config, bf16_enabled, reference_bf16, reference_in_memory, validate
 from megatron_slm.data.batches import to_device
-from megatron_slm.loss.selection import TokenSelector, select_global_batch
+from megatron_slm.errors import CheckpointError
+from megatron_slm.log import get_logger
+from megatron_slm.loss.selection import build_selector
 from megatron_slm.loss.slm_loss import STAT_KEYS, SLMLoss
 from megatron_slm.model.build import build_model
-from megatron_slm.model.head import output_weight
+from megatron_slm.model.head import output_weight, unwrap
 from megatron_slm.parallel import distributed
-from megatron_slm.slm import excess_loss
 from megatron_slm.training.metrics import MetricsLogger
 from megatron_slm.training.passes import model_forward, score_pass
 
 
-def compute_dtype(cfg: Config) -> torch.dtype:
-    bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else torch.cuda.is_available()
-    return torch.bfloat16 if bf16 else torch.float32
-
-
-def reference_dtype(cfg: Config) -> torch.dtype:
-    if cfg.reference.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return torch.bfloat16 if cfg.reference.dtype == "bf16" else torch.float32
+log = get_logger(__name__)
 
 
 def build_reference(cfg: Config):
     """The frozen reference: same TP/PP layout, no grads, no optimizer, not in DDP, eval mode."""
-    from megatron_slm import checkpoint
-
-    dtype = reference_dtype(cfg)
+    dtype = torch.bfloat16 if reference_bf16(cfg) else torch.float32
     ref = build_model(cfg.reference.model, cfg.parallel, seed=cfg.train.seed + 1, params_dtype=dtype)
     ref.to(dtype)  # megatron's torch norms ignore params_dtype; casting everything as Float16Module would
     if cfg.reference.load:
@@ -56,8 +48,7 @@ def build_reference(cfg: Config):
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        world = dist.get_world_size() if dist.is_initialized() else _env_world_size()
-        validate(cfg, world_size=world)
+        validate(cfg, world_size=distributed.world_size())
         par, tr = cfg.parallel, cfg.train
         distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed)
         from megatron.core import parallel_state as ps
@@ -65,15 +56,14 @@ class Trainer:
         self.ps = ps
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.is_last_stage = ps.is_pipeline_last_stage()
-        self.dtype = compute_dtype(cfg)
+        self.dtype = torch.bfloat16 if bf16_enabled(cfg.train) else torch.float32
         torch.manual_seed(tr.seed)
 
         self.model, self.optimizer, self.scheduler = self._build_policy()
-        self.slm = cfg.slm.loss_mode == "slm"
-        self.reference = build_reference(cfg) if self.slm and cfg.slm.reference_mode == "online" else None
-        selector = TokenSelector(cfg.slm.selection_scope, cfg.slm.slm_select_ratio, cfg.slm.threshold_momentum)
-        self.selector = selector if self.slm else None
-        self.loss = SLMLoss(cfg.slm.loss_mode, self.selector, cfg.model.vocab_size)
+        self.selector = build_selector(cfg.slm)  # CLM: every valid token
+        self.selective = self.selector.uses_reference  # SLM (the reference's scores rank the tokens)
+        self.reference = build_reference(cfg) if reference_in_memory(cfg) else None
+        self.loss = SLMLoss(self.selector, cfg.model.vocab_size)
         self.iteration = 0
         from megatron_slm.data.datasets import parse_blend
 
@@ -121,8 +111,6 @@ class Trainer:
         """The policy GPTModel; from --pretrained-checkpoint (megatron_slm or transformers dir) when not resuming.
 
         Loaded before DDP/optimizer wrapping so mixed-precision master weights start from it."""
-        from megatron_slm import checkpoint
-
         cfg = self.cfg
         module = build_model(cfg.model, cfg.parallel, seed=cfg.train.seed, params_dtype=dtype)
         pretrained = cfg.checkpoint.pretrained_checkpoint
@@ -133,8 +121,6 @@ class Trainer:
 
     def _resume_source(self) -> str | None:
         """Where a training checkpoint to resume from lies (--load, else --save), if there is one."""
-        from megatron_slm import checkpoint
-
         ck = self.cfg.checkpoint
         source = ck.load or ck.save
         if source and (checkpoint.latest_iteration(source) is not None or (Path(source) / checkpoint.TRAINER_STATE).is_file()):
@@ -155,9 +141,8 @@ class Trainer:
 
     @property
     def policy_module(self):
-        """The GPTModel inside DDP (and Float16Module)."""
-        m = self.model.module
-        return m.module if hasattr(m, "module") and not hasattr(m, "decoder") else m
+        """The GPTModel inside DDP (and Float16Module, or the DeepSpeed engine)."""
+        return unwrap(self.model)
 
     # -- one step ------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -166,24 +151,14 @@ class Trainer:
         return model_forward(model, mb), functools.partial(self.loss, mb, weight)
 
     def prepare_selection(self, micro_batches: list[dict]) -> None:
-        """Attach reference scores (online) and global-batch selection masks to the micro-batches."""
-        if not self.slm:
-            return
+        """Attach the reference's token losses (online SLM), then let the selector prepare (its scoring pass)."""
         vocab = self.cfg.model.vocab_size
         if self.reference is not None:
             ref_scores = score_pass(self.reference, micro_batches, vocab)
             if ref_scores is not None:
                 for mb, s in zip(micro_batches, ref_scores):
                     mb["ref_loss"] = s
-        if self.cfg.slm.selection_scope == "global_batch":
-            policy_scores = score_pass(self.policy_module, micro_batches, vocab)
-            if policy_scores is not None:
-                excess = [excess_loss(p, mb["ref_loss"]) for p, mb in zip(policy_scores, micro_batches)]
-                masks = select_global_batch(
-                    excess, [mb["loss_mask"] > 0 for mb in micro_batches], self.cfg.slm.slm_select_ratio
-                )
-                for mb, m in zip(micro_batches, masks):
-                    mb["selection"] = m
+        self.selector.prepare(micro_batches, lambda: score_pass(self.policy_module, micro_batches, vocab))
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over this DP rank's micro-batches. Returns reduced metrics (last stage)."""
@@ -193,8 +168,7 @@ class Trainer:
         to_device(micro_batches)
         self.prepare_selection(micro_batches)
         if self.ds is not None:
-            scope = self.cfg.slm.selection_scope if self.slm else None
-            outputs, grad_norm = self.ds.train_step(micro_batches, self.loss, model_forward, scope, self.cfg.slm.slm_select_ratio)
+            outputs, grad_norm = self.ds.train_step(micro_batches, self.loss, model_forward, self.selector)
             update_ok = True
             return self._finish_step(outputs, micro_batches, update_ok, grad_norm, start)
         self.model.zero_grad_buffer()
@@ -228,7 +202,7 @@ class Trainer:
 
     def _count_selection_by_dataset(self, outputs, micro_batches) -> None:
         """Selected and valid tokens per blended dataset, accumulated over the run (last stage, all DP)."""
-        if not (self.slm and self.is_last_stage and "dataset_id" in micro_batches[0]):
+        if not (self.selective and self.is_last_stage and "dataset_id" in micro_batches[0]):
             return
         counts = torch.zeros(2, self.num_datasets, dtype=torch.float64, device=distributed.device())
         for o, mb in zip(outputs, micro_batches):
@@ -255,9 +229,9 @@ class Trainer:
         return {
             "loss_selected": s["selected_loss_sum"] / n_sel,
             "loss_all": s["all_loss_sum"] / n_valid,
-            "ref_loss": s["ref_loss_sum"] / n_valid if self.slm else float("nan"),
-            "excess_selected": s["excess_selected_sum"] / n_sel if self.slm else float("nan"),
-            "excess_unselected": s["excess_unselected_sum"] / n_unsel if self.slm else float("nan"),
+            "ref_loss": s["ref_loss_sum"] / n_valid if self.selective else float("nan"),
+            "excess_selected": s["excess_selected_sum"] / n_sel if self.selective else float("nan"),
+            "excess_unselected": s["excess_unselected_sum"] / n_unsel if self.selective else float("nan"),
             "selected_fraction": s["num_selected"] / n_valid,
             "num_selected": s["num_selected"],
             "num_valid": s["num_valid"],
@@ -279,29 +253,23 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def resume(self) -> bool:
         """Load the latest checkpoint of ``checkpoint.load`` (required to exist) or ``checkpoint.save``."""
-        from megatron_slm import checkpoint
-
         ck = self.cfg.checkpoint
         source = self._resume_source()
         if source is None:
             if ck.load:
-                raise checkpoint.CheckpointError(
+                raise CheckpointError(
                     f"--load {ck.load}: no training checkpoint there (no {checkpoint.LATEST}); check the path, or "
                     "drop --load to start fresh"
                 )
             return False
         it = checkpoint.load_training_checkpoint(self, source)
-        if distributed.is_last_rank():
-            print(f"resumed from {checkpoint.resolve(source)} at iteration {it}", flush=True)
+        log.info(f"resumed from {checkpoint.resolve(source)} at iteration {it}")
         return True
 
     def save_checkpoint(self) -> None:
-        from megatron_slm import checkpoint
-
         if self.cfg.checkpoint.save:
             path = checkpoint.save_training_checkpoint(self, self.cfg.checkpoint.save, self.cfg.checkpoint.keep_last)
-            if distributed.is_last_rank():
-                print(f"saved checkpoint {path}", flush=True)
+            log.info(f"saved checkpoint {path}")
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM/SIGUSR1 (Slurm preemption, --signal=B:USR1@N) ask for a checkpoint and a clean stop."""
@@ -325,7 +293,7 @@ class Trainer:
 
         Written by the last stage's first TP/DP rank to <save>/selection_dumps/iter_NNNNNNN.pt."""
         tr = self.cfg.train
-        if not (self.slm and details and tr.selection_dump_interval and self.cfg.checkpoint.save
+        if not (self.selective and details and tr.selection_dump_interval and self.cfg.checkpoint.save
                 and self.iteration % tr.selection_dump_interval == 0
                 and self.dp_rank == 0 and self.ps.get_tensor_model_parallel_rank() == 0):
             return
@@ -369,8 +337,7 @@ class Trainer:
         self.save_checkpoint()
         result = {"history": history, "stopped_by": stopped}
         if stopped:
-            if distributed.is_last_rank():
-                print(f"stopping at iteration {self.iteration} on {stopped}; resume by rerunning the same command", flush=True)
+            log.info(f"stopping at iteration {self.iteration} on {stopped}; resume by rerunning the same command")
         elif eval_batches is not None:
             result["eval_loss"] = self.evaluate_all(eval_batches())
             self.metrics.eval(self.iteration, result["eval_loss"])
@@ -382,12 +349,6 @@ class Trainer:
         if losses and losses[0] is not None:
             return float(sum(losses) / len(losses))
         return None
-
-
-def _env_world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def broadcast_from_last(obj):

@@ -566,13 +566,11 @@ def _checkpoint_iteration(directory) -> int | None:
 
 
 def _load_model(directory, vocab_size: int):
-    from megatron_slm.checkpoint import load_model_weights, read_model_meta
-    from megatron_slm.config import ModelConfig, ParallelConfig
+    from megatron_slm.checkpoint import load_model_weights, read_model_config
+    from megatron_slm.config import ParallelConfig
     from megatron_slm.model.build import build_model
 
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    meta = read_model_meta(directory)["model"]
-    cfg = ModelConfig(**{k: v for k, v in meta.items() if k in fields})
+    cfg = read_model_config(directory)
     model = build_model(cfg, ParallelConfig(), seed=0)
     load_model_weights(model, directory, expected_vocab=vocab_size)
     model.eval()

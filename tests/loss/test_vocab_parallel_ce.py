@@ -13,10 +13,8 @@ from dist_helpers import run_distributed
 from megatron.core import parallel_state as ps  # imported here so forked ranks inherit it (saves seconds)
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_slm.loss.vocab_parallel_ce import (
-    selective_cross_entropy,
-    vocab_parallel_token_loss,
-)
+from helpers.selective_ce import selective_cross_entropy
+from megatron_slm.loss.vocab_parallel_ce import vocab_parallel_token_loss
 from megatron_slm.parallel import distributed
 
 PADDED_VOCAB = 64

@@ -9,7 +9,7 @@ every rank finished; rank 0 merges the parts into the sidecars at the end.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -18,33 +18,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_slm.config import validate
-from megatron_slm.errors import ConfigError
+from megatron_slm.config import SCORE_DTYPES, validate
+from megatron_slm.errors import ConfigError, DataError
+from megatron_slm.log import get_logger
 
-
-def _print(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
-        print(msg, flush=True)
+log = get_logger(__name__)
 
 
 def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
     """Score every training sample with the reference; returns the sidecar prefixes written."""
     from megatron.core import parallel_state as ps
 
-    from megatron_slm.cli import check_inputs, dataset_sizes
     from megatron_slm.data.batches import micro_batches, to_device
     from megatron_slm.data.datasets import build_datasets, dataset_config, parse_blend
-    from megatron_slm.errors import DataError
     from megatron_slm.data.scores import default_scores_prefix
     from megatron_slm.parallel import distributed
     from megatron_slm.training.passes import score_pass
+    from megatron_slm.training.run import check_inputs, dataset_sizes
     from megatron_slm.training.trainer import build_reference
 
     if not cfg.reference.load:
         raise ConfigError("scoring needs the reference weights: --ref-load CHECKPOINT_DIR")
-    if dtype not in ("fp32", "bf16"):
-        raise ConfigError(f"--dtype {dtype!r}: use fp32 or bf16")
-    cfg.slm.loss_mode, cfg.slm.reference_mode = "slm", "online"  # what check_inputs should verify
+    if dtype not in SCORE_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(SCORE_DTYPES)}")
     prefixes = parse_blend(cfg.data.data_path)[0] if cfg.data.data_path else []
     outputs = cfg.reference.scores_path or [default_scores_prefix(p) for p in prefixes]
     if len(outputs) != len(prefixes):
@@ -52,8 +48,8 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
     existing = [o for o in outputs if Path(f"{o}.json").exists()]
     if existing and not force:
         raise DataError(f"score sidecar {existing[0]} already exists; pass --force to overwrite it")
-    info, _ = check_inputs(cfg)
-    validate(cfg, world_size=_world_size())
+    info, _ = check_inputs(cfg, reference=cfg.reference.load, offline_scores=False)
+    validate(cfg, world_size=distributed.world_size(), check_reference=True)
     tr, par = cfg.train, cfg.parallel
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed)
     reference = build_reference(cfg)
@@ -76,7 +72,7 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
     dist.all_reduce(start, op=dist.ReduceOp.MIN)
     start = int(start)
     if start:
-        _print(f"resuming after {start} scored steps found in {parts}")
+        log.info(f"resuming after {start} scored steps found in {parts}")
 
     t0, tokens = time.perf_counter(), 0
     for step in range(start, tr.train_iters):
@@ -96,19 +92,19 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
         if (step + 1) % max(tr.log_interval, 1) == 0 or step + 1 == tr.train_iters:
             rate = tokens / (time.perf_counter() - t0)
             eta = (tr.train_iters - step - 1) * G * tr.seq_length / max(rate, 1e-9)
-            _print(f"[score] step {step + 1:>6}/{tr.train_iters} | {rate:,.0f} tokens/s | ETA {eta:,.0f} s")
+            log.info(f"[score] step {step + 1:>6}/{tr.train_iters} | {rate:,.0f} tokens/s | ETA {eta:,.0f} s")
     dist.barrier()
     if dist.get_rank() == 0:
         _merge(parts, prefixes, outputs, dtype, dp_size, tr.train_iters, cfg)
         shutil.rmtree(parts)
     dist.barrier()
     elapsed = time.perf_counter() - t0
-    _print(f"[score] wrote {', '.join(outputs)} ({tokens:,} tokens scored in {elapsed:.1f} s, {tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
+    log.info(f"[score] wrote {', '.join(outputs)} ({tokens:,} tokens scored in {elapsed:.1f} s, {tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
     return outputs
 
 
 def _merge(parts: Path, prefixes, outputs, dtype, dp_size, steps, cfg) -> None:
-    from megatron_slm.checkpoint import read_model_meta
+    from megatron_slm.checkpoint import read_model_config
     from megatron_slm.data.scores import token_fingerprint, write_sidecar
 
     flats = []
@@ -124,7 +120,7 @@ def _merge(parts: Path, prefixes, outputs, dtype, dp_size, steps, cfg) -> None:
                 keep = pos >= 0  # -1: padding of the last sample
                 flats[d][pos[keep].numpy()] = val[keep].numpy()
     manifest = {
-        "reference": {"load": cfg.reference.load, "model": read_model_meta(cfg.reference.load)["model"]},
+        "reference": {"load": cfg.reference.load, "model": dataclasses.asdict(read_model_config(cfg.reference.load))},
         "scoring": {"data_path": cfg.data.data_path, "split": cfg.data.split, "seq_length": cfg.train.seq_length,
                     "seed": cfg.train.seed, "global_batch_size": cfg.train.global_batch_size, "train_iters": steps},
     }
@@ -133,41 +129,3 @@ def _merge(parts: Path, prefixes, outputs, dtype, dp_size, steps, cfg) -> None:
         write_sidecar(out, prefix, flat, dtype, manifest_d)
         del flat
         Path(f"{out}.flat.npy").unlink()
-
-
-def _world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def main(argv=None) -> int:
-    import argparse
-    import sys
-
-    from megatron_slm.config import add_override_arguments, load_config
-    from megatron_slm.parallel import distributed
-
-    p = argparse.ArgumentParser(
-        prog="score_reference",
-        description="Write per-token reference scores for offline SLM (run under torchrun with the training run's data flags)",
-    )
-    p.add_argument("--config")
-    p.add_argument("--dtype", default="fp32", help="fp32 (exact replay of online SLM) or bf16 (half the disk)")
-    p.add_argument("--force", action="store_true", help="overwrite existing sidecars")
-    add_override_arguments(p)
-    args = p.parse_args(argv)
-    from megatron_slm.errors import SLMError
-
-    try:
-        cfg = load_config(args.config, args=args)
-        score_reference(cfg, dtype=args.dtype, force=args.force)
-    except SLMError as exc:
-        import os
-
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.destroy()
-    return 0
