@@ -79,7 +79,6 @@ def _train(args, cfg) -> int:
 def _check(args, cfg) -> int:
     from megatron_slm.config import validate
 
-    log = _log()
     if cfg.data.data_path:
         from megatron_slm.training.run import check_run_inputs
 
@@ -87,7 +86,8 @@ def _check(args, cfg) -> int:
         validate(cfg, world_size=args.world_size)
     else:
         validate(cfg, world_size=args.world_size, require_vocab=False)
-        log.info("note: no --data-path given: the vocabulary, data and checkpoint checks run when it is")
+        print("note: no --data-path given: the vocabulary, data and checkpoint checks run when it is",
+              file=sys.stderr)  # stdout holds the resolved config (JSON)
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
 
@@ -101,12 +101,6 @@ def _score(args, cfg) -> int:
     finally:
         distributed.destroy()
     return 0
-
-
-def _log():
-    from megatron_slm.log import get_logger
-
-    return get_logger("megatron_slm.cli")
 
 
 def main(argv=None) -> int:
