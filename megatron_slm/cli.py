@@ -77,17 +77,15 @@ def _train(args, cfg) -> int:
 
 
 def _check(args, cfg) -> int:
+    """The input checks of ``slm train`` (one code path: training/run.py), then the layout."""
     from megatron_slm.config import validate
+    from megatron_slm.training.run import check_run_inputs
 
-    if cfg.data.data_path:
-        from megatron_slm.training.run import check_run_inputs
-
-        check_run_inputs(cfg)
-        validate(cfg, world_size=args.world_size)
-    else:
-        validate(cfg, world_size=args.world_size, require_vocab=False)
-        print("note: no --data-path given: the vocabulary, data and checkpoint checks run when it is",
-              file=sys.stderr)  # stdout holds the resolved config (JSON)
+    check_run_inputs(cfg, require_data=False, world_size=args.world_size)
+    validate(cfg, world_size=args.world_size, require_vocab=bool(cfg.data.data_path))
+    if not cfg.data.data_path:
+        print("note: no --data-path given: the data checks (vocabulary, token ids, tokenizer, score sidecars) "
+              "run when it is", file=sys.stderr)  # stdout holds the resolved config (JSON)
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
 

@@ -29,6 +29,7 @@ SELECTION_SCOPES = ("sequence", "micro_batch", "global_batch", "threshold")
 LOSS_MODES = ("slm", "clm")
 REFERENCE_MODES = ("online", "offline")
 REFERENCE_DTYPES = ("auto", "fp32", "bf16")
+NONFINITE_POLICIES = ("skip", "stop")
 SCORE_DTYPES = ("fp32", "bf16")  # slm score-reference --dtype: how the sidecar stores the scores
 
 
@@ -112,6 +113,10 @@ class TrainConfig:
     adam_beta2: float = _opt(0.95, "Adam beta2")
     adam_eps: float = _opt(1e-8, "Adam epsilon")
     clip_grad: float = _opt(1.0, "gradient-norm clipping (0: off)")
+    on_nonfinite: str = _opt("skip", "a step whose loss or gradient norm is NaN/inf (agreed on all ranks): skip "
+                                     "its update, or stop the run (exit non-zero, no checkpoint of that step); "
+                                     "with --deepspeed always stop", NONFINITE_POLICIES)
+    max_nonfinite_skips: int = _opt(5, "stop (exit non-zero) after this many consecutive skipped steps")
     seed: int = _opt(1234, "seed of the weight init, the data order and dropout")
     bf16: Optional[bool] = _opt(None, "bf16 compute with fp32 master weights (unset: on GPU yes, on CPU no)")
     log_interval: int = _opt(10, "steps between log lines")
@@ -147,6 +152,11 @@ class CheckpointConfig:
     load: Optional[str] = _opt(None, "resume from this training checkpoint instead of --save (must hold one)")
     save_interval: int = _opt(0, "steps between checkpoints (0: only at the end and on SIGTERM/SIGUSR1)")
     keep_last: int = _opt(2, "complete checkpoints kept under --save")
+    override_opt_param_scheduler: bool = _opt(
+        False, "on resume, run the LR/WD schedule of this run's flags (--lr, --min-lr, --lr-warmup-iters, "
+               "--train-iters, --weight-decay) instead of refusing when they differ from the checkpoint's")
+    use_checkpoint_opt_param_scheduler: bool = _opt(
+        False, "on resume, keep the checkpoint's LR/WD schedule even if those flags differ")
     pretrained_checkpoint: Optional[str] = _opt(
         None, "the policy's initial weights (megatron_slm or transformers dir) when there is nothing to resume; "
               "optimizer and LR schedule start fresh")
@@ -242,6 +252,13 @@ def _merge_dict(cfg, data: dict, prefix=(), source="config"):
             _merge_dict(cfg, value, path, source)
         else:
             _set(cfg, path, _coerce(value, _leaf_type(cfg, path), f"{source}: {'.'.join(path)}"))
+            explicitly_set(cfg).add(path)
+
+
+def explicitly_set(cfg: Config) -> set:
+    """Paths of the leaves the user set (YAML, overrides, flags, or through a model preset); the others hold
+    defaults that a checkpoint's recorded values may replace (megatron_slm.training.run)."""
+    return cfg.__dict__.setdefault("_explicit", set())
 
 
 def _show_default(value) -> str:
@@ -305,18 +322,22 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, ar
             if key.startswith("cfg__") and value is not None:
                 p = tuple(key[len("cfg__"):].split("__"))
                 _set(cfg, p, _coerce(value, _leaf_type(cfg, p), _flag_for(p)))
+                explicitly_set(cfg).add(p)
     resolve(cfg)
     return cfg
 
 
 def resolve(cfg: Config) -> Config:
     """Fill model shapes from presets and the reference's unset fields from the policy."""
-    from megatron_slm.model.presets import apply_preset
+    from megatron_slm.model.presets import PRESETS, apply_preset
 
     apply_preset(cfg.model)
     ref = cfg.reference.model
     if ref.preset:
         apply_preset(ref)
+    for section, m in ((("model",), cfg.model), (("reference", "model"), ref)):
+        if m.preset:  # a preset is the user's choice of shape: its fields count as set
+            explicitly_set(cfg).update(section + (k,) for k in PRESETS[m.preset])
     for f in dataclasses.fields(ModelConfig):
         if f.name != "preset" and getattr(ref, f.name) is None:
             setattr(ref, f.name, getattr(cfg.model, f.name))
@@ -405,6 +426,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, require_vocab: bool 
         choices, value = f.metadata.get("choices"), _get(cfg, path)
         if choices and value is not None and value not in choices:
             problems.append(f"{'.'.join(path)}={value!r}; use one of {', '.join(choices)} ({_flag_for(path)})")
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{'.'.join(path)}={value} is not a finite number ({_flag_for(path)})")
     if not (0.0 < slm.slm_select_ratio <= 1.0):
         problems.append(
             f"slm.slm_select_ratio (k) = {slm.slm_select_ratio} is outside (0, 1]; the paper uses 0.6 (1B) / 0.7 (7B)"
@@ -427,6 +450,10 @@ def validate(cfg: Config, world_size: Optional[int] = None, require_vocab: bool 
         problems.append("micro_batch_size and global_batch_size must be >= 1 and seq_length >= 2")
     if tr.train_iters < 0:
         problems.append("train_iters must be >= 0")
+    if tr.max_nonfinite_skips < 0:
+        problems.append("max_nonfinite_skips must be >= 0")
+    if cfg.checkpoint.override_opt_param_scheduler and cfg.checkpoint.use_checkpoint_opt_param_scheduler:
+        problems.append("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
     if tr.lr_warmup_iters < 0 or tr.lr < 0 or tr.min_lr < 0 or tr.min_lr > tr.lr:
         problems.append(f"need lr >= min_lr >= 0 and lr_warmup_iters >= 0 (lr={tr.lr}, min_lr={tr.min_lr})")
     if world_size is not None:

@@ -147,7 +147,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, dtype: str = "fp32", verify: bool 
 
     Returns the max abs logit difference against transformers when ``verify`` (else None).
     """
-    from megatron_slm.checkpoint import save_model_weights
+    from megatron_slm.checkpoint import save_model_weights, tokenizer_fingerprints
 
     torch_dtype = _dtype(dtype)
     hf_cfg = read_hf_config(hf_dir)
@@ -166,7 +166,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, dtype: str = "fp32", verify: bool 
         out = Path(out_dir)
         if force and out.exists() and not out.is_dir():
             out.unlink()
-        save_model_weights(model, str(out), m)
+        save_model_weights(model, str(out), m, tokenizer_fingerprints(hf_dir))  # its tokenizer files, if any
         sidecar = {"hf_config": hf_cfg, "dtype": dtype, "source": str(Path(hf_dir).resolve())}
         tmp = out / (HF_SOURCE + ".tmp")
         tmp.write_text(json.dumps(sidecar, indent=2))

@@ -28,3 +28,7 @@ class CheckpointError(SLMError, RuntimeError):
 
 class ConvertError(SLMError, RuntimeError):
     """An input or output the checkpoint converter cannot use."""
+
+
+class DivergenceError(SLMError, RuntimeError):
+    """Training stopped on non-finite losses or gradients (``--on-nonfinite``); no checkpoint of them was saved."""

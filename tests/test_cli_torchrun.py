@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers.data import tiny_text_dataset
 
 from megatron_slm.parallel.distributed import free_port
 
@@ -19,21 +20,7 @@ VOCAB = 128
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Real text through the real preprocessing tool, with a sentencepiece tokenizer trained here."""
-    import sentencepiece as spm
-
-    from megatron_slm.data.preprocess import preprocess
-
-    d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    words = "the of a number integer matrix prime sum value function returns list given x y n".split()
-    lines = [" ".join(rng.choice(words, size=rng.integers(8, 40))) for _ in range(300)]
-    (d / "train.txt").write_text("\n".join(lines[:250]))
-    (d / "valid.txt").write_text("\n".join(lines[250:]))
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(d / "tok"), vocab_size=VOCAB,
-                                   model_type="bpe", eos_id=2, bos_id=1, unk_id=0, pad_id=-1, num_threads=1)
-    for name in ("train", "valid"):
-        preprocess([d / f"{name}.txt"], d / name, d / "tok.model", workers=1, split_lines=True)
-    return d
+    return tiny_text_dataset(tmp_path_factory.mktemp("data"), vocab=VOCAB)
 
 
 def _slm(args, nproc, timeout=240):

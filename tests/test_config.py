@@ -42,6 +42,8 @@ def test_real_presets_resolve():
         ({"train": {"global_batch_size": 6}}, 4, "not divisible by micro_batch_size x data-parallel"),
         ({"parallel": {"tensor_model_parallel_size": 2}}, 3, "world size 3 is not divisible by TP x PP = 2 x 1"),
         ({"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": True}}, None, "sequence_parallel needs TransformerEngine or Apex"),
+        ({"train": {"lr": float("nan")}}, None, "train.lr=nan is not a finite number (--lr)"),
+        ({"slm": {"threshold_momentum": float("inf")}}, None, "slm.threshold_momentum=inf is not a finite number"),
     ],
 )
 def test_each_problem_gets_one_clear_error(overrides, world, message):

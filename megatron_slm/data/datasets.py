@@ -3,8 +3,10 @@
 Blending by weight, train/valid/test split, seeded shuffling, sequence packing and the loss mask at EOD are
 megatron-core's. This module adds two things:
 
-- one metadata check up front: every dataset of a blend must come from the same tokenizer, and its
-  vocabulary must be the model's (``<prefix>.json``, written by tools/preprocess_data.py);
+- one metadata check up front: every dataset of a blend must come from the same tokenizer, its
+  vocabulary must be the model's (``<prefix>.json``, written by tools/preprocess_data.py), and every token
+  id in its ``.bin`` must lie inside that vocabulary (the id range is recorded in ``<prefix>.json`` for the
+  ``.bin``'s size and mtime, and rescanned when either changes);
 - a *positions twin*: the same GPTDataset built over a stand-in low-level dataset whose "tokens" are each
   token's global position in its ``.bin``. Given the same config and seed, megatron-core's own index
   building yields, for sample i, exactly where each of its tokens came from, through shuffling, packing
@@ -14,6 +16,7 @@ megatron-core's. This module adds two things:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +72,64 @@ def read_meta(prefix: str) -> dict:
     return meta
 
 
+SCAN_CHUNK = 1 << 24  # token ids read at a time when scanning a .bin (at most 64 MiB of int32 ids)
+
+
+def scan_token_ids(prefix: str, vocab_size: int):
+    """``(min id, max id, first)`` over the ids ``<prefix>.idx`` references in ``<prefix>.bin``, read in chunks
+    (bounded memory); ``first`` is ``(position, id)`` of the first id outside [0, vocab_size), else None
+    (then the scan stops there and min/max are partial)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    index = IndexedDataset(prefix, mmap=True).index
+    itemsize = np.dtype(index.dtype).itemsize
+    end = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * itemsize if len(index) else 0
+    size = Path(f"{prefix}.bin").stat().st_size
+    if size < end:
+        raise DataError(f"dataset '{prefix}': {Path(prefix).name}.bin has {size} bytes but its index needs {end}: it is "
+                        "truncated or corrupt; rebuild it with tools/preprocess_data.py")
+    n = end // itemsize
+    if n == 0:
+        return 0, -1, None
+    ids = np.memmap(f"{prefix}.bin", dtype=index.dtype, mode="r", shape=(n,))
+    lo, hi = None, None
+    for start in range(0, n, SCAN_CHUNK):
+        chunk = ids[start:start + SCAN_CHUNK]
+        cmin, cmax = int(chunk.min()), int(chunk.max())
+        if cmin < 0 or cmax >= vocab_size:
+            at = int(np.flatnonzero((chunk < 0) | (chunk >= vocab_size))[0])
+            return cmin, cmax, (start + at, int(chunk[at]))
+        lo, hi = cmin if lo is None else min(lo, cmin), cmax if hi is None else max(hi, cmax)
+    return lo, hi, None
+
+
+def check_token_ids(prefix: str, meta: dict, vocab_size: int) -> None:
+    """Every token id of ``<prefix>.bin`` lies in [0, vocab_size) (an id past it trains silently with tensor
+    parallelism and crashes without). Uses the range ``<prefix>.json`` records for the .bin's current size and
+    mtime; otherwise scans the .bin once and records the range there (if the file is writable)."""
+    bin_path = Path(f"{prefix}.bin")
+    st = bin_path.stat()
+    key = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    lo, hi = meta.get("min_token_id"), meta.get("max_token_id")
+    if meta.get("token_ids_bin") == key and isinstance(lo, int) and isinstance(hi, int) and lo >= 0 and hi < vocab_size:
+        return
+    lo, hi, first = scan_token_ids(prefix, vocab_size)
+    if first is not None:
+        raise DataError(
+            f"dataset '{prefix}': token id {first[1]} at position {first[0]} is outside the vocabulary "
+            f"(vocab_size={vocab_size}); the .bin is corrupt or was tokenized with another tokenizer; rebuild it "
+            "with tools/preprocess_data.py"
+        )
+    meta.update(min_token_id=lo, max_token_id=hi, token_ids_bin=key)
+    meta_path = Path(f"{prefix}.json")
+    tmp = Path(f"{meta_path}.tmp-{os.getpid()}")
+    try:  # atomic: ranks checking the same dataset at once each write the same content
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, meta_path)
+    except OSError:  # read-only data: scan again next time
+        tmp.unlink(missing_ok=True)
+
+
 def parse_blend(paths: list[str] | None):
     """Megatron's blend list: ``[prefix, ...]`` or ``[weight, prefix, weight, prefix, ...]``."""
     if not paths:
@@ -98,6 +159,8 @@ def token_info(blends, vocab_size: int | None, tokenizer_fingerprint: str | None
         )
     if tokenizer_fingerprint is not None and fp is not None and tokenizer_fingerprint != fp:
         raise DataError("the data was tokenized with a different tokenizer file than data.tokenizer_model; re-tokenize it")
+    for prefix, meta in metas.items():
+        check_token_ids(prefix, meta, vocab)
     return TokenInfo(eod=eod, vocab_size=vocab, fingerprint=fp)
 
 

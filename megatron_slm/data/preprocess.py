@@ -12,7 +12,10 @@ text is empty or blank are skipped and counted. One document = one sequence = on
 ``IndexedDatasetBuilder``; the token dtype is ``DType.optimal_dtype(vocab_size)`` (uint16 below 65500).
 
 ``<prefix>.json`` records the tokenizer (path, kind, sha256 fingerprint, vocab size, EOD), the counts, the
-dtype, the inputs, the .idx's sha256 and the .bin's size. Everything is written under temporary names and
+dtype, the inputs, the .idx's sha256, the .bin's size and the range of its token ids (``min_token_id``,
+``max_token_id``, valid for the .bin's size and mtime in ``token_ids_bin``; training rescans a .bin that
+changed). A JSON line whose text holds a lone UTF-16 surrogate (``"\\ud800"``), which no tokenizer can
+encode, is refused naming its file and line. Everything is written under temporary names and
 renamed at the end (the .idx last), so an interrupted run never leaves a complete-looking output.
 
     python tools/preprocess_data.py data/*.jsonl --tokenizer tokenizer.model --output-prefix data/train
@@ -167,6 +170,12 @@ def _encode_task(task) -> tuple:
                     text = text.rstrip("\r\n")
         except UnicodeDecodeError as e:
             return ("error", f"{where} is not UTF-8 text ({e.reason} at byte {e.start})")
+        if not text.isascii():  # a JSON "\ud800" escape without its pair decodes to a str no tokenizer takes
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return ("error", f"{where}: the text holds a lone UTF-16 surrogate (\\u{ord(text[e.start]):04x}, "
+                                 f"character {e.start}), which no tokenizer can encode; fix or drop that line")
         if not text.strip():
             empty += 1
             continue
@@ -290,6 +299,7 @@ def preprocess(inputs: Sequence[Union[str, os.PathLike]], output_prefix: Union[s
     tmp = {ext: f"{p}.partial-{os.getpid()}" for ext, p in outputs.items()}
     progress = _Progress(quiet, log_every, stream)
     docs = tokens = empty = 0
+    lo, hi = None, None  # the range of the token ids written
     done = False
     builder = None
     results = _results(_tasks(files, json_key, split_lines), tokenizer, workers, append_eod)
@@ -304,6 +314,9 @@ def preprocess(inputs: Sequence[Union[str, os.PathLike]], output_prefix: Union[s
             for n in lengths:
                 builder.add_document(flat[start:start + n], [n])
                 start += n
+            if flat.size:
+                lo = int(flat.min()) if lo is None else min(lo, int(flat.min()))
+                hi = int(flat.max()) if hi is None else max(hi, int(flat.max()))
             docs += len(lengths)
             tokens += int(flat.size)
             empty += n_empty
@@ -312,12 +325,15 @@ def preprocess(inputs: Sequence[Union[str, os.PathLike]], output_prefix: Union[s
             raise PreprocessError(f"empty input: {len(files)} file(s) hold no non-empty document "
                                   f"({empty} empty skipped)")
         builder.finalize(tmp[".idx"])
+        bin_stat = os.stat(tmp[".bin"])  # the rename below keeps size and mtime
         elapsed = time.perf_counter() - progress.t0
         meta = {"format": "megatron-core indexed dataset", "tool": TOOL, "tool_version": TOOL_VERSION,
                 **tokenizer.describe(), "append_eod": bool(append_eod), "dtype": np.dtype(dtype).name,
                 "num_documents": docs, "num_tokens": tokens, "num_empty_skipped": empty,
                 "inputs": [str(f) for f in files], "json_key": json_key, "split_lines": bool(split_lines),
-                "idx_sha256": _sha256(tmp[".idx"]), "bin_bytes": os.path.getsize(tmp[".bin"])}
+                "idx_sha256": _sha256(tmp[".idx"]), "bin_bytes": bin_stat.st_size,
+                "min_token_id": lo, "max_token_id": hi,
+                "token_ids_bin": {"bytes": bin_stat.st_size, "mtime_ns": bin_stat.st_mtime_ns}}
         with open(tmp[".json"], "w") as f:
             f.write(json.dumps(meta, indent=1) + "\n")
         # The .idx is what makes a prefix look complete (IndexedDataset.exists): drop the old one first,

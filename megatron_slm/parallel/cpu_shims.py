@@ -141,9 +141,14 @@ def apply() -> None:
     from megatron.core.optimizer import optimizer as moptimizer
 
     moptim.get_megatron_optimizer = on_cpu(moptim.get_megatron_optimizer)
-    for cls in (moptimizer.FP32Optimizer, moptimizer.MixedPrecisionOptimizer, moptimizer.ChainedOptimizer):
-        if "step" in vars(cls):
-            cls.step = on_cpu(cls.step)
+    for cls in (moptimizer.MegatronOptimizer, moptimizer.FP32Optimizer, moptimizer.MixedPrecisionOptimizer,
+                moptimizer.ChainedOptimizer):
+        for stage in ("step", "prepare_grads", "get_grad_norm", "step_with_ready_grads"):  # the trainer runs
+            if stage in vars(cls):  # step()'s stages one by one (a non-finite step is vetoed before the update)
+                setattr(cls, stage, on_cpu(vars(cls)[stage]))
+    from megatron.core.optimizer import clip_grads
+
+    clip_grads.clip_grad_by_total_norm_fp32 = on_cpu(clip_grads.clip_grad_by_total_norm_fp32)
     mddp.DistributedDataParallel.__init__ = on_cpu(mddp.DistributedDataParallel.__init__)
 
     from megatron.core.transformer import utils as tutils

@@ -116,10 +116,21 @@ class DeepSpeedBackend:
         return outputs, grad_norm
 
     def save(self, root: str, tag: str, client_state: dict) -> None:
+        """The engine's files into ``root/tag`` (every rank). megatron_slm.checkpoint passes the temporary
+        ``iter_N.tmp`` and renames it once every rank's files (and its weights shards) are complete."""
         self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, root: str, tag: str) -> dict:
-        path, client_state = self.engine.load_checkpoint(root, tag=tag)
-        if path is None:
-            raise CheckpointError(f"DeepSpeed checkpoint {root}/{tag} could not be loaded (missing or incomplete)")
+        path = Path(root) / tag
+        try:
+            loaded, client_state = self.engine.load_checkpoint(root, tag=tag)
+        except Exception as exc:  # noqa: BLE001 - truncated or missing engine files fail deep inside DeepSpeed
+            msg = str(exc).strip().splitlines()
+            raise CheckpointError(
+                f"DeepSpeed checkpoint {path} is damaged or incomplete ({type(exc).__name__}: "
+                f"{msg[0][:200] if msg else ''}); restore it from a copy, or point latest_checkpointed_iteration.txt "
+                "at an earlier iteration"
+            ) from exc
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed checkpoint {path} could not be loaded (missing or incomplete)")
         return client_state

@@ -208,7 +208,8 @@ class MetricsLogger:
 
     def _write(self, iteration: int, values: dict, prefix: str) -> None:
         if self.jsonl:
-            self.jsonl.write(json.dumps({"iteration": iteration, "split": prefix, **values}) + "\n")
+            finite = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN: null
+            self.jsonl.write(json.dumps({"iteration": iteration, "split": prefix, **finite}) + "\n")
             self.jsonl.flush()
         if self.tb:
             for k, v in values.items():

@@ -105,9 +105,9 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
 
 def _merge(parts: Path, prefixes, outputs, dtype, dp_size, steps, cfg) -> None:
     from megatron_slm.checkpoint import read_model_config
-    from megatron_slm.data.scores import token_fingerprint, write_sidecar
+    from megatron_slm.data.scores import scoring_flags, token_fingerprint, write_sidecar
 
-    flats = []
+    flats, twice = [], [0] * len(prefixes)  # twice: tokens scored again, in another window (a later epoch)
     for prefix, out in zip(prefixes, outputs):
         n = token_fingerprint(prefix)["num_tokens"]
         flat = np.lib.format.open_memmap(f"{out}.flat.npy", mode="w+", dtype=np.float32, shape=(n,))
@@ -118,14 +118,16 @@ def _merge(parts: Path, prefixes, outputs, dtype, dp_size, steps, cfg) -> None:
             part = torch.load(parts / f"step{step:08d}-dp{dp}.pt")
             for d, pos, val in zip(part["dataset_id"].tolist(), part["label_positions"], part["scores"]):
                 keep = pos >= 0  # -1: padding of the last sample
-                flats[d][pos[keep].numpy()] = val[keep].numpy()
+                idx = pos[keep].numpy()
+                twice[d] += int(np.count_nonzero(~np.isnan(flats[d][idx])))
+                flats[d][idx] = val[keep].numpy()
     manifest = {
         "reference": {"load": cfg.reference.load, "model": dataclasses.asdict(read_model_config(cfg.reference.load))},
-        "scoring": {"data_path": cfg.data.data_path, "split": cfg.data.split, "seq_length": cfg.train.seq_length,
-                    "seed": cfg.train.seed, "global_batch_size": cfg.train.global_batch_size, "train_iters": steps},
+        # the data flags that decide each scored token's window; training compares them (check_scoring_flags)
+        "scoring": scoring_flags(cfg, train_iters=steps),
     }
-    for prefix, out, flat in zip(prefixes, outputs, flats):
-        manifest_d = dict(manifest, num_scored=int(np.isfinite(flat).sum()))
+    for d, (prefix, out, flat) in enumerate(zip(prefixes, outputs, flats)):
+        manifest_d = dict(manifest, num_scored=int(np.isfinite(flat).sum()), num_scored_more_than_once=twice[d])
         write_sidecar(out, prefix, flat, dtype, manifest_d)
         del flat
         Path(f"{out}.flat.npy").unlink()

@@ -8,6 +8,7 @@ data-parallel slice; only the last pipeline stage sees logits, losses and select
 from __future__ import annotations
 
 import functools
+import math
 import signal
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from megatron_slm import checkpoint
 from megatron_slm.config import Config, bf16_enabled, reference_bf16, reference_in_memory, validate
 from megatron_slm.data.batches import to_device
-from megatron_slm.errors import CheckpointError
+from megatron_slm.errors import CheckpointError, ConfigError, DivergenceError
 from megatron_slm.log import get_logger
 from megatron_slm.loss.selection import build_selector
 from megatron_slm.loss.slm_loss import STAT_KEYS, SLMLoss
@@ -26,6 +27,7 @@ from megatron_slm.model.build import build_model
 from megatron_slm.model.head import output_weight, unwrap
 from megatron_slm.parallel import distributed
 from megatron_slm.training.metrics import MetricsLogger
+from megatron_slm.training.save_lock import SaveLock
 from megatron_slm.training.passes import model_forward, score_pass
 
 
@@ -46,8 +48,10 @@ def build_reference(cfg: Config):
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, tokenizer_fingerprints=()):
+        """``tokenizer_fingerprints``: the data's tokenizer, recorded in every checkpoint this run writes."""
         self.cfg = cfg
+        self.tokenizer_fingerprints = tuple(f for f in tokenizer_fingerprints if f)
         validate(cfg, world_size=distributed.world_size())
         par, tr = cfg.parallel, cfg.train
         distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed)
@@ -69,7 +73,7 @@ class Trainer:
 
         blend = parse_blend(cfg.data.data_path)
         self.num_datasets = len(blend[0]) if blend else 1
-        self.selection_by_dataset = torch.zeros(2, self.num_datasets, dtype=torch.float64)
+        self.lock = SaveLock.acquire(cfg.checkpoint.save)  # one run per --save, and it is writable
         self.metrics = MetricsLogger(cfg, is_logging_rank=distributed.is_last_rank())
 
     # -- setup ---------------------------------------------------------------------------------
@@ -114,18 +118,10 @@ class Trainer:
         cfg = self.cfg
         module = build_model(cfg.model, cfg.parallel, seed=cfg.train.seed, params_dtype=dtype)
         pretrained = cfg.checkpoint.pretrained_checkpoint
-        if pretrained and self._resume_source() is None:
+        if pretrained and checkpoint.resume_source(self.cfg.checkpoint) is None:
             checkpoint.load_weights(module, pretrained, cfg.model, expected_vocab=cfg.model.vocab_size)
             module.to(dtype)
         return module
-
-    def _resume_source(self) -> str | None:
-        """Where a training checkpoint to resume from lies (--load, else --save), if there is one."""
-        ck = self.cfg.checkpoint
-        source = ck.load or ck.save
-        if source and (checkpoint.latest_iteration(source) is not None or (Path(source) / checkpoint.TRAINER_STATE).is_file()):
-            return source
-        return None
 
     def _lr_schedule(self, optimizer):
         """Linear warm-up then cosine decay to min_lr (megatron-core's scheduler, for either backend)."""
@@ -137,7 +133,39 @@ class Trainer:
             lr_warmup_steps=tr.lr_warmup_iters, lr_decay_steps=max(tr.train_iters, tr.lr_warmup_iters + 1),
             lr_decay_style="cosine", start_wd=tr.weight_decay, end_wd=tr.weight_decay,
             wd_incr_steps=max(tr.train_iters, 1), wd_incr_style="constant",
+            override_opt_param_scheduler=self.cfg.checkpoint.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=self.cfg.checkpoint.use_checkpoint_opt_param_scheduler,
         )
+
+    # scheduler state key -> the flag that sets it
+    _SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+                       "lr_decay_steps": "--train-iters", "lr_decay_style": "--lr-decay-style",
+                       "start_wd": "--weight-decay", "end_wd": "--weight-decay", "wd_incr_steps": "--train-iters"}
+
+    def reconcile_schedule(self, saved: dict) -> None:
+        """Before a resumed run loads its checkpoint's LR/WD schedule: refuse flags that would change it, unless
+        --override-opt-param-scheduler (run this run's flags) or --use-checkpoint-opt-param-scheduler (keep the
+        checkpoint's; the recorded config then says so)."""
+        current, ck = self.scheduler.state_dict(), self.cfg.checkpoint
+        diffs = {}
+        for key, flag in self._SCHEDULE_FLAGS.items():
+            if key in saved and saved[key] != current[key]:
+                diffs.setdefault(flag, (current[key], saved[key]))
+        if not diffs:
+            return
+        listed = ", ".join(f"{flag} {now} (checkpoint: {then})" for flag, (now, then) in diffs.items())
+        if not (ck.override_opt_param_scheduler or ck.use_checkpoint_opt_param_scheduler):
+            raise ConfigError(
+                f"resuming with schedule flags that differ from the checkpoint's: {listed}. Pass "
+                "--override-opt-param-scheduler to run this run's schedule from here on, or "
+                "--use-checkpoint-opt-param-scheduler to keep the checkpoint's (or restore the flags)")
+        if ck.use_checkpoint_opt_param_scheduler:  # what is recorded is what runs
+            tr = self.cfg.train
+            tr.lr, tr.min_lr = saved["max_lr"], saved["min_lr"]
+            tr.lr_warmup_iters, tr.weight_decay = saved["lr_warmup_steps"], saved["start_wd"]
+            log.info(f"resume: keeping the checkpoint's LR/WD schedule ({listed})")
+        else:
+            log.info(f"resume: overriding the checkpoint's LR/WD schedule with this run's flags ({listed})")
 
     @property
     def policy_module(self):
@@ -167,10 +195,9 @@ class Trainer:
         start = time.perf_counter()
         to_device(micro_batches)
         self.prepare_selection(micro_batches)
-        if self.ds is not None:
+        if self.ds is not None:  # DeepSpeed applies its update inside the engine: a bad step is only detected
             outputs, grad_norm = self.ds.train_step(micro_batches, self.loss, model_forward, self.selector)
-            update_ok = True
-            return self._finish_step(outputs, micro_batches, update_ok, grad_norm, start)
+            return self._finish_step(outputs, micro_batches, self._agree_finite(outputs, grad_norm), grad_norm, start)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         first = micro_batches[0]["tokens"]
@@ -183,14 +210,46 @@ class Trainer:
             micro_batch_size=first.shape[0],
             forward_only=False,
         )
-        update_ok, grad_norm, _ = self.optimizer.step()
+        update_ok, grad_norm = self._optimizer_step(outputs)
         return self._finish_step(outputs, micro_batches, update_ok, grad_norm, start)
 
+    def _agree_finite(self, outputs, grad_norm) -> bool:
+        """One decision on every rank: this step's loss statistics (last stage) and gradient norm are finite."""
+        bad = grad_norm is not None and not math.isfinite(float(grad_norm))
+        if self.is_last_stage and outputs:
+            bad = bad or not bool(torch.isfinite(torch.stack([o["stats"] for o in outputs])).all())
+        flag = torch.tensor([float(bad)], device=distributed.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0
+
+    def _optimizer_step(self, outputs):
+        """megatron-core's ``optimizer.step()`` in its stages, because step() would apply a non-finite update
+        before the caller could veto it: ready the gradients, their norm, the agreed finite check, clip, update."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        opt = self.optimizer
+        found_inf = opt.prepare_grads()  # the fp16 loss scaler's own overflow check (False for bf16 / fp32)
+        grad_norm = opt.get_grad_norm()
+        if not self._agree_finite(outputs, grad_norm) or found_inf:
+            return False, grad_norm
+        if self.cfg.train.clip_grad > 0:
+            for sub in getattr(opt, "chained_optimizers", [opt]):
+                params = sub.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(params, self.cfg.train.clip_grad, grad_norm,
+                                                 sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        return opt.step_with_ready_grads(), grad_norm
+
     def _finish_step(self, outputs, micro_batches, update_ok, grad_norm, start) -> dict:
-        self.scheduler.step(increment=1)
+        if update_ok:  # as Megatron-LM: a skipped update does not advance the LR schedule; the data moves on
+            self.scheduler.step(increment=1)
         self.iteration += 1
         metrics = self._reduce(outputs)
-        self._count_selection_by_dataset(outputs, micro_batches)
+        if update_ok:  # tokens trained on, per blended dataset (summed over the run in the summary)
+            counts = self._count_selection_by_dataset(outputs, micro_batches)
+            if counts is not None:
+                for i in range(self.num_datasets):
+                    metrics[f"selected_tokens_ds{i}"], metrics[f"valid_tokens_ds{i}"] = counts[:, i].tolist()
         metrics.update(
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=self.optimizer.param_groups[0]["lr"], step_time=time.perf_counter() - start,
@@ -200,22 +259,17 @@ class Trainer:
         metrics["token_details"] = [{k: o[k] for k in ("selected", "token_loss", "ref_loss")} for o in outputs] if self.is_last_stage else None
         return metrics
 
-    def _count_selection_by_dataset(self, outputs, micro_batches) -> None:
-        """Selected and valid tokens per blended dataset, accumulated over the run (last stage, all DP)."""
+    def _count_selection_by_dataset(self, outputs, micro_batches) -> torch.Tensor | None:
+        """[selected, valid] tokens per blended dataset in this step (last stage, summed over DP), or None."""
         if not (self.selective and self.is_last_stage and "dataset_id" in micro_batches[0]):
-            return
+            return None
         counts = torch.zeros(2, self.num_datasets, dtype=torch.float64, device=distributed.device())
         for o, mb in zip(outputs, micro_batches):
             ids = mb["dataset_id"].long()
             counts[0].index_add_(0, ids, o["selected"].sum(-1).double())
             counts[1].index_add_(0, ids, (mb["loss_mask"] > 0).sum(-1).double())
         dist.all_reduce(counts, group=self.ps.get_data_parallel_group())
-        self.selection_by_dataset += counts.cpu()
-
-    def selected_fraction_by_dataset(self) -> list[float] | None:
-        if self.selection_by_dataset is None or not self.selection_by_dataset[1].sum():
-            return None
-        return (self.selection_by_dataset[0] / self.selection_by_dataset[1].clamp(min=1)).tolist()
+        return counts.cpu()
 
     def _reduce(self, outputs) -> dict:
         """Sum loss statistics over micro-batches and data-parallel ranks (on the last stage)."""
@@ -254,7 +308,7 @@ class Trainer:
     def resume(self) -> bool:
         """Load the latest checkpoint of ``checkpoint.load`` (required to exist) or ``checkpoint.save``."""
         ck = self.cfg.checkpoint
-        source = self._resume_source()
+        source = checkpoint.resume_source(self.cfg.checkpoint)
         if source is None:
             if ck.load:
                 raise CheckpointError(
@@ -266,7 +320,16 @@ class Trainer:
         log.info(f"resumed from {checkpoint.resolve(source)} at iteration {it}")
         return True
 
+    def _params_finite(self) -> bool:
+        bad = any(not bool(torch.isfinite(p).all()) for p in self.policy_module.parameters())
+        flag = torch.tensor([float(bad)], device=distributed.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0
+
     def save_checkpoint(self) -> None:
+        if self.cfg.checkpoint.save and not self._params_finite():
+            raise DivergenceError(f"the policy's weights hold NaN/inf at iteration {self.iteration}; refusing to save "
+                                  "them (earlier checkpoints are kept)")
         if self.cfg.checkpoint.save:
             path = checkpoint.save_training_checkpoint(self, self.cfg.checkpoint.save, self.cfg.checkpoint.keep_last)
             log.info(f"saved checkpoint {path}")
@@ -320,13 +383,24 @@ class Trainer:
         history = []
         self._install_signal_handlers()
         self.metrics.start(tr.train_iters, self.iteration)
-        stopped = None
+        stopped, skipped_in_a_row = None, 0
+        self.nonfinite_steps: list[int] = []
         while self.iteration < tr.train_iters:
             mbs = train_batches(self.iteration)
             m = self.train_step(mbs)
             self._dump_selection(mbs, m.pop("token_details", None))
             history.append(m)
             self.metrics.step(self.iteration, m, tokens=tr.global_batch_size * tr.seq_length)
+            if not m["update_ok"]:
+                self.nonfinite_steps.append(self.iteration)
+                skipped_in_a_row += 1
+                log.warning(f"step {self.iteration}: non-finite loss or gradient norm (grad norm {m['grad_norm']}); "
+                            f"update skipped, {skipped_in_a_row} in a row")
+                if tr.on_nonfinite == "stop" or self.ds is not None or skipped_in_a_row >= tr.max_nonfinite_skips:
+                    stopped = "non-finite"
+                    break
+            else:
+                skipped_in_a_row = 0
             if eval_batches is not None and tr.eval_interval and self.iteration % tr.eval_interval == 0:
                 self.metrics.eval(self.iteration, self.evaluate_all(eval_batches()))
             stopped = self._stop_requested()
@@ -334,14 +408,18 @@ class Trainer:
                 break
             if ck.save_interval and self.iteration % ck.save_interval == 0 and self.iteration < tr.train_iters:
                 self.save_checkpoint()
+        result = {"history": history, "stopped_by": stopped, "nonfinite_steps": self.nonfinite_steps}
+        if stopped == "non-finite":  # nothing of the diverged state is saved; earlier checkpoints stay
+            self.metrics.close()
+            return result
         self.save_checkpoint()
-        result = {"history": history, "stopped_by": stopped}
         if stopped:
             log.info(f"stopping at iteration {self.iteration} on {stopped}; resume by rerunning the same command")
         elif eval_batches is not None:
             result["eval_loss"] = self.evaluate_all(eval_batches())
             self.metrics.eval(self.iteration, result["eval_loss"])
         self.metrics.close()
+        self.lock.release()
         return result
 
     def evaluate_all(self, batches: list[list[dict]]) -> float | None:
