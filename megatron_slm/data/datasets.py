@@ -15,6 +15,7 @@ megatron-core's. This module adds two things:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -42,6 +43,15 @@ class TokenInfo:
         return {"class": "TokenInfo", "eod": self.eod, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint}
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (read in 4 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_meta(prefix: str) -> dict:
     """``<prefix>.json`` of an indexed dataset, after checking its ``.bin``/``.idx`` exist."""
     p = Path(prefix)
@@ -65,7 +75,6 @@ def read_meta(prefix: str) -> dict:
             "truncated or corrupt; rebuild it with tools/preprocess_data.py"
         )
     if "idx_sha256" in meta:
-        from megatron_slm.data.scores import file_sha256
 
         if file_sha256(f"{p}.idx") != meta["idx_sha256"]:
             raise DataError(f"dataset '{prefix}': {p.name}.idx does not match its metadata (corrupt or replaced); rebuild it with tools/preprocess_data.py")

@@ -14,13 +14,13 @@ its own (``check_scoring_flags``): a run with the same data config reproduces on
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from megatron_slm.data.datasets import file_sha256, parse_blend
 from megatron_slm.errors import DataError
 
 FORMAT = "megatron_slm.ref_scores.v1"
@@ -29,14 +29,6 @@ STORAGE = {"fp32": np.float32, "bf16": np.uint16}  # bf16 is stored as its raw 1
 
 def default_scores_prefix(token_prefix: str) -> str:
     return f"{token_prefix}_refscores"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def token_fingerprint(token_prefix: str) -> dict:
@@ -114,7 +106,6 @@ def scoring_flags(cfg, train_iters: int | None = None, fingerprints: list[dict] 
     samples requested, train_iters x global_batch_size (it sets each dataset's number of epochs and so its
     shuffle). micro_batch_size, the parallel layout, eval_iters and the dataset paths move no training
     sample (megatron_slm.data.batches); the paths are recorded but compared by the files' content."""
-    from megatron_slm.data.datasets import parse_blend
 
     train_iters = cfg.train.train_iters if train_iters is None else train_iters
     prefixes, weights = parse_blend(cfg.data.data_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_slm import checkpoint
+from megatron_slm import checkpoint, lifecycle
 from megatron_slm.config import Config, bf16_enabled, reference_bf16, reference_in_memory, validate
 from megatron_slm.data.batches import to_device
 from megatron_slm.errors import CheckpointError, ConfigError, DivergenceError
@@ -334,19 +334,10 @@ class Trainer:
             path = checkpoint.save_training_checkpoint(self, self.cfg.checkpoint.save, self.cfg.checkpoint.keep_last)
             log.info(f"saved checkpoint {path}")
 
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM/SIGUSR1 (Slurm preemption, --signal=B:USR1@N) ask for a checkpoint and a clean stop."""
-        self.stop_signal = None
-
-        def handler(signum, _frame):
-            self.stop_signal = signal.Signals(signum).name
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
     def _stop_requested(self) -> str | None:
         """The stop signal any rank received, agreed on every rank (a signal may reach them at different steps)."""
-        number = torch.tensor([float(signal.Signals[self.stop_signal].value) if self.stop_signal else 0.0],
+        name = lifecycle.received()
+        number = torch.tensor([float(signal.Signals[name].value) if name else 0.0],
                               device=distributed.device())  # NCCL reduces device tensors only
         dist.all_reduce(number, op=dist.ReduceOp.MAX)
         return signal.Signals(int(number.item())).name if number.item() else None
@@ -381,7 +372,7 @@ class Trainer:
         """``train_batches(step) -> micro-batches``; ``eval_batches() -> list of micro-batch lists``."""
         tr, ck = self.cfg.train, self.cfg.checkpoint
         history = []
-        self._install_signal_handlers()
+        lifecycle.catch_stop_signals()  # SIGTERM/SIGUSR1: checkpoint and stop cleanly (the CLI installs it earlier)
         self.metrics.start(tr.train_iters, self.iteration)
         stopped, skipped_in_a_row = None, 0
         self.nonfinite_steps: list[int] = []
@@ -415,6 +406,7 @@ class Trainer:
         self.save_checkpoint()
         if stopped:
             log.info(f"stopping at iteration {self.iteration} on {stopped}; resume by rerunning the same command")
+            lifecycle.acted_on()
         elif eval_batches is not None:
             result["eval_loss"] = self.evaluate_all(eval_batches())
             self.metrics.eval(self.iteration, result["eval_loss"])
