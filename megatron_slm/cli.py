@@ -102,13 +102,12 @@ def _score(args, cfg) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"]:  # before the seconds of imports: a stop signal then is kept, not fatal
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.command == "train":  # before the seconds of imports: a stop signal then is kept, not fatal
         from megatron_slm import lifecycle
 
         lifecycle.catch_stop_signals()
         lifecycle.exit_with_launcher()
-    args = build_parser().parse_args(argv)
     _default_threads()
     from megatron_slm.log import setup_logging
 

@@ -30,6 +30,10 @@ LOSS_MODES = ("slm", "clm")
 REFERENCE_MODES = ("online", "offline")
 REFERENCE_DTYPES = ("auto", "fp32", "bf16")
 NONFINITE_POLICIES = ("skip", "stop")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine")
 SCORE_DTYPES = ("fp32", "bf16")  # slm score-reference --dtype: how the sidecar stores the scores
 
 
@@ -83,6 +87,16 @@ class ParallelConfig:
     tensor_model_parallel_size: int = _opt(1, "tensor-parallel size")
     pipeline_model_parallel_size: int = _opt(1, "pipeline-parallel size")
     sequence_parallel: bool = _opt(False, "sequence parallelism (needs TransformerEngine or Apex)")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = _opt(
+        None, "interleaved 1F1B: layers per virtual pipeline stage (each rank holds num_layers / (PP x this) "
+              "model chunks); unset: one chunk per rank")
+    use_distributed_optimizer: bool = _opt(
+        False, "megatron-core's distributed optimizer: fp32 master weights and Adam state sharded over data parallel")
+    overlap_grad_reduce: bool = _opt(False, "overlap the data-parallel gradient reduction with the backward pass")
+    overlap_param_gather: bool = _opt(False, "overlap the parameter all-gather with the forward pass "
+                                             "(with --use-distributed-optimizer)")
+    ddp_bucket_size: Optional[int] = _opt(None, "elements per gradient bucket for the reduction (unset: "
+                                                "megatron-core's default)")
 
 
 @dataclass
@@ -108,6 +122,11 @@ class TrainConfig:
     lr: float = _opt(3e-4, "peak learning rate")
     min_lr: float = _opt(3e-5, "learning rate at the end of the cosine decay")
     lr_warmup_iters: int = _opt(10, "linear warm-up steps")
+    lr_decay_style: str = _opt("cosine", "learning-rate decay after the warm-up", LR_DECAY_STYLES)
+    lr_decay_iters: Optional[int] = _opt(None, "steps over which the LR decays to --min-lr (unset: --train-iters)")
+    lr_wsd_decay_iters: Optional[int] = _opt(None, "WSD: the final steps of the decay window in which the LR "
+                                                   "decays (before them it stays at --lr)")
+    lr_wsd_decay_style: str = _opt("exponential", "WSD: the shape of its final decay", WSD_DECAY_STYLES)
     weight_decay: float = _opt(0.1, "AdamW weight decay (not on norms)")
     adam_beta1: float = _opt(0.9, "Adam beta1")
     adam_beta2: float = _opt(0.95, "Adam beta2")
@@ -118,6 +137,17 @@ class TrainConfig:
                                      "with --deepspeed always stop", NONFINITE_POLICIES)
     max_nonfinite_skips: int = _opt(5, "stop (exit non-zero) after this many consecutive skipped steps")
     seed: int = _opt(1234, "seed of the weight init, the data order and dropout")
+    recompute_granularity: Optional[str] = _opt(
+        None, "activation recomputation of the policy: full (whole layers) or selective (the attention core); "
+              "unset: none", RECOMPUTE_GRANULARITIES)
+    recompute_method: Optional[str] = _opt(
+        None, "full recompute: uniform (every N layers a checkpoint) or block (the first N layers of each "
+              "pipeline stage)", RECOMPUTE_METHODS)
+    recompute_num_layers: Optional[int] = _opt(None, "full recompute: N of --recompute-method")
+    exit_duration_in_mins: Optional[float] = _opt(
+        None, "checkpoint and exit cleanly (exit 0) once the run has lasted this many minutes (a wall-clock "
+              "budget, e.g. a Slurm time limit); rerun to resume")
+    exit_interval: Optional[int] = _opt(None, "checkpoint and exit cleanly at the first iteration divisible by N")
     bf16: Optional[bool] = _opt(None, "bf16 compute with fp32 master weights (unset: on GPU yes, on CPU no)")
     log_interval: int = _opt(10, "steps between log lines")
     logging_level: str = _opt("info", "log level of the library's messages", LOG_LEVELS)

@@ -29,6 +29,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import warnings
@@ -140,6 +141,9 @@ _APPEND_EOD = True
 def _init_worker(tokenizer: Tokenizer, append_eod: bool) -> None:
     global _TOKENIZER, _APPEND_EOD
     _TOKENIZER, _APPEND_EOD = tokenizer, append_eod
+    # A worker forked from a training process inherits its SIGTERM handler (record and continue), and
+    # Pool.terminate() would then wait for it forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _encode_task(task) -> tuple:
