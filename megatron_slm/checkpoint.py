@@ -540,8 +540,15 @@ def load_weights(model, directory: str, model_cfg, expected_vocab: int | None = 
 
 
 def _training_sharded_state(trainer, is_loading: bool) -> dict:
+    from megatron_slm.parallel import dist_optimizer
+
+    if dist_optimizer.uses_distributed_optimizer(trainer.model):
+        dist_optimizer.finish_param_gather(trainer.model)  # --overlap-param-gather: the weights saved are updated
     # The GPTModel itself, not its DDP wrapper, so keys match weights-only checkpoints (no "module." prefix).
     model_sd = trainer.policy_module.sharded_state_dict()
+    if dist_optimizer.uses_distributed_optimizer(trainer.model):  # its format and gaps: parallel/dist_optimizer.py
+        return {"model": model_sd,
+                "optimizer": dist_optimizer.sharded_state_dict(trainer.model, trainer.optimizer, model_sd, is_loading)}
     return {"model": model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
 
 
@@ -615,6 +622,7 @@ def load_training_checkpoint(trainer, directory: str) -> int:
         meta = read_model_meta(str(path))
         if not (path / TRAINER_STATE).is_file():
             raise CheckpointError(f"'{path}' holds model weights only, not a training checkpoint; load it with --ref-load or start a new run")
+        _check_optimizer_format(trainer, path)
         loaded = _load(_training_sharded_state(trainer, is_loading=True), path, "model and optimizer", meta)
         trainer.policy_module.load_state_dict(loaded["model"])
         trainer.optimizer.load_state_dict(loaded["optimizer"])
@@ -631,6 +639,20 @@ def load_training_checkpoint(trainer, directory: str) -> int:
     if trainer.selector is not None and rank_state["selector"]:
         trainer.selector.load_state_dict(rank_state["selector"])
     return trainer.iteration
+
+
+def _check_optimizer_format(trainer, path: Path) -> None:
+    """The distributed optimizer's state has its own format: a checkpoint resumes only with the setting it was
+    written with (at any DP size)."""
+    from megatron_slm.parallel import dist_optimizer
+
+    config = _read_json(path / TRAINER_STATE).get("config") or {}
+    saved = bool((config.get("parallel") or {}).get("use_distributed_optimizer", False))
+    if saved != dist_optimizer.uses_distributed_optimizer(trainer.model):
+        how = "with" if saved else "without"
+        raise CheckpointError(
+            f"'{path}' was written {how} --use-distributed-optimizer, whose optimizer state has another format; "
+            f"resume {how} it (any DP size), or start a new run from its weights with --pretrained-checkpoint")
 
 
 def _load_rank_state(path: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The one CLI: ``slm train | check-config | score-reference | demo``. It parses and dispatches, nothing more.
+"""The one CLI: ``slm train | check-config | plan | score-reference | demo``. It parses and dispatches, nothing more.
 
     torchrun --nproc-per-node 4 -m megatron_slm.cli train --config cfg.yaml --tensor-model-parallel-size 2
 
@@ -14,7 +14,7 @@ import os
 import sys
 
 from megatron_slm.config import SCORE_DTYPES, add_override_arguments, load_config
-from megatron_slm.errors import SLMError
+from megatron_slm.errors import ConfigError, SLMError
 
 
 def _default_threads() -> None:
@@ -48,7 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "vocabularies, score sidecars; prints the resolved config.")
     p_check.add_argument("--world-size", type=int, default=None, metavar="N",
                          help="processes the run will use, to check the TP x PP x DP layout (default: not checked)")
+    p_check.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                         help="with --world-size: warn when the plan's peak per GPU (slm plan) exceeds this many "
+                              "GiB (default: 80)")
     _config_arguments(p_check)
+    p_plan = sub.add_parser(
+        "plan",
+        help="memory and speed plan per GPU of a config on N GPUs (no GPU needed)",
+        description="Count the parameters of each rank's policy and reference slices (megatron-core models built on "
+                    "the meta device), then estimate per GPU: weights, fp32 gradients, Adam state and master weights "
+                    "with and without the distributed optimizer, activations of the micro-batches in flight (with "
+                    "the configured recompute), the loss head, the reference's forward-only pass; FITS / DOES NOT FIT "
+                    "against --gpu-memory; step time and tokens/s from FLOPs at --assumed-mfu of --peak-tflops "
+                    "(unset here: 989, H100/H200 dense bf16). Formulas: megatron_slm/training/plan.py.")
+    p_plan.add_argument("--world-size", type=int, required=True, metavar="N",
+                        help="GPUs (processes) of the run (required, no default)")
+    p_plan.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                        help="memory per GPU in GiB (default: 80)")
+    p_plan.add_argument("--assumed-mfu", type=float, default=0.40, metavar="X",
+                        help="model FLOPs utilisation assumed for the speed estimate (default: 0.40)")
+    _config_arguments(p_plan)
     p_score = sub.add_parser(
         "score-reference", formatter_class=fmt,
         help="write per-token reference scores for offline SLM (under torchrun, with the training run's data flags)",
@@ -87,6 +106,30 @@ def _check(args, cfg) -> int:
         print("note: no --data-path given: the data checks (vocabulary, token ids, tokenizer, score sidecars) "
               "run when it is", file=sys.stderr)  # stdout holds the resolved config (JSON)
     print(json.dumps(cfg.to_dict(), indent=2))
+    if args.world_size and cfg.model.vocab_size:  # the memory plan (slm plan) of this layout: a warning, not an error
+        from megatron_slm.training.plan import DEFAULT_PEAK_TFLOPS, make_plan
+
+        try:
+            plan = make_plan(cfg, args.world_size, gpu_memory_gib=args.gpu_memory,
+                             peak_tflops=cfg.train.peak_tflops or DEFAULT_PEAK_TFLOPS)
+        except Exception as exc:  # noqa: BLE001 - the plan is advice; the checks above decided
+            print(f"warning: no memory plan ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 0
+        if not plan.fits():
+            print(f"warning: {plan.fit_line()}; see 'slm plan --world-size {args.world_size}'", file=sys.stderr)
+    return 0
+
+
+def _plan(args, cfg) -> int:
+    """Memory and speed plan per GPU (megatron_slm/training/plan.py); torch is imported here, not for --help."""
+    from megatron_slm.training.plan import DEFAULT_PEAK_TFLOPS, format_plan, make_plan
+
+    if not 0 < args.assumed_mfu <= 1 or args.gpu_memory <= 0:
+        raise ConfigError(f"--assumed-mfu must be in (0, 1] and --gpu-memory > 0 (got {args.assumed_mfu}, "
+                          f"{args.gpu_memory})")
+    plan = make_plan(cfg, args.world_size, gpu_memory_gib=args.gpu_memory, assumed_mfu=args.assumed_mfu,
+                     peak_tflops=cfg.train.peak_tflops or DEFAULT_PEAK_TFLOPS)
+    print(format_plan(plan))
     return 0
 
 
@@ -119,7 +162,8 @@ def main(argv=None) -> int:
             return demo.main(args)
         cfg = load_config(args.config, args=args)
         setup_logging(cfg.train.logging_level, all_ranks=args.all_ranks_log)
-        return {"train": _train, "check-config": _check, "score-reference": _score}[args.command](args, cfg)
+        return {"train": _train, "check-config": _check, "plan": _plan,
+                "score-reference": _score}[args.command](args, cfg)
     except SLMError as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr)

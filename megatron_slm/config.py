@@ -120,7 +120,7 @@ class TrainConfig:
     seq_length: int = _opt(128, "tokens per sequence")
     train_iters: int = _opt(100, "optimizer steps of the whole run")
     lr: float = _opt(3e-4, "peak learning rate")
-    min_lr: float = _opt(3e-5, "learning rate at the end of the cosine decay")
+    min_lr: float = _opt(3e-5, "learning rate at the end of the decay (--lr-decay-style)")
     lr_warmup_iters: int = _opt(10, "linear warm-up steps")
     lr_decay_style: str = _opt("cosine", "learning-rate decay after the warm-up", LR_DECAY_STYLES)
     lr_decay_iters: Optional[int] = _opt(None, "steps over which the LR decays to --min-lr (unset: --train-iters)")
@@ -486,6 +486,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, require_vocab: bool 
         problems.append("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
     if tr.lr_warmup_iters < 0 or tr.lr < 0 or tr.min_lr < 0 or tr.min_lr > tr.lr:
         problems.append(f"need lr >= min_lr >= 0 and lr_warmup_iters >= 0 (lr={tr.lr}, min_lr={tr.min_lr})")
+    problems += _recompute_problems(tr, cfg.model.num_layers, pp, par.num_layers_per_virtual_pipeline_stage)
+    problems += _schedule_and_exit_problems(tr)
     if world_size is not None:
         try:
             dp = data_parallel_size(world_size, tp, pp)
@@ -499,8 +501,87 @@ def validate(cfg: Config, world_size: Optional[int] = None, require_vocab: bool 
                 )
     if tr.deepspeed and pp != 1:
         problems.append("--deepspeed runs with pipeline_model_parallel_size=1; for PP > 1 drop --deepspeed (megatron-core's optimizer)")
+    problems += _ddp_problems(par, tr)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _recompute_problems(tr: TrainConfig, num_layers: Optional[int], pp: int, per_virtual_stage: Optional[int]) -> list[str]:
+    """megatron-core's TransformerConfig rules for activation recomputation (it raises ValueError or IndexError
+    otherwise), one line each with the fix."""
+    gran, method, n = tr.recompute_granularity, tr.recompute_method, tr.recompute_num_layers
+    if gran is None:
+        if method is not None or n is not None:
+            return ["--recompute-method/--recompute-num-layers need --recompute-granularity full; add it or drop them"]
+        return []
+    if gran == "selective":
+        if method is not None or n is not None:
+            return ["--recompute-granularity selective recomputes the core attention of every layer; "
+                    "--recompute-method/--recompute-num-layers apply to full only: drop them"]
+        return []
+    if gran != "full":
+        return []  # reported with the choices
+    if method is None or n is None:
+        return ["--recompute-granularity full needs both --recompute-method uniform|block and "
+                "--recompute-num-layers N (e.g. --recompute-method uniform --recompute-num-layers 1)"]
+    per_stage = per_virtual_stage or (num_layers // pp if num_layers and num_layers % pp == 0 else None)
+    if n < 1 or (per_stage and n > per_stage):
+        return [f"--recompute-num-layers {n} must be between 1 and the layers per pipeline stage"
+                f"{f' ({per_stage})' if per_stage else ''}"]
+    if method == "uniform" and per_stage and per_stage % n:
+        return [f"--recompute-method uniform checkpoints groups of --recompute-num-layers {n} layers, which must "
+                f"divide the layers per pipeline stage ({per_stage}); use a divisor, or --recompute-method block"]
+    return []
+
+
+def lr_decay_steps(tr: TrainConfig) -> int:
+    """The steps over which the LR decays: --lr-decay-iters, else --train-iters (at least warm-up + 1)."""
+    if tr.lr_decay_iters is not None:
+        return tr.lr_decay_iters
+    return max(tr.train_iters, tr.lr_warmup_iters + 1)
+
+
+def _schedule_and_exit_problems(tr: TrainConfig) -> list[str]:
+    problems = []
+    if tr.lr_decay_iters is not None and tr.lr_decay_iters <= max(tr.lr_warmup_iters, 0):
+        problems.append(f"--lr-decay-iters {tr.lr_decay_iters} must exceed --lr-warmup-iters {tr.lr_warmup_iters} "
+                        "(the decay runs after the warm-up); raise it or shorten the warm-up")
+    if tr.lr_decay_style == "WSD":
+        decay = lr_decay_steps(tr)
+        if tr.lr_wsd_decay_iters is None:
+            problems.append("--lr-decay-style WSD needs --lr-wsd-decay-iters N (the final steps of the decay window "
+                            f"in which the LR anneals; at most {decay})")
+        elif not 1 <= tr.lr_wsd_decay_iters <= decay:
+            problems.append(f"--lr-wsd-decay-iters {tr.lr_wsd_decay_iters} must be between 1 and the decay iterations "
+                            f"({decay}: --lr-decay-iters, else --train-iters)")
+    elif tr.lr_wsd_decay_iters is not None:
+        problems.append(f"--lr-wsd-decay-iters applies to --lr-decay-style WSD only (not {tr.lr_decay_style}); "
+                        "drop it or use --lr-decay-style WSD")
+    if tr.exit_duration_in_mins is not None and tr.exit_duration_in_mins <= 0:
+        problems.append(f"--exit-duration-in-mins {tr.exit_duration_in_mins} must be > 0 (unset: no time limit)")
+    if tr.exit_interval is not None and tr.exit_interval < 1:
+        problems.append(f"--exit-interval {tr.exit_interval} must be >= 1 (unset: no exit interval)")
+    return problems
+
+
+def _ddp_problems(par: ParallelConfig, tr: TrainConfig) -> list[str]:
+    """Distributed optimizer and communication overlap (megatron-core's DDP), one line each with the fix."""
+    problems = []
+    if tr.deepspeed and par.use_distributed_optimizer:
+        problems.append("--use-distributed-optimizer is megatron-core's; with --deepspeed ZeRO (its config's "
+                        "zero_optimization.stage) shards the optimizer: drop one of them")
+    if tr.deepspeed and (par.overlap_grad_reduce or par.overlap_param_gather or par.ddp_bucket_size is not None):
+        problems.append("--overlap-grad-reduce/--overlap-param-gather/--ddp-bucket-size configure megatron-core's DDP; "
+                        "with --deepspeed set overlap_comm and the bucket sizes in its JSON config instead")
+    if par.overlap_param_gather and not par.use_distributed_optimizer:
+        problems.append("--overlap-param-gather overlaps the distributed optimizer's parameter all-gather: add "
+                        "--use-distributed-optimizer or drop it")
+    if par.ddp_bucket_size is not None and par.ddp_bucket_size < 1:
+        problems.append(f"--ddp-bucket-size {par.ddp_bucket_size} must be >= 1 elements (unset: megatron-core's default)")
+    elif par.ddp_bucket_size is not None and not par.overlap_grad_reduce and not tr.deepspeed:
+        problems.append("--ddp-bucket-size splits the reduction into buckets only with --overlap-grad-reduce "
+                        "(megatron-core reduces one whole buffer otherwise): add it or drop the size")
+    return problems
 
 
 def data_parallel_size(world_size: int, tp: int, pp: int) -> int:

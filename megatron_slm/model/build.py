@@ -18,11 +18,27 @@ from megatron_slm.config import ModelConfig, ParallelConfig, padded_vocab_size
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def transformer_config(m: ModelConfig, par: ParallelConfig, params_dtype: torch.dtype = torch.float32):
+def recompute_settings(train) -> dict:
+    """megatron-core's activation recomputation from --recompute-granularity/-method/-num-layers (a TrainConfig).
+
+    For the policy only: the reference (and every forward-only pass) runs under no_grad and keeps no activations,
+    so there is nothing to recompute. ``selective`` recomputes megatron-core's default module, "core_attn": the
+    layer's core attention (here model/attention.py's SDPA) runs inside tensor_parallel.checkpoint and again in
+    the backward; SDPA keeps only its output and logsumexp, so this saves little unless the unfused fallback runs."""
+    if train is None or train.recompute_granularity is None:
+        return {}
+    return dict(recompute_granularity=train.recompute_granularity, recompute_method=train.recompute_method,
+                recompute_num_layers=train.recompute_num_layers)
+
+
+def transformer_config(m: ModelConfig, par: ParallelConfig, params_dtype: torch.dtype = torch.float32,
+                       recompute: dict | None = None):
+    """``recompute``: ``recompute_settings(train)`` for the policy; None (no recomputation) for everything else."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
+        **(recompute or {}),
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -77,12 +93,15 @@ def _layer_spec():
     return spec
 
 
-def build_model(m: ModelConfig, par: ParallelConfig, seed: int, params_dtype: torch.dtype = torch.float32):
-    """This rank's stage of the decoder, weights initialised from ``seed`` independently of TP/PP."""
+def build_model(m: ModelConfig, par: ParallelConfig, seed: int, params_dtype: torch.dtype = torch.float32,
+                recompute: dict | None = None):
+    """This rank's stage of the decoder, weights initialised from ``seed`` independently of TP/PP.
+
+    ``recompute``: activation recomputation (``recompute_settings``), the policy's only."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(m, par, params_dtype)
+    config = transformer_config(m, par, params_dtype, recompute)
     model = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(),

@@ -126,6 +126,11 @@ def apply() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER = tracker
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mrandom.initialize_rng_tracker = lambda *a, **k: None
+    # Activation recomputation (tensor_parallel.checkpoint) saves and restores the CUDA generator's state next
+    # to the CPU one and the tracker's; without CUDA there is none (torch.cuda's getter raises), and the CPU
+    # state plus the tracker above already hold every stream the recomputed forward draws from.
+    mrandom._get_cuda_rng_state = lambda *a, **k: None
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
 
     from megatron.core.pipeline_parallel import schedules
 

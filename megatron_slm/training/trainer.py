@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_slm import checkpoint, lifecycle
-from megatron_slm.config import Config, bf16_enabled, reference_bf16, reference_in_memory, validate
+from megatron_slm.config import Config, bf16_enabled, lr_decay_steps, reference_bf16, reference_in_memory, validate
 from megatron_slm.data.batches import to_device
 from megatron_slm.errors import CheckpointError, ConfigError, DivergenceError
 from megatron_slm.log import get_logger
 from megatron_slm.loss.selection import build_selector
 from megatron_slm.loss.slm_loss import STAT_KEYS, SLMLoss
-from megatron_slm.model.build import build_model
+from megatron_slm.model.build import build_model, recompute_settings
 from megatron_slm.model.head import output_weight, unwrap
 from megatron_slm.parallel import distributed
 from megatron_slm.training.metrics import MetricsLogger
@@ -45,6 +45,28 @@ def build_reference(cfg: Config):
         p.requires_grad_(False)
     ref.eval()
     return ref
+
+
+@functools.lru_cache(maxsize=None)
+def _scheduler_class():
+    """megatron-core's OptimizerParamScheduler whose state also records WSD's decay window and shape (megatron-core's
+    own state_dict omits them and its load would keep this run's values silently), so a resume checks them too."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    class Scheduler(OptimizerParamScheduler):
+        def state_dict(self) -> dict:
+            state = super().state_dict()
+            if self.lr_decay_style == "WSD":
+                state.update(wsd_decay_steps=self.wsd_decay_steps, lr_wsd_decay_style=self.lr_wsd_decay_style)
+            return state
+
+        def load_state_dict(self, state: dict) -> None:
+            if (self.use_checkpoint_opt_param_scheduler and not self.override_opt_param_scheduler
+                    and "wsd_decay_steps" in state):  # before super() recomputes the LR
+                self.wsd_decay_steps, self.lr_wsd_decay_style = state["wsd_decay_steps"], state["lr_wsd_decay_style"]
+            super().load_state_dict(state)
+
+    return Scheduler
 
 
 class Trainer:
@@ -94,18 +116,31 @@ class Trainer:
         config = module.config
         if self.dtype == torch.bfloat16:
             module = Float16Module(config, module)
+        par = cfg.parallel
+        # --use-distributed-optimizer: gradients reduce-scatter over DP, each DP rank updates its 1/DP slice of the
+        # fp32 master weights and Adam state, and the updated weights all-gather back (after the step, or with
+        # --overlap-param-gather bucket by bucket in the next forward's pre-hooks, which DDP installs itself).
         model = DistributedDataParallel(
             config=config,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+                use_distributed_optimizer=par.use_distributed_optimizer,
+                overlap_param_gather=par.overlap_param_gather, bucket_size=par.ddp_bucket_size,
+            ),
             module=module,
         )
-        config.no_sync_func = model.no_sync
+        config.no_sync_func = model.no_sync  # gradients reduce once, after the last micro-batch
+        if par.overlap_grad_reduce:  # as Megatron-LM (align_grad_reduce): stages after the first launch the
+            config.grad_sync_func = model.start_grad_sync  # reduction of their last micro-batch in the schedule
+        # config.param_sync_func (start_param_sync per model chunk) only serves the interleaved schedule; with one
+        # chunk per rank the forward pre-hooks wait on (and launch) each bucket's all-gather.
         config.finalize_model_grads_func = finalize_model_grads
         optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
                 adam_beta1=tr.adam_beta1, adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps,
                 clip_grad=tr.clip_grad, bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+                use_distributed_optimizer=par.use_distributed_optimizer,
             ),
             [model],
         )
@@ -116,7 +151,8 @@ class Trainer:
 
         Loaded before DDP/optimizer wrapping so mixed-precision master weights start from it."""
         cfg = self.cfg
-        module = build_model(cfg.model, cfg.parallel, seed=cfg.train.seed, params_dtype=dtype)
+        module = build_model(cfg.model, cfg.parallel, seed=cfg.train.seed, params_dtype=dtype,
+                             recompute=recompute_settings(cfg.train))  # the reference never recomputes
         pretrained = cfg.checkpoint.pretrained_checkpoint
         if pretrained and checkpoint.resume_source(self.cfg.checkpoint) is None:
             checkpoint.load_weights(module, pretrained, cfg.model, expected_vocab=cfg.model.vocab_size)
@@ -124,23 +160,30 @@ class Trainer:
         return module
 
     def _lr_schedule(self, optimizer):
-        """Linear warm-up then cosine decay to min_lr (megatron-core's scheduler, for either backend)."""
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
+        """megatron-core's OptimizerParamScheduler, for either backend: linear warm-up from 0 to --lr, then
+        --lr-decay-style down to --min-lr over --lr-decay-iters (else --train-iters), --min-lr after it. WSD holds
+        --lr and anneals (--lr-wsd-decay-style) in the last --lr-wsd-decay-iters steps of that window."""
         tr = self.cfg.train
-        return OptimizerParamScheduler(
+        return _scheduler_class()(
             optimizer, init_lr=0.0, max_lr=tr.lr, min_lr=tr.min_lr,
-            lr_warmup_steps=tr.lr_warmup_iters, lr_decay_steps=max(tr.train_iters, tr.lr_warmup_iters + 1),
-            lr_decay_style="cosine", start_wd=tr.weight_decay, end_wd=tr.weight_decay,
+            lr_warmup_steps=tr.lr_warmup_iters, lr_decay_steps=lr_decay_steps(tr),
+            lr_decay_style=tr.lr_decay_style, start_wd=tr.weight_decay, end_wd=tr.weight_decay,
             wd_incr_steps=max(tr.train_iters, 1), wd_incr_style="constant",
             override_opt_param_scheduler=self.cfg.checkpoint.override_opt_param_scheduler,
             use_checkpoint_opt_param_scheduler=self.cfg.checkpoint.use_checkpoint_opt_param_scheduler,
+            wsd_decay_steps=tr.lr_wsd_decay_iters, lr_wsd_decay_style=tr.lr_wsd_decay_style,
         )
 
-    # scheduler state key -> the flag that sets it
+    # scheduler state key -> the flag that sets it (lr_decay_steps: --lr-decay-iters when set, see _schedule_flag)
     _SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
                        "lr_decay_steps": "--train-iters", "lr_decay_style": "--lr-decay-style",
+                       "wsd_decay_steps": "--lr-wsd-decay-iters", "lr_wsd_decay_style": "--lr-wsd-decay-style",
                        "start_wd": "--weight-decay", "end_wd": "--weight-decay", "wd_incr_steps": "--train-iters"}
+
+    def _schedule_flag(self, key: str) -> str:
+        if key == "lr_decay_steps" and self.cfg.train.lr_decay_iters is not None:
+            return "--lr-decay-iters"
+        return self._SCHEDULE_FLAGS[key]
 
     def reconcile_schedule(self, saved: dict) -> None:
         """Before a resumed run loads its checkpoint's LR/WD schedule: refuse flags that would change it, unless
@@ -148,9 +191,9 @@ class Trainer:
         checkpoint's; the recorded config then says so)."""
         current, ck = self.scheduler.state_dict(), self.cfg.checkpoint
         diffs = {}
-        for key, flag in self._SCHEDULE_FLAGS.items():
-            if key in saved and saved[key] != current[key]:
-                diffs.setdefault(flag, (current[key], saved[key]))
+        for key in self._SCHEDULE_FLAGS:
+            if key in saved and saved[key] != current.get(key):
+                diffs.setdefault(self._schedule_flag(key), (current.get(key), saved[key]))
         if not diffs:
             return
         listed = ", ".join(f"{flag} {now} (checkpoint: {then})" for flag, (now, then) in diffs.items())
@@ -163,6 +206,11 @@ class Trainer:
             tr = self.cfg.train
             tr.lr, tr.min_lr = saved["max_lr"], saved["min_lr"]
             tr.lr_warmup_iters, tr.weight_decay = saved["lr_warmup_steps"], saved["start_wd"]
+            tr.lr_decay_style = saved["lr_decay_style"]
+            tr.lr_wsd_decay_iters = saved.get("wsd_decay_steps")  # recorded for WSD only (_scheduler_class)
+            tr.lr_wsd_decay_style = saved.get("lr_wsd_decay_style", tr.lr_wsd_decay_style)
+            if saved["lr_decay_steps"] != current["lr_decay_steps"]:
+                tr.lr_decay_iters = saved["lr_decay_steps"]
             log.info(f"resume: keeping the checkpoint's LR/WD schedule ({listed})")
         else:
             log.info(f"resume: overriding the checkpoint's LR/WD schedule with this run's flags ({listed})")
@@ -224,7 +272,12 @@ class Trainer:
 
     def _optimizer_step(self, outputs):
         """megatron-core's ``optimizer.step()`` in its stages, because step() would apply a non-finite update
-        before the caller could veto it: ready the gradients, their norm, the agreed finite check, clip, update."""
+        before the caller could veto it: ready the gradients, their norm, the agreed finite check, clip, update.
+
+        With --use-distributed-optimizer the stages act on this DP rank's slice (the norm is reduced over all ranks,
+        so the veto is the same everywhere) and step_with_ready_grads also all-gathers the updated weights (with
+        --overlap-param-gather: in the next forward). A vetoed step updates no slice and gathers nothing: the
+        weights stay the same on every rank (the next forward's gather, if any, re-gathers unchanged slices)."""
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
         opt = self.optimizer
@@ -342,6 +395,23 @@ class Trainer:
         dist.all_reduce(number, op=dist.ReduceOp.MAX)
         return signal.Signals(int(number.item())).name if number.item() else None
 
+    def _exit_requested(self, started: float) -> str | None:
+        """--exit-interval / --exit-duration-in-mins, acted on like a stop signal (checkpoint, clean exit); not at
+        the last iteration, where the run ends anyway. The elapsed-time verdict is agreed on every rank (MAX), so
+        all stop at the same iteration."""
+        tr = self.cfg.train
+        if self.iteration >= tr.train_iters:
+            return None
+        if tr.exit_interval and self.iteration % tr.exit_interval == 0:
+            return "exit-interval"
+        if tr.exit_duration_in_mins is not None:
+            over = (time.monotonic() - started) / 60.0 > tr.exit_duration_in_mins
+            flag = torch.tensor([float(over)], device=distributed.device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():
+                return "exit-duration"
+        return None
+
     def _dump_selection(self, micro_batches, details) -> None:
         """Per-token (token, policy loss, reference loss, selected) of a few sequences, for the heatmaps.
 
@@ -373,6 +443,7 @@ class Trainer:
         tr, ck = self.cfg.train, self.cfg.checkpoint
         history = []
         lifecycle.catch_stop_signals()  # SIGTERM/SIGUSR1: checkpoint and stop cleanly (the CLI installs it earlier)
+        started = time.monotonic()  # --exit-duration-in-mins counts from here
         self.metrics.start(tr.train_iters, self.iteration)
         stopped, skipped_in_a_row = None, 0
         self.nonfinite_steps: list[int] = []
@@ -394,7 +465,7 @@ class Trainer:
                 skipped_in_a_row = 0
             if eval_batches is not None and tr.eval_interval and self.iteration % tr.eval_interval == 0:
                 self.metrics.eval(self.iteration, self.evaluate_all(eval_batches()))
-            stopped = self._stop_requested()
+            stopped = self._stop_requested() or self._exit_requested(started)
             if stopped:
                 break
             if ck.save_interval and self.iteration % ck.save_interval == 0 and self.iteration < tr.train_iters:
