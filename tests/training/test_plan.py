@@ -243,8 +243,8 @@ def test_activation_bytes_match_the_plan():
 def test_cli_plan_shipped_mistral_config(world_size, capsys):
     assert main(["plan", "--config", MISTRAL_CONFIG, "--world-size", str(world_size)]) == 0
     out = capsys.readouterr().out
-    assert f"FITS: TP=4 x PP=2 x DP={world_size // 8}" in out
-    assert "7,241,732,096 unpadded" in out and "tokens/s per GPU" in out and "first stage" in out
+    assert f"FITS: TP=2 x PP=1 x DP={world_size // 2}, distributed optimizer" in out  # the shipped layout
+    assert "7,241,732,096 unpadded" in out and "tokens/s per GPU" in out and "every rank" in out
 
 
 def test_check_config_warns_when_the_layout_does_not_fit(tmp_path, capsys):
@@ -256,6 +256,6 @@ def test_check_config_warns_when_the_layout_does_not_fit(tmp_path, capsys):
     assert "warning:" not in capsys.readouterr().err
     assert main(["check-config", "--config", str(path), "--world-size", "8", "--gpu-memory", "8"]) == 0
     err = capsys.readouterr().err
-    assert "warning: DOES NOT FIT: TP=4 x PP=2 x DP=1" in err
+    assert "warning: DOES NOT FIT: TP=2 x PP=1 x DP=4" in err
     assert main(["check-config", "--config", str(path), "--world-size", "12"]) == 2  # validate's error comes first
     assert "not divisible" in capsys.readouterr().err

@@ -87,8 +87,6 @@ def test_a_checkpoint_of_another_tokenizer_is_refused_even_with_the_same_vocab_s
 
 
 def _train(root, save, *flags):
-    from megatron_slm.parallel.distributed import free_port  # noqa: F401 - single process, no launcher
-
     cmd = [sys.executable, "-m", "megatron_slm.cli", "train", "--preset", "tiny", "--num-layers", "2",
            "--hidden-size", "32", "--ffn-hidden-size", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
            "--seq-length", "16", "--loss-mode", "clm", "--data-path", str(root / "data" / "train"),
