@@ -344,12 +344,34 @@ def _model_meta_text(model_cfg, tokenizer_fingerprints=()) -> str:
                        "tokenizer": {"fingerprints": sorted(set(tokenizer_fingerprints))}}, indent=2)
 
 
+def model_sharded_state_dict(model) -> dict:
+    """A GPTModel's sharded state dict; for the chunks of an interleaved pipeline (a list) the union of theirs.
+
+    The chunks' dicts go under "model0", "model1", ... (as Megatron-LM): their local keys repeat, but the shards'
+    keys are global (layer numbers of the whole model), so the files are those of any other layout."""
+    if isinstance(model, (list, tuple)):
+        if len(model) == 1:
+            return model[0].sharded_state_dict()
+        return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+    return model.sharded_state_dict()
+
+
+def load_model_state(model, state: dict) -> None:
+    """``load_state_dict`` of a loaded ``model_sharded_state_dict`` (a GPTModel or a list of chunks)."""
+    if isinstance(model, (list, tuple)) and len(model) > 1:
+        for i, chunk in enumerate(model):
+            chunk.load_state_dict(state[f"model{i}"])
+    else:
+        (model[0] if isinstance(model, (list, tuple)) else model).load_state_dict(state)
+
+
 def save_model_weights(model, directory: str, model_cfg, tokenizer_fingerprints=()) -> None:
+    """``model``: a GPTModel or the list of this rank's chunks of an interleaved pipeline."""
     def write(tmp):
         if _rank() == 0:
             (tmp / MODEL_META).write_text(_model_meta_text(model_cfg, tokenizer_fingerprints))
 
-    _save(model.sharded_state_dict(), Path(directory), write)
+    _save(model_sharded_state_dict(model), Path(directory), write)
 
 
 def read_model_meta(directory: str) -> dict:
@@ -441,7 +463,8 @@ def _load(sharded_state: dict, path: Path, what: str, meta: dict) -> dict:
 
 
 def load_model_weights(model, directory: str, expected_vocab: int | None = None) -> dict:
-    """Load weights saved by ``save_model_weights`` or a training checkpoint (any TP/PP) into ``model``."""
+    """Load weights saved by ``save_model_weights`` or a training checkpoint (any TP/PP, interleaved or not) into
+    ``model`` (a GPTModel or a list of chunks)."""
     meta = read_model_meta(directory)
     vocab = meta["model"].get("vocab_size")
     if expected_vocab is not None and vocab != expected_vocab:
@@ -449,9 +472,9 @@ def load_model_weights(model, directory: str, expected_vocab: int | None = None)
             f"checkpoint '{directory}' has vocab_size={vocab} but the run expects {expected_vocab}: the policy, the "
             "reference and the tokenizer must share one vocabulary"
         )
-    sharded = model.sharded_state_dict()
+    sharded = model_sharded_state_dict(model)
     loaded = _load(sharded, resolve(directory), "model", meta)
-    model.load_state_dict({k: v for k, v in loaded.items() if k in sharded})  # a training checkpoint has more
+    load_model_state(model, {k: v for k, v in loaded.items() if k in sharded})  # a training checkpoint has more
     return meta
 
 
@@ -532,7 +555,9 @@ def load_weights(model, directory: str, model_cfg, expected_vocab: int | None = 
     from megatron_slm.model import hf
 
     with torch.no_grad():
-        hf.load_hf_weights_into(model, hf.HFWeights(directory), saved)
+        weights = hf.HFWeights(directory)
+        for chunk in model if isinstance(model, (list, tuple)) else [model]:  # the chunks of an interleaved pipeline
+            hf.load_hf_weights_into(chunk, weights, saved)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,14 +567,21 @@ def load_weights(model, directory: str, model_cfg, expected_vocab: int | None = 
 def _training_sharded_state(trainer, is_loading: bool) -> dict:
     from megatron_slm.parallel import dist_optimizer
 
-    if dist_optimizer.uses_distributed_optimizer(trainer.model):
-        dist_optimizer.finish_param_gather(trainer.model)  # --overlap-param-gather: the weights saved are updated
+    chunks = _ddp_chunks(trainer)
+    if dist_optimizer.uses_distributed_optimizer(chunks[0]):
+        for chunk in chunks:
+            dist_optimizer.finish_param_gather(chunk)  # --overlap-param-gather: the weights saved are updated
     # The GPTModel itself, not its DDP wrapper, so keys match weights-only checkpoints (no "module." prefix).
-    model_sd = trainer.policy_module.sharded_state_dict()
-    if dist_optimizer.uses_distributed_optimizer(trainer.model):  # its format and gaps: parallel/dist_optimizer.py
+    model_sd = model_sharded_state_dict(trainer.policy_module)
+    if dist_optimizer.uses_distributed_optimizer(chunks[0]):  # its format and gaps: parallel/dist_optimizer.py
         return {"model": model_sd,
-                "optimizer": dist_optimizer.sharded_state_dict(trainer.model, trainer.optimizer, model_sd, is_loading)}
+                "optimizer": dist_optimizer.sharded_state_dict(chunks[0], trainer.optimizer, model_sd, is_loading)}
     return {"model": model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+
+def _ddp_chunks(trainer) -> list:
+    """The trainer's DDP-wrapped model chunks (one without an interleaved pipeline)."""
+    return trainer.model if isinstance(trainer.model, list) else [trainer.model]
 
 
 def _layout(trainer) -> dict:
@@ -594,7 +626,7 @@ def save_training_checkpoint(trainer, root: str, keep_last: int = 2) -> Path:
 
     # With DeepSpeed the model weights go in as dist_checkpointing shards too (the GPTModel's, as a weights
     # checkpoint holds them): the iteration then loads with --ref-load and converts like any other.
-    sharded = ({"model": trainer.policy_module.sharded_state_dict()} if ds is not None
+    sharded = ({"model": model_sharded_state_dict(trainer.policy_module)} if ds is not None
                else _training_sharded_state(trainer, is_loading=False))
     _save(sharded, final, write, on_commit=lambda: write_atomic(Path(root) / LATEST, str(trainer.iteration)))
     if _rank() == 0:
@@ -624,7 +656,7 @@ def load_training_checkpoint(trainer, directory: str) -> int:
             raise CheckpointError(f"'{path}' holds model weights only, not a training checkpoint; load it with --ref-load or start a new run")
         _check_optimizer_format(trainer, path)
         loaded = _load(_training_sharded_state(trainer, is_loading=True), path, "model and optimizer", meta)
-        trainer.policy_module.load_state_dict(loaded["model"])
+        load_model_state(trainer.policy_module, loaded["model"])
         trainer.optimizer.load_state_dict(loaded["optimizer"])
     state = _read_json(path / TRAINER_STATE)
     trainer.iteration = state["iteration"]
@@ -648,7 +680,7 @@ def _check_optimizer_format(trainer, path: Path) -> None:
 
     config = _read_json(path / TRAINER_STATE).get("config") or {}
     saved = bool((config.get("parallel") or {}).get("use_distributed_optimizer", False))
-    if saved != dist_optimizer.uses_distributed_optimizer(trainer.model):
+    if saved != dist_optimizer.uses_distributed_optimizer(_ddp_chunks(trainer)[0]):
         how = "with" if saved else "without"
         raise CheckpointError(
             f"'{path}' was written {how} --use-distributed-optimizer, whose optimizer state has another format; "

@@ -501,6 +501,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, require_vocab: bool 
                 )
     if tr.deepspeed and pp != 1:
         problems.append("--deepspeed runs with pipeline_model_parallel_size=1; for PP > 1 drop --deepspeed (megatron-core's optimizer)")
+    problems += _virtual_pipeline_problems(cfg, world_size, check_reference)
     problems += _ddp_problems(par, tr)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -532,6 +533,56 @@ def _recompute_problems(tr: TrainConfig, num_layers: Optional[int], pp: int, per
         return [f"--recompute-method uniform checkpoints groups of --recompute-num-layers {n} layers, which must "
                 f"divide the layers per pipeline stage ({per_stage}); use a divisor, or --recompute-method block"]
     return []
+
+
+def virtual_pipeline_size(par: ParallelConfig, num_layers: int) -> Optional[int]:
+    """Model chunks per pipeline rank with --num-layers-per-virtual-pipeline-stage (None: not interleaved)."""
+    per = par.num_layers_per_virtual_pipeline_stage
+    if per is None:
+        return None
+    return num_layers // (par.pipeline_model_parallel_size * per)
+
+
+def _virtual_pipeline_problems(cfg: "Config", world_size: Optional[int], check_reference: Optional[bool]) -> list[str]:
+    """The interleaved (virtual pipeline) schedule's rules in megatron-core 0.16, one line each with the fix."""
+    par, tr = cfg.parallel, cfg.train
+    per, pp = par.num_layers_per_virtual_pipeline_stage, max(par.pipeline_model_parallel_size, 1)
+    if per is None:
+        return []
+    if per < 1:
+        return [f"--num-layers-per-virtual-pipeline-stage {per} must be >= 1 (or unset it)"]
+    problems = []
+    if pp < 2:
+        problems.append("--num-layers-per-virtual-pipeline-stage needs a pipeline: set --pipeline-model-parallel-size "
+                        ">= 2 or drop it")
+    layers = cfg.model.num_layers
+    if layers and layers % (pp * per):
+        problems.append(f"model: num_layers={layers} is not divisible by pipeline_model_parallel_size x "
+                        f"num_layers_per_virtual_pipeline_stage = {pp} x {per}; change one of them")
+    elif layers and pp >= 2 and layers // (pp * per) < 2:
+        problems.append(f"model: {layers} layers at PP={pp} with {per} per virtual stage make one chunk per rank; "
+                        "lower --num-layers-per-virtual-pipeline-stage or drop it")
+    elif layers and (reference_in_memory(cfg) if check_reference is None else check_reference):
+        # the reference runs interleaved too, with the policy's chunks per rank
+        chunks, ref_layers = layers // (pp * per), cfg.reference.model.num_layers
+        if ref_layers and ref_layers % (pp * chunks):
+            problems.append(f"reference model: num_layers={ref_layers} is not divisible by PP x the policy's chunks per "
+                            f"rank = {pp} x {chunks} (it runs interleaved with the same chunks); give the reference "
+                            "a multiple of that many layers or change --num-layers-per-virtual-pipeline-stage")
+    if tr.deepspeed:
+        problems.append("--deepspeed has no interleaved pipeline: drop --num-layers-per-virtual-pipeline-stage")
+    if world_size is not None and pp >= 2:
+        try:
+            dp = data_parallel_size(world_size, max(par.tensor_model_parallel_size, 1), pp)
+        except ConfigError:
+            dp = None  # reported by validate
+        if dp and tr.micro_batch_size >= 1 and tr.global_batch_size % (tr.micro_batch_size * dp) == 0:
+            m = tr.global_batch_size // (tr.micro_batch_size * dp)
+            if m % pp:
+                problems.append(f"the interleaved schedule needs the number of micro-batches (global_batch_size / "
+                                f"(micro_batch_size x DP) = {m}) to be a multiple of PP={pp}; use a global_batch_size "
+                                f"that is a multiple of {tr.micro_batch_size * dp * pp}")
+    return problems
 
 
 def lr_decay_steps(tr: TrainConfig) -> int:

@@ -27,6 +27,7 @@ _NOISE = (
     ".*`torch.cuda.amp.custom_(fwd|bwd).*` is deprecated.*",
     ".*torch.distributed.checkpoint.*",
     ".*Detected mismatch between collected number of non-loss data.*",
+    ".*the core_attn is from transformer_engine and may be the fused version.*",
 )
 _NOISY_LOGGERS = ("megatron.core", "torch.distributed.checkpoint", "DeepSpeed", "deepspeed")
 

@@ -32,8 +32,9 @@ def recompute_settings(train) -> dict:
 
 
 def transformer_config(m: ModelConfig, par: ParallelConfig, params_dtype: torch.dtype = torch.float32,
-                       recompute: dict | None = None):
-    """``recompute``: ``recompute_settings(train)`` for the policy; None (no recomputation) for everything else."""
+                       recompute: dict | None = None, vp_size: int | None = None):
+    """``recompute``: ``recompute_settings(train)`` for the policy; None (no recomputation) for everything else.
+    ``vp_size``: model chunks per pipeline rank of an interleaved pipeline (config.virtual_pipeline_size), or None."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
@@ -58,6 +59,11 @@ def transformer_config(m: ModelConfig, par: ParallelConfig, params_dtype: torch.
         window_size=(m.sliding_window - 1, 0) if m.sliding_window else None,
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vp_size,
+        # gloo (CPU): the interleaved schedule at PP=2 with batched p2p (batch_isend_irecv) runs without error but
+        # gives wrong gradients (../shared/notes/megatron-core-on-cpu.md); separate isend/irecv are exact. CUDA/NCCL
+        # keeps megatron-core's default (batched).
+        batch_p2p_comm=on_gpu,
         sequence_parallel=par.sequence_parallel and par.tensor_model_parallel_size > 1,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -93,22 +99,36 @@ def _layer_spec():
     return spec
 
 
+def build_model_chunks(m: ModelConfig, par: ParallelConfig, seed: int, params_dtype: torch.dtype = torch.float32,
+                       recompute: dict | None = None, vp_size: int | None = None) -> list:
+    """This rank's model chunks: ``vp_size`` GPTModels, one per virtual pipeline stage (the policy's
+    config.virtual_pipeline_size, which parallel_state was initialised with; the reference uses the same), else a
+    list of one. Chunk i of pipeline rank r holds global layers from (i x PP + r) x layers-per-chunk on."""
+    if vp_size is None:
+        return [build_model(m, par, seed, params_dtype, recompute)]
+    return [build_model(m, par, seed, params_dtype, recompute, vp_stage=i, vp_size=vp_size) for i in range(vp_size)]
+
+
 def build_model(m: ModelConfig, par: ParallelConfig, seed: int, params_dtype: torch.dtype = torch.float32,
-                recompute: dict | None = None):
+                recompute: dict | None = None, vp_stage: int | None = None, vp_size: int | None = None):
     """This rank's stage of the decoder, weights initialised from ``seed`` independently of TP/PP.
 
-    ``recompute``: activation recomputation (``recompute_settings``), the policy's only."""
+    ``recompute``: activation recomputation (``recompute_settings``), the policy's only. ``vp_stage``: which
+    model chunk (virtual pipeline stage) to build when the pipeline is interleaved (``build_model_chunks``)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(m, par, params_dtype, recompute)
+    if (vp_size is None) != (vp_stage is None):
+        raise ValueError("an interleaved pipeline builds one model per chunk: use build_model_chunks")
+    config = transformer_config(m, par, params_dtype, recompute, vp_size)
     model = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(),
         vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, par.tensor_model_parallel_size),
         max_sequence_length=m.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
         parallel_output=True,  # the loss works on each rank's vocab shard
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
         position_embedding_type="rope",

@@ -17,8 +17,10 @@ def device() -> torch.device:
 
 
 def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234,
-               timeout_minutes: int = 30) -> None:
-    """Initialise torch.distributed from the torchrun environment and megatron-core's model-parallel groups."""
+               timeout_minutes: int = 30, virtual_pipeline_model_parallel_size: int | None = None) -> None:
+    """Initialise torch.distributed from the torchrun environment and megatron-core's model-parallel groups.
+
+    ``virtual_pipeline_model_parallel_size``: model chunks per pipeline rank (the interleaved schedule), or None."""
     from megatron.core import parallel_state, tensor_parallel
 
     cpu_shims.apply()
@@ -37,6 +39,7 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

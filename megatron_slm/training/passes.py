@@ -14,6 +14,14 @@ from megatron_slm.loss.vocab_parallel_ce import head_token_loss
 from megatron_slm.model.head import deferred_head, output_weight
 
 
+def data_iterators(micro_batches: list[dict], num_chunks: int):
+    """The schedule's data_iterator: one iterator, or with an interleaved pipeline one per model chunk (each chunk
+    reads every micro-batch in order)."""
+    if num_chunks == 1:
+        return iter(micro_batches)
+    return [iter(micro_batches) for _ in range(num_chunks)]
+
+
 def model_forward(model, mb: dict) -> torch.Tensor:
     """Last stage: final hidden states [b, s, H], the loss applies the output layer. Causal mask built in."""
     with deferred_head(model):
@@ -31,7 +39,8 @@ def score_pass(model, micro_batches: list[dict], vocab_size: int) -> list[torch.
     """Forward-only pass: per-token CE of ``model`` for each micro-batch ([b, s] fp32, on the last stage).
 
     Used for the reference model (every step of online SLM) and for the policy's scoring pass of the
-    ``global_batch`` scope. Returns None on stages other than the last.
+    ``global_batch`` scope. ``model``: a GPTModel, or the list of this rank's chunks of an interleaved pipeline
+    (then through the interleaved schedule). Returns None on stages other than the last.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -45,14 +54,16 @@ def score_pass(model, micro_batches: list[dict], vocab_size: int) -> list[torch.
 
         return output, collect
 
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     first = micro_batches[0]["tokens"]
-    was_training = model.training
-    model.eval()
+    was_training = [c.training for c in chunks]
+    for c in chunks:
+        c.eval()
     try:
         scores = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=[model],
+            data_iterator=data_iterators(micro_batches, len(chunks)),
+            model=chunks,
             num_microbatches=len(micro_batches),
             seq_length=first.shape[1],
             micro_batch_size=first.shape[0],
@@ -60,5 +71,6 @@ def score_pass(model, micro_batches: list[dict], vocab_size: int) -> list[torch.
             collect_non_loss_data=True,
         )
     finally:
-        model.train(was_training)
+        for c, mode in zip(chunks, was_training):
+            c.train(mode)
     return list(scores) if parallel_state.is_pipeline_last_stage() else None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_slm.config import SCORE_DTYPES, validate
+from megatron_slm.config import SCORE_DTYPES, validate, virtual_pipeline_size
 from megatron_slm.errors import ConfigError, DataError
 from megatron_slm.log import get_logger
 
@@ -51,7 +51,8 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
     info, _ = check_inputs(cfg, reference=cfg.reference.load, offline_scores=False)
     validate(cfg, world_size=distributed.world_size(), check_reference=True)
     tr, par = cfg.train, cfg.parallel
-    distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed)
+    distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed,
+                           virtual_pipeline_model_parallel_size=virtual_pipeline_size(par, cfg.model.num_layers))
     reference = build_reference(cfg)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     writer = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0

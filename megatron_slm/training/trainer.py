@@ -17,33 +17,39 @@ import torch
 import torch.distributed as dist
 
 from megatron_slm import checkpoint, lifecycle
-from megatron_slm.config import Config, bf16_enabled, lr_decay_steps, reference_bf16, reference_in_memory, validate
+from megatron_slm.config import (Config, bf16_enabled, lr_decay_steps, reference_bf16, reference_in_memory, validate,
+                                 virtual_pipeline_size)
 from megatron_slm.data.batches import to_device
 from megatron_slm.errors import CheckpointError, ConfigError, DivergenceError
 from megatron_slm.log import get_logger
 from megatron_slm.loss.selection import build_selector
 from megatron_slm.loss.slm_loss import STAT_KEYS, SLMLoss
-from megatron_slm.model.build import build_model, recompute_settings
+from megatron_slm.model.build import build_model_chunks, recompute_settings
 from megatron_slm.model.head import output_weight, unwrap
 from megatron_slm.parallel import distributed
 from megatron_slm.training.metrics import MetricsLogger
 from megatron_slm.training.save_lock import SaveLock
-from megatron_slm.training.passes import model_forward, score_pass
+from megatron_slm.training.passes import data_iterators, model_forward, score_pass
 
 
 log = get_logger(__name__)
 
 
 def build_reference(cfg: Config):
-    """The frozen reference: same TP/PP layout, no grads, no optimizer, not in DDP, eval mode."""
+    """The frozen reference: same TP/PP layout (and virtual pipeline chunks), no grads, no optimizer, not in DDP,
+    eval mode. A GPTModel, or with --num-layers-per-virtual-pipeline-stage the list of this rank's chunks."""
     dtype = torch.bfloat16 if reference_bf16(cfg) else torch.float32
-    ref = build_model(cfg.reference.model, cfg.parallel, seed=cfg.train.seed + 1, params_dtype=dtype)
-    ref.to(dtype)  # megatron's torch norms ignore params_dtype; casting everything as Float16Module would
+    chunks = build_model_chunks(cfg.reference.model, cfg.parallel, seed=cfg.train.seed + 1, params_dtype=dtype,
+                                vp_size=virtual_pipeline_size(cfg.parallel, cfg.model.num_layers))  # the policy's
+    ref = chunks[0] if len(chunks) == 1 else chunks
+    for c in chunks:
+        c.to(dtype)  # megatron's torch norms ignore params_dtype; casting everything as Float16Module would
     if cfg.reference.load:
         checkpoint.load_weights(ref, cfg.reference.load, cfg.reference.model, expected_vocab=cfg.model.vocab_size)
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    ref.eval()
+    for c in chunks:
+        for p in c.parameters():
+            p.requires_grad_(False)
+        c.eval()
     return ref
 
 
@@ -76,7 +82,9 @@ class Trainer:
         self.tokenizer_fingerprints = tuple(f for f in tokenizer_fingerprints if f)
         validate(cfg, world_size=distributed.world_size())
         par, tr = cfg.parallel, cfg.train
-        distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed)
+        self.vp_size = virtual_pipeline_size(par, cfg.model.num_layers)  # model chunks per rank (None: one)
+        distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed,
+                               virtual_pipeline_model_parallel_size=self.vp_size)
         from megatron.core import parallel_state as ps
 
         self.ps = ps
@@ -85,7 +93,10 @@ class Trainer:
         self.dtype = torch.bfloat16 if bf16_enabled(cfg.train) else torch.float32
         torch.manual_seed(tr.seed)
 
+        # self.model_chunks: the DDP-wrapped chunks (one without interleaving); self.model: the one DDP module, or
+        # with --num-layers-per-virtual-pipeline-stage the list of chunks (as Megatron-LM's ``model``).
         self.model, self.optimizer, self.scheduler = self._build_policy()
+        self.model_chunks = self.model if isinstance(self.model, list) else [self.model]
         self.selector = build_selector(cfg.slm)  # CLM: every valid token
         self.selective = self.selector.uses_reference  # SLM (the reference's scores rank the tokens)
         self.reference = build_reference(cfg) if reference_in_memory(cfg) else None
@@ -108,33 +119,43 @@ class Trainer:
         if tr.deepspeed:  # DeepSpeed owns precision (bf16 master weights in fp32), DP and the optimizer
             from megatron_slm.training.deepspeed_backend import DeepSpeedBackend
 
-            module = self._initial_policy(torch.float32)
+            (module,) = self._initial_policy(torch.float32)  # validate refuses interleaving with DeepSpeed
             self.ds = DeepSpeedBackend(module, cfg, self.dp_size)
             return self.ds.engine, self.ds.optimizer, self._lr_schedule(self.ds.optimizer)
         self.ds = None
-        module = self._initial_policy(self.dtype)
-        config = module.config
+        modules = self._initial_policy(self.dtype)
+        config = modules[0].config  # one TransformerConfig per chunk; the schedule reads the first chunk's
         if self.dtype == torch.bfloat16:
-            module = Float16Module(config, module)
+            modules = [Float16Module(m.config, m) for m in modules]
         par = cfg.parallel
         # --use-distributed-optimizer: gradients reduce-scatter over DP, each DP rank updates its 1/DP slice of the
         # fp32 master weights and Adam state, and the updated weights all-gather back (after the step, or with
         # --overlap-param-gather bucket by bucket in the next forward's pre-hooks, which DDP installs itself).
-        model = DistributedDataParallel(
-            config=config,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
-                use_distributed_optimizer=par.use_distributed_optimizer,
-                overlap_param_gather=par.overlap_param_gather, bucket_size=par.ddp_bucket_size,
-            ),
-            module=module,
-        )
-        config.no_sync_func = model.no_sync  # gradients reduce once, after the last micro-batch
-        if par.overlap_grad_reduce:  # as Megatron-LM (align_grad_reduce): stages after the first launch the
-            config.grad_sync_func = model.start_grad_sync  # reduction of their last micro-batch in the schedule
-        # config.param_sync_func (start_param_sync per model chunk) only serves the interleaved schedule; with one
-        # chunk per rank the forward pre-hooks wait on (and launch) each bucket's all-gather.
-        config.finalize_model_grads_func = finalize_model_grads
+        # One DDP per model chunk; as Megatron-LM, chunks after the first get one bucket each (disable_bucketing).
+        chunks = [
+            DistributedDataParallel(
+                config=m.config,
+                ddp_config=DistributedDataParallelConfig(
+                    grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+                    use_distributed_optimizer=par.use_distributed_optimizer,
+                    overlap_param_gather=par.overlap_param_gather, bucket_size=par.ddp_bucket_size,
+                ),
+                module=m, disable_bucketing=i > 0,
+            )
+            for i, m in enumerate(modules)
+        ]
+
+        def per_chunk(funcs):  # Megatron-LM's convention: a list with interleaving, the function itself without
+            return funcs if len(funcs) > 1 else funcs[0]
+
+        for m in modules:  # each chunk's config; the schedules read model[0]'s
+            # gradients reduce once, after the last micro-batch
+            m.config.no_sync_func = per_chunk([c.no_sync for c in chunks])
+            if par.overlap_grad_reduce:  # as Megatron-LM (align_grad_reduce): the schedule launches each chunk's
+                m.config.grad_sync_func = per_chunk([c.start_grad_sync for c in chunks])  # reduction at its last
+            # config.param_sync_func stays unset, as in Megatron-LM without --align-param-gather: each chunk's forward
+            # pre-hooks launch and wait on its buckets' all-gather (--overlap-param-gather).
+            m.config.finalize_model_grads_func = finalize_model_grads
         optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
@@ -142,22 +163,26 @@ class Trainer:
                 clip_grad=tr.clip_grad, bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
                 use_distributed_optimizer=par.use_distributed_optimizer,
             ),
-            [model],
+            chunks,
         )
-        return model, optimizer, self._lr_schedule(optimizer)
+        return per_chunk(chunks), optimizer, self._lr_schedule(optimizer)
 
-    def _initial_policy(self, dtype):
-        """The policy GPTModel; from --pretrained-checkpoint (megatron_slm or transformers dir) when not resuming.
+    def _initial_policy(self, dtype) -> list:
+        """The policy's GPTModel chunks (one per virtual pipeline stage, else one); from --pretrained-checkpoint
+        (megatron_slm or transformers dir) when not resuming.
 
         Loaded before DDP/optimizer wrapping so mixed-precision master weights start from it."""
         cfg = self.cfg
-        module = build_model(cfg.model, cfg.parallel, seed=cfg.train.seed, params_dtype=dtype,
-                             recompute=recompute_settings(cfg.train))  # the reference never recomputes
+        chunks = build_model_chunks(cfg.model, cfg.parallel, seed=cfg.train.seed, params_dtype=dtype,
+                                    recompute=recompute_settings(cfg.train),  # the reference never recomputes
+                                    vp_size=self.vp_size)
         pretrained = cfg.checkpoint.pretrained_checkpoint
         if pretrained and checkpoint.resume_source(self.cfg.checkpoint) is None:
-            checkpoint.load_weights(module, pretrained, cfg.model, expected_vocab=cfg.model.vocab_size)
-            module.to(dtype)
-        return module
+            checkpoint.load_weights(chunks[0] if len(chunks) == 1 else chunks, pretrained, cfg.model,
+                                    expected_vocab=cfg.model.vocab_size)
+            for c in chunks:
+                c.to(dtype)
+        return chunks
 
     def _lr_schedule(self, optimizer):
         """megatron-core's OptimizerParamScheduler, for either backend: linear warm-up from 0 to --lr, then
@@ -217,13 +242,21 @@ class Trainer:
 
     @property
     def policy_module(self):
-        """The GPTModel inside DDP (and Float16Module, or the DeepSpeed engine)."""
-        return unwrap(self.model)
+        """The GPTModel inside DDP (and Float16Module, or the DeepSpeed engine); with an interleaved pipeline the
+        list of this rank's GPTModel chunks (checkpoint, score_pass and helpers.gather take either)."""
+        chunks = self.policy_chunks
+        return chunks[0] if len(chunks) == 1 else chunks
+
+    @property
+    def policy_chunks(self) -> list:
+        """This rank's GPTModel chunks, in virtual pipeline stage order (one without interleaving)."""
+        return [unwrap(m) for m in (self.model if isinstance(self.model, list) else [self.model])]
 
     # -- one step ------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
         mb = next(data_iterator)
-        weight = output_weight(model) if self.is_last_stage else None  # the loss runs on the last stage only
+        # the loss runs on the last stage's last chunk only (its output layer; the tied embedding's copy there)
+        weight = output_weight(model) if unwrap(model).post_process else None
         return model_forward(model, mb), functools.partial(self.loss, mb, weight)
 
     def prepare_selection(self, micro_batches: list[dict]) -> None:
@@ -246,13 +279,14 @@ class Trainer:
         if self.ds is not None:  # DeepSpeed applies its update inside the engine: a bad step is only detected
             outputs, grad_norm = self.ds.train_step(micro_batches, self.loss, model_forward, self.selector)
             return self._finish_step(outputs, micro_batches, self._agree_finite(outputs, grad_norm), grad_norm, start)
-        self.model.zero_grad_buffer()
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         first = micro_batches[0]["tokens"]
         outputs = get_forward_backward_func()(
             forward_step_func=self._forward_step,
-            data_iterator=iter(micro_batches),
-            model=[self.model],
+            data_iterator=data_iterators(micro_batches, len(self.model_chunks)),
+            model=self.model_chunks,
             num_microbatches=len(micro_batches),
             seq_length=first.shape[1],
             micro_batch_size=first.shape[0],
@@ -374,7 +408,7 @@ class Trainer:
         return True
 
     def _params_finite(self) -> bool:
-        bad = any(not bool(torch.isfinite(p).all()) for p in self.policy_module.parameters())
+        bad = any(not bool(torch.isfinite(p).all()) for c in self.policy_chunks for p in c.parameters())
         flag = torch.tensor([float(bad)], device=distributed.device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0

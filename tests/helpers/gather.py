@@ -20,6 +20,7 @@ def gather_full(model, tensors: dict[str, torch.Tensor] | None = None, use_grad:
     """Full (unsharded) tensors of the whole model by global name, on every rank of DP rank 0's replica.
 
     ``use_grad`` gathers ``param.main_grad`` (megatron DDP) or ``param.grad`` instead of the weights.
+    ``model``: a GPTModel or the list of this rank's chunks (interleaved pipeline).
     Communicates over the TP group and then the PP group.
     """
     import torch.distributed as dist
@@ -29,7 +30,8 @@ def gather_full(model, tensors: dict[str, torch.Tensor] | None = None, use_grad:
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     tp_world = parallel_state.get_tensor_model_parallel_world_size()
     local = {}
-    for local_name, param in model.named_parameters():
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    for model, local_name, param in ((c, n, p) for c in chunks for n, p in c.named_parameters()):
         t = param
         if use_grad:
             t = getattr(param, "main_grad", None)
