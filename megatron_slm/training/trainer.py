@@ -123,8 +123,7 @@ class Trainer:
             self.ds = DeepSpeedBackend(module, cfg, self.dp_size)
             return self.ds.engine, self.ds.optimizer, self._lr_schedule(self.ds.optimizer)
         self.ds = None
-        modules = self._initial_policy(self.dtype)
-        config = modules[0].config  # one TransformerConfig per chunk; the schedule reads the first chunk's
+        modules = self._initial_policy(self.dtype)  # one TransformerConfig per chunk; the schedule reads model[0]'s
         if self.dtype == torch.bfloat16:
             modules = [Float16Module(m.config, m) for m in modules]
         par = cfg.parallel
