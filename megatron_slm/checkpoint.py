@@ -133,8 +133,6 @@ def write_atomic(path: str | Path, text: str) -> None:
     _fsync(path.parent)
 
 
-_write_atomic = write_atomic
-
 _RENAMEAT2 = []  # [libc.renameat2 or None], looked up once
 
 
