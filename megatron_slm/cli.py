@@ -1,4 +1,4 @@
-"""The one CLI: ``slm train | check-config | plan | score-reference | demo``. It parses and dispatches, nothing more.
+"""The one CLI: ``slm train | check-config | plan | score-reference | reweight | demo``. It parses and dispatches, nothing more.
 
     torchrun --nproc-per-node 4 -m megatron_slm.cli train --config cfg.yaml --tensor-model-parallel-size 2
 
@@ -77,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="storage of the scores: fp32 replays online SLM exactly, bf16 halves the disk")
     p_score.add_argument("--force", action="store_true", help="overwrite existing sidecars")
     _config_arguments(p_score)
+    p_reweight = sub.add_parser(
+        "reweight", help="the domain-reweighting control of an SLM run: CLM blend weights with its token mix",
+        description="Read an SLM run's summary.json (blend weights w_i, selected fraction f_i of each dataset) and "
+                    "print the --data-path under which plain CLM trains on the same mix of datasets: "
+                    "w'_i = w_i f_i / sum_j w_j f_j. A CLM run with it separates token selection from domain "
+                    "reweighting.")
+    p_reweight.add_argument("--run", required=True, metavar="DIR",
+                            help="the SLM run's --save directory, holding summary.json (required, no default)")
+    p_reweight.add_argument("--digits", type=int, default=4, metavar="N",
+                            help="decimals of the printed weights (default: 4)")
     demo.add_arguments(sub.add_parser(
         "demo", formatter_class=fmt, help="the CPU demo: reference, then SLM vs CLM at TP=2 x PP=2",
         description="Build a tiny two-domain corpus, train a reference on clean math, then SLM and CLM policies "
@@ -144,6 +154,18 @@ def _score(args, cfg) -> int:
     return 0
 
 
+def _reweight(args) -> int:
+    """``slm reweight``: pure Python (megatron_slm/training/controls.py), no torch."""
+    from megatron_slm.training.controls import explain, format_data_path, reweight
+
+    if args.digits < 1:
+        raise ConfigError(f"--digits must be at least 1 (got {args.digits})")
+    result = reweight(args.run)
+    print(format_data_path(result["prefixes"], result["matched"], args.digits))
+    print(explain(result))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.command == "train":  # before the seconds of imports: a stop signal then is kept, not fatal
@@ -160,6 +182,8 @@ def main(argv=None) -> int:
             from megatron_slm import demo
 
             return demo.main(args)
+        if args.command == "reweight":
+            return _reweight(args)
         cfg = load_config(args.config, args=args)
         setup_logging(cfg.train.logging_level, all_ranks=args.all_ranks_log)
         return {"train": _train, "check-config": _check, "plan": _plan,

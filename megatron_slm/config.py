@@ -26,6 +26,7 @@ from megatron_slm.log import LEVELS as LOG_LEVELS
 
 # Choices of the enumerated fields (also the argparse ``choices``).
 SELECTION_SCOPES = ("sequence", "micro_batch", "global_batch", "threshold")
+SELECTION_STRATEGIES = ("topk", "random")  # random: the same count on random tokens (a control)
 LOSS_MODES = ("slm", "clm")
 REFERENCE_MODES = ("online", "offline")
 REFERENCE_DTYPES = ("auto", "fp32", "bf16")
@@ -108,6 +109,10 @@ class SLMConfig:
                                         "0.7 for 7B)")
     selection_scope: str = _opt("micro_batch", "which tokens the top-k ranks together (README: selection "
                                                "scopes)", SELECTION_SCOPES)
+    selection_strategy: str = _opt(
+        "topk", "topk: the k% tokens of highest excess loss; random: a seeded random k% of the valid tokens, same "
+                "count, scope and normalisation (a control for 'fewer tokens'); the reference still scores (online "
+                "or offline) so the log shows the excess loss of what random picked", SELECTION_STRATEGIES)
     reference_mode: str = _opt("online", "online: co-located reference model; offline: precomputed score "
                                          "sidecars (slm score-reference)", REFERENCE_MODES)
     threshold_momentum: float = _opt(0.9, "threshold scope: EMA weight of the previous quantile estimate")

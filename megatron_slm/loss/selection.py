@@ -15,12 +15,20 @@ The paper says "top k% of tokens in a batch" without saying which batch. Each sc
 - ``threshold``: a running (1-k) quantile estimate per rank (megatron_slm.slm.RunningThreshold). No
   communication and no extra pass; the selected fraction is k on average rather than exactly.
 
+Strategies (``--selection-strategy``): a selector ranks *scores*. ``topk`` ranks the excess losses; ``random``
+ranks seeded uniform random numbers drawn in ``prepare`` for every micro-batch of the step, from a generator seeded
+by (train seed, the selector's step counter, DP rank, micro-batch index): the same scope, count and normalisation
+as top-k on tokens chosen independently of the losses, so "selection" and "fewer tokens" can be told apart. The step
+counter is in the selector's state_dict, so a resumed run continues the same sequence.
+
 CLM (``--loss-mode clm``) is the selector that keeps every valid token. Ties are broken by global position
 (DP rank, micro-batch, sequence, token), so results are deterministic. The trainer and the DeepSpeed
 backend talk to a selector only through ``prepare``, ``__call__`` and ``expected_count``.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 import torch.distributed as dist
@@ -63,23 +71,63 @@ def _valid_masks(micro_batches: list[dict]) -> list[torch.Tensor]:
     return [mb["loss_mask"] > 0 for mb in micro_batches]
 
 
+STRATEGIES = ("topk", "random")
+
+
+def random_scores(seed: int, step: int, dp_rank: int, micro_batch: int, shape, device=None) -> torch.Tensor:
+    """Uniform [0, 1) scores of one micro-batch, a pure function of (seed, step, DP rank, micro-batch index)."""
+    key = hashlib.blake2b(f"{seed}:{step}:{dp_rank}:{micro_batch}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+    return torch.rand(tuple(shape), generator=gen, dtype=torch.float32).to(device)
+
+
 class TokenSelector:
-    """A selection rule, applied on the last pipeline stage to one micro-batch's excess losses ([b, s]).
+    """A selection rule, applied on the last pipeline stage to one micro-batch's scores ([b, s]).
 
     - ``prepare(micro_batches, policy_scores)`` runs before the training pass (``policy_scores()`` runs the
       policy's forward-only scoring pass and returns its per-token losses, or None off the last stage);
     - ``__call__(excess, valid, mb)`` returns the selected-token mask of that micro-batch;
     - ``expected_count(micro_batches)`` is the number of tokens the global batch will select, from the loss
       masks alone (a backend that back-propagates each micro-batch as it comes needs the denominator first).
+
+    Subclasses rank ``self.scores(excess, mb)``: the excess losses (``topk``) or the random scores ``prepare``
+    drew for that micro-batch (``random``), and implement ``_prepare`` for their own pre-pass.
     """
 
-    uses_reference = True  # excess losses need the reference's token losses
+    uses_reference = True  # excess losses need the reference's token losses (random: logged, not ranked)
+    _SCORES_KEY = "random_selection_scores"  # random strategy: the scores, parked on the micro-batch
 
-    def __init__(self, k: float):
-        self.k = k
+    def __init__(self, k: float, strategy: str = "topk", seed: int | None = None):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown selection strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+        self.k, self.strategy = k, strategy
+        self.seed = int(torch.initial_seed() if seed is None else seed)  # the trainer seeds torch with train.seed
+        self.step = 0  # prepare() calls so far: the random strategy's position in its sequence
+
+    @property
+    def random(self) -> bool:
+        return self.strategy == "random"
 
     def prepare(self, micro_batches: list[dict], policy_scores) -> None:
+        """Before the training pass, on every rank: draw this step's random scores, then the scope's own pass."""
+        if self.random:
+            dp_rank = _dp_rank(_dp_group())
+            for i, mb in enumerate(micro_batches):
+                mask = mb["loss_mask"]
+                mb[self._SCORES_KEY] = random_scores(self.seed, self.step, dp_rank, i, mask.shape, mask.device)
+        self._prepare(micro_batches, policy_scores)
+        self.step += 1
+
+    def _prepare(self, micro_batches: list[dict], policy_scores) -> None:
         pass
+
+    def scores(self, excess: torch.Tensor | None, mb: dict) -> torch.Tensor:
+        """What the scope ranks: the excess losses, or (random) this micro-batch's scores from ``prepare``."""
+        if not self.random:
+            return excess
+        if self._SCORES_KEY not in mb:
+            raise RuntimeError("random selection draws its scores in prepare() before the loss")
+        return mb[self._SCORES_KEY]
 
     def __call__(self, excess: torch.Tensor | None, valid: torch.Tensor, mb: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -90,10 +138,10 @@ class TokenSelector:
         return float(num_selected(total[0], self.k))
 
     def state_dict(self) -> dict:
-        return {}
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.step = int(state.get("step", 0))  # checkpoints before the step counter: 0
 
 
 class AllTokens(TokenSelector):
@@ -102,7 +150,7 @@ class AllTokens(TokenSelector):
     uses_reference = False
 
     def __init__(self):
-        super().__init__(1.0)
+        super().__init__(1.0, seed=0)
 
     def __call__(self, excess, valid, mb):
         return valid.bool()
@@ -113,7 +161,7 @@ class AllTokens(TokenSelector):
 
 class SequenceScope(TokenSelector):
     def __call__(self, excess, valid, mb):
-        return top_k_mask(excess, valid.bool(), self.k, dim=-1)
+        return top_k_mask(self.scores(excess, mb), valid.bool(), self.k, dim=-1)
 
     def expected_count(self, micro_batches):
         per_rank = sum(int(num_selected(v.sum(-1), self.k).sum()) for v in _valid_masks(micro_batches))
@@ -123,9 +171,9 @@ class SequenceScope(TokenSelector):
 class MicroBatchScope(TokenSelector):
     def __call__(self, excess, valid, mb):
         group = _dp_group()
-        all_excess = _all_gather(excess.float(), group)
+        all_scores = _all_gather(self.scores(excess, mb).float(), group)
         all_valid = _all_gather(valid.to(torch.uint8), group).bool()
-        return top_k_mask(all_excess, all_valid, self.k)[_dp_rank(group)]
+        return top_k_mask(all_scores, all_valid, self.k)[_dp_rank(group)]
 
     def expected_count(self, micro_batches):
         per_mb = _dp_sum([float(v.sum()) for v in _valid_masks(micro_batches)])  # micro-batch i over DP ranks
@@ -135,16 +183,19 @@ class MicroBatchScope(TokenSelector):
 class GlobalBatchScope(TokenSelector):
     _KEY = "global_batch_selection"  # this selector's mask, parked on the micro-batch between prepare and call
 
-    def prepare(self, micro_batches, policy_scores):
-        scores = policy_scores()
-        if scores is None:  # not the last pipeline stage
-            return
+    def _prepare(self, micro_batches, policy_scores):
         from megatron_slm.slm import excess_loss
 
+        if self.random:  # the scores exist already: no policy scoring pass (every stage ranks them, cheaply)
+            ranked = torch.stack([mb[self._SCORES_KEY] for mb in micro_batches])
+        else:
+            scores = policy_scores()
+            if scores is None:  # not the last pipeline stage
+                return
+            ranked = torch.stack([excess_loss(p, mb["ref_loss"]) for p, mb in zip(scores, micro_batches)])
         group = _dp_group()
-        excess = torch.stack([excess_loss(p, mb["ref_loss"]) for p, mb in zip(scores, micro_batches)])
         valid = torch.stack([v.to(torch.uint8) for v in _valid_masks(micro_batches)])
-        masks = top_k_mask(_all_gather(excess, group), _all_gather(valid, group).bool(), self.k)[_dp_rank(group)]
+        masks = top_k_mask(_all_gather(ranked, group), _all_gather(valid, group).bool(), self.k)[_dp_rank(group)]
         for mb, mask in zip(micro_batches, masks.unbind(0)):
             mb[self._KEY] = mask
 
@@ -155,32 +206,35 @@ class GlobalBatchScope(TokenSelector):
 
 
 class ThresholdScope(TokenSelector):
-    def __init__(self, k: float, momentum: float):
-        super().__init__(k)
+    def __init__(self, k: float, momentum: float, strategy: str = "topk", seed: int | None = None):
+        super().__init__(k, strategy, seed)
         self.threshold = RunningThreshold(k, momentum)
 
     def __call__(self, excess, valid, mb):
-        return self.threshold(excess, valid)
+        return self.threshold(self.scores(excess, mb), valid)  # random: the quantile of uniform scores
 
     def state_dict(self):
-        return {"threshold": self.threshold.state_dict()}
+        return {**super().state_dict(), "threshold": self.threshold.state_dict()}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         if state.get("threshold"):
             self.threshold.load_state_dict(state["threshold"])
 
 
-def build_selector(slm_cfg) -> TokenSelector:
-    """The selector for ``cfg.slm`` (loss mode, scope, k)."""
+def build_selector(slm_cfg, seed: int | None = None) -> TokenSelector:
+    """The selector for ``cfg.slm`` (loss mode, scope, k, strategy). ``seed``: the random strategy's (the train
+    seed; unset: torch's initial seed, which the trainer sets to it before building the selector)."""
     if slm_cfg.loss_mode == "clm":
         return AllTokens()
     k, scope = slm_cfg.slm_select_ratio, slm_cfg.selection_scope
+    kw = dict(strategy=getattr(slm_cfg, "selection_strategy", "topk"), seed=seed)
     if scope == "sequence":
-        return SequenceScope(k)
+        return SequenceScope(k, **kw)
     if scope == "micro_batch":
-        return MicroBatchScope(k)
+        return MicroBatchScope(k, **kw)
     if scope == "global_batch":
-        return GlobalBatchScope(k)
+        return GlobalBatchScope(k, **kw)
     if scope == "threshold":
-        return ThresholdScope(k, slm_cfg.threshold_momentum)
+        return ThresholdScope(k, slm_cfg.threshold_momentum, **kw)
     raise ValueError(f"unknown selection scope {scope!r}")  # validate() reports it first

@@ -97,7 +97,7 @@ class Trainer:
         # with --num-layers-per-virtual-pipeline-stage the list of chunks (as Megatron-LM's ``model``).
         self.model, self.optimizer, self.scheduler = self._build_policy()
         self.model_chunks = self.model if isinstance(self.model, list) else [self.model]
-        self.selector = build_selector(cfg.slm)  # CLM: every valid token
+        self.selector = build_selector(cfg.slm, seed=tr.seed)  # CLM: every valid token
         self.selective = self.selector.uses_reference  # SLM (the reference's scores rank the tokens)
         self.reference = build_reference(cfg) if reference_in_memory(cfg) else None
         self.loss = SLMLoss(self.selector, cfg.model.vocab_size)
