@@ -1,4 +1,4 @@
-"""The one CLI: ``slm train | check-config | plan | score-reference | reweight | demo``. It parses and dispatches, nothing more.
+"""The one CLI: ``slm train | check-config | plan | score-reference | evaluate | reweight | demo``. It parses and dispatches, nothing more.
 
     torchrun --nproc-per-node 4 -m megatron_slm.cli train --config cfg.yaml --tensor-model-parallel-size 2
 
@@ -87,6 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the SLM run's --save directory, holding summary.json (required, no default)")
     p_reweight.add_argument("--digits", type=int, default=4, metavar="N",
                             help="decimals of the printed weights (default: 4)")
+    p_eval = sub.add_parser(
+        "evaluate", conflict_handler="resolve",
+        help="loss and perplexity of checkpoints on datasets, on fixed samples (no seed involved)",
+        description="Mean token loss and perplexity of each checkpoint on each dataset, reported separately. The "
+                    "samples are fixed: a dataset's documents in file order cut into consecutive windows of "
+                    "--seq-length + 1 tokens (EOD labels masked as in training), the first --eval-samples of them; "
+                    "every checkpoint sees the same tokens. Model shapes come from each checkpoint. Launch under "
+                    "torchrun for TP/PP/DP (data-parallel ranks split the windows); alone it runs one process.")
+    _config_arguments(p_eval)
+    p_eval.add_argument("--load", nargs="+", required=True, metavar="CKPT", dest="eval_load",
+                        help="checkpoints: a training run root (its latest iteration), an iter_NNNNNNN directory, a "
+                             "weights checkpoint or a transformers directory (required, no default)")
+    p_eval.add_argument("--eval-samples", type=int, default=None, metavar="N",
+                        help="windows per dataset, the first N (default: all)")
+    p_eval.add_argument("--out", default="eval_out", metavar="DIR",
+                        help="where eval.json, eval.csv and (several iterations of a run) eval.png go "
+                             "(default: eval_out)")
     demo.add_arguments(sub.add_parser(
         "demo", formatter_class=fmt, help="the CPU demo: reference, then SLM vs CLM at TP=2 x PP=2",
         description="Build a tiny two-domain corpus, train a reference on clean math, then SLM and CLM policies "
@@ -154,6 +171,29 @@ def _score(args, cfg) -> int:
     return 0
 
 
+def _evaluate(args, cfg) -> int:
+    """``slm evaluate`` (megatron_slm/training/evaluate.py); torch is imported here, not for --help."""
+    import torch.distributed as dist
+
+    from megatron_slm.parallel import distributed
+    from megatron_slm.training.evaluate import evaluate, format_table, write_outputs
+
+    try:
+        rows = evaluate(cfg, args.eval_load, cfg.data.data_path or [], args.eval_samples)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(format_table(rows))
+            settings = {"seq_length": cfg.train.seq_length, "eval_samples": args.eval_samples,
+                        "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+                        "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
+                        "world_size": distributed.world_size()}
+            for note in write_outputs(rows, args.out, settings):
+                print(note, file=sys.stderr)
+            print(f"wrote {os.path.join(args.out, 'eval.json')} and eval.csv")
+    finally:
+        distributed.destroy()
+    return 0
+
+
 def _reweight(args) -> int:
     """``slm reweight``: pure Python (megatron_slm/training/controls.py), no torch."""
     from megatron_slm.training.controls import explain, format_data_path, reweight
@@ -187,7 +227,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args=args)
         setup_logging(cfg.train.logging_level, all_ranks=args.all_ranks_log)
         return {"train": _train, "check-config": _check, "plan": _plan,
-                "score-reference": _score}[args.command](args, cfg)
+                "score-reference": _score, "evaluate": _evaluate}[args.command](args, cfg)
     except SLMError as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr)
