@@ -129,3 +129,17 @@ def run_ranks(fn, world: int, *args, threads: int = 1, timeout: float = 3600.0) 
     from helpers.forked import run_forked
 
     return run_forked(fn, world, *args, threads=threads, timeout=timeout)
+
+
+def add_model_args(p, *, vocab: int, seq: int, gbs: int, groups: bool = False) -> None:
+    """The model-shape and batch flags the step benchmarks share (defaults: a 4-layer, hidden-256 Llama)."""
+    p.add_argument("--layers", type=int, default=4, help="transformer layers")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size")
+    p.add_argument("--ffn", type=int, default=704, help="SwiGLU inner size")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    if groups:
+        p.add_argument("--groups", type=int, default=4, help="KV heads (GQA)")
+    p.add_argument("--vocab", type=int, default=vocab, help="vocabulary size")
+    p.add_argument("--seq", type=int, default=seq, help="sequence length")
+    p.add_argument("--mbs", type=int, default=2, help="micro-batch size")
+    p.add_argument("--gbs", type=int, default=gbs, help="global batch size")

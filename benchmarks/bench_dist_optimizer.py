@@ -17,21 +17,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import emit_json, machine_info, median, mib, rotated, run_ranks, table
+from _common import add_model_args, emit_json, machine_info, median, mib, rotated, run_ranks, table
 
 VARIANTS = ("plain", "distributed")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--ffn", type=int, default=704)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--mbs", type=int, default=2)
-    p.add_argument("--gbs", type=int, default=8)
+    add_model_args(p, vocab=8192, seq=128, gbs=8)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--nproc", type=int, default=2, help="processes (TP x DP)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant and dtype (after one warm-up)")

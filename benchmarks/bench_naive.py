@@ -40,21 +40,14 @@ import subprocess
 import sys
 import time
 
-from _common import emit_json, machine_info, median, mib, rotated, table, verdict
+from _common import add_model_args, emit_json, machine_info, median, mib, rotated, table, verdict
 
 SPEED_TARGET = 1.5
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--ffn", type=int, default=704)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--mbs", type=int, default=2)
-    p.add_argument("--gbs", type=int, default=4)
+    add_model_args(p, vocab=32000, seq=512, gbs=4)
     p.add_argument("--slm-select-ratio", dest="k", type=float, default=0.6, help="k: fraction of the tokens selected")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)

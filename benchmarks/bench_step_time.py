@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import Timer, emit_json, machine_info, median, rotated, run_ranks, table, verdict
+from _common import Timer, add_model_args, emit_json, machine_info, median, rotated, run_ranks, table, verdict
 
 VARIANTS = ("clm", "slm_online", "slm_offline")
 TARGETS = {"slm_online": 1.36, "slm_offline": 1.03}
@@ -37,15 +37,7 @@ TARGETS = {"slm_online": 1.36, "slm_offline": 1.03}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--ffn", type=int, default=704)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--groups", type=int, default=4, help="KV heads (GQA)")
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--mbs", type=int, default=2, help="micro-batch size")
-    p.add_argument("--gbs", type=int, default=8, help="global batch size")
+    add_model_args(p, vocab=8192, seq=256, gbs=8, groups=True)
     p.add_argument("--slm-select-ratio", dest="k", type=float, default=0.6, help="k: fraction of the tokens selected")
     p.add_argument("--selection-scope", dest="scope", default="micro_batch", choices=("sequence", "micro_batch", "global_batch", "threshold"), help="selection scope")
     p.add_argument("--tp", type=int, default=1)
