@@ -1,4 +1,4 @@
-"""The one CLI: ``slm train | check-config | plan | score-reference | evaluate | reweight | demo``. It parses and dispatches, nothing more.
+"""The one CLI: ``slm train | check-config | plan | score-reference | evaluate | dynamics | reweight | demo``. It parses and dispatches, nothing more.
 
     torchrun --nproc-per-node 4 -m megatron_slm.cli train --config cfg.yaml --tensor-model-parallel-size 2
 
@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "samples are fixed: a dataset's documents in file order cut into consecutive windows of "
                     "--seq-length + 1 tokens (EOD labels masked as in training), the first --eval-samples of them; "
                     "every checkpoint sees the same tokens. Model shapes come from each checkpoint. Launch under "
-                    "torchrun for TP/PP/DP (data-parallel ranks split the windows); alone it runs one process.")
+                    "torchrun for TP/PP/DP (data-parallel ranks split the windows); alone it runs one process. "
+                    "With --split-reference, each row adds the mean loss and token count on the 'learnable' "
+                    "tokens (the top --split-ratio by excess loss of --split-base over the reference: what SLM "
+                    "would select) and on the rest; definition: megatron_slm/training/evaluate.py.")
     _config_arguments(p_eval)
     p_eval.add_argument("--load", nargs="+", required=True, metavar="CKPT", dest="eval_load",
                         help="checkpoints: a training run root (its latest iteration), an iter_NNNNNNN directory, a "
@@ -104,10 +107,45 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--out", default="eval_out", metavar="DIR",
                         help="where eval.json, eval.csv and (several iterations of a run) eval.png go "
                              "(default: eval_out)")
+    p_eval.add_argument("--split-reference", default=None, metavar="CKPT",
+                        help="reference checkpoint of the learnable / not-learnable split: per dataset, the top "
+                             "--split-ratio of the valid tokens by excess loss L_base - L_ref are 'learnable' (what "
+                             "SLM would select), the rest not; every --load reports its mean loss and token count on "
+                             "both (default: none, no split)")
+    p_eval.add_argument("--split-base", default=None, metavar="CKPT",
+                        help="the base model of the split's excess loss (default: the first --load)")
+    p_eval.add_argument("--split-ratio", type=float, default=None, metavar="Q",
+                        help="share of the valid tokens that are learnable, in (0, 1] (default: 0.6, the paper's k "
+                             "for 1B models)")
+    p_dyn = sub.add_parser(
+        "dynamics",
+        help="token loss dynamics (Rho-1 Fig. 2): H->H, L->H, H->L, L->L shares and losses over checkpoints",
+        description="Classify every valid token of a dataset's fixed evaluation windows (those of 'slm evaluate') "
+                    "by its loss at the first and at the last checkpoint of each run: H (loss above the threshold) or "
+                    "L, giving H->H, L->H, H->L and L->L. One threshold for all runs, so SLM and CLM runs compare. "
+                    "Per run and checkpoint: each class's share and mean loss. Writes dynamics.json, dynamics.csv "
+                    "and dynamics.png. Launch under torchrun for TP/PP/DP; alone it runs one process. Definitions: "
+                    "megatron_slm/training/dynamics.py.")
+    _config_arguments(p_dyn)
+    # torchrun's own parser takes a bare --run for an abbreviation of its --run-path: hence the long spelling
+    p_dyn.add_argument("--run", "--run-checkpoints", action="append", required=True, metavar="NAME=CKPT[,CKPT...]",
+                       dest="dyn_runs",
+                       help="a run: its name and two or more checkpoints in training order, or NAME=DIR for all "
+                            "iter_* checkpoints of a training run's directory; repeat for each run; under torchrun "
+                            "spell it --run-checkpoints (required, no default)")
+    p_dyn.add_argument("--eval-samples", type=int, default=None, metavar="N",
+                       help="windows of the dataset, the first N (default: all)")
+    p_dyn.add_argument("--dynamics-threshold", type=float, default=None, metavar="LOSS",
+                       help="loss (nats) above which a token's loss is high (H), the same for every run (default: "
+                            "the median token loss at the first checkpoint, all runs pooled)")
+    p_dyn.add_argument("--out", default="dynamics_out", metavar="DIR",
+                       help="where dynamics.json, dynamics.csv and dynamics.png go (default: dynamics_out)")
     demo.add_arguments(sub.add_parser(
-        "demo", formatter_class=fmt, help="the CPU demo: reference, then SLM vs CLM at TP=2 x PP=2",
-        description="Build a tiny two-domain corpus, train a reference on clean math, then SLM and CLM policies "
-                    "at TP=2 x PP=2 on 4 CPU processes, and compare their held-out math loss."))
+        "demo", formatter_class=fmt, help="the CPU demo: base, reference, then SLM vs three controls",
+        description="The Rho-1 recipe at toy scale: build a two-domain corpus (math, general), train a base, tune "
+                    "it on clean math into the reference, then train four policies from the base (CLM, SLM at "
+                    "TP=2 x PP=2, random k%%, CLM on the reweighted blend) and evaluate all six on held-out math "
+                    "and general text."))
     return parser
 
 
@@ -176,19 +214,49 @@ def _evaluate(args, cfg) -> int:
     import torch.distributed as dist
 
     from megatron_slm.parallel import distributed
-    from megatron_slm.training.evaluate import evaluate, format_table, write_outputs
+    from megatron_slm.training.evaluate import DEFAULT_SPLIT_RATIO, evaluate, format_table, write_outputs
 
     try:
-        rows = evaluate(cfg, args.eval_load, cfg.data.data_path or [], args.eval_samples)
+        rows = evaluate(cfg, args.eval_load, cfg.data.data_path or [], args.eval_samples,
+                        split_reference=args.split_reference, split_base=args.split_base, split_ratio=args.split_ratio)
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(format_table(rows))
             settings = {"seq_length": cfg.train.seq_length, "eval_samples": args.eval_samples,
                         "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
                         "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
                         "world_size": distributed.world_size()}
+            if args.split_reference is not None:
+                settings.update(split_reference=args.split_reference,
+                                split_base=args.split_base if args.split_base is not None else args.eval_load[0],
+                                split_ratio=args.split_ratio if args.split_ratio is not None else DEFAULT_SPLIT_RATIO)
             for note in write_outputs(rows, args.out, settings):
                 print(note, file=sys.stderr)
             print(f"wrote {os.path.join(args.out, 'eval.json')} and eval.csv")
+    finally:
+        distributed.destroy()
+    return 0
+
+
+def _dynamics(args, cfg) -> int:
+    """``slm dynamics`` (megatron_slm/training/dynamics.py); torch is imported when it measures, not for --help."""
+    from megatron_slm.parallel import distributed
+    from megatron_slm.training import dynamics
+
+    runs = [dynamics.parse_run(spec) for spec in args.dyn_runs]  # syntax errors before any loading
+    try:
+        measured = dynamics.measure(cfg, runs, cfg.data.data_path or [], args.eval_samples)
+        if measured is not None:  # rank 0
+            result = dynamics.analyse(measured, args.dynamics_threshold)
+            print(dynamics.format_table(result))
+            settings = {"seq_length": cfg.train.seq_length, "eval_samples": args.eval_samples,
+                        "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+                        "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
+                        "world_size": distributed.world_size()}
+            notes = dynamics.write_outputs(result, args.out, settings)
+            for note in notes:
+                print(note, file=sys.stderr)
+            files = "dynamics.csv" + ("" if notes else " and dynamics.png")
+            print(f"wrote {os.path.join(args.out, 'dynamics.json')}, {files}")
     finally:
         distributed.destroy()
     return 0
@@ -227,7 +295,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args=args)
         setup_logging(cfg.train.logging_level, all_ranks=args.all_ranks_log)
         return {"train": _train, "check-config": _check, "plan": _plan,
-                "score-reference": _score, "evaluate": _evaluate}[args.command](args, cfg)
+                "score-reference": _score, "evaluate": _evaluate, "dynamics": _dynamics}[args.command](args, cfg)
     except SLMError as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr)

@@ -1,9 +1,17 @@
-"""The CPU demo: train a tiny reference on clean math text, then continual-pretrain a tiny policy on a
-math + general mix with SLM and with plain CLM (same data, same token budget), at TP=2 x PP=2 on 4 CPU
-processes, and compare their held-out math loss.
+"""The CPU demo: the Rho-1 continual-pretraining recipe at toy scale, with SLM's two controls.
+
+1. base       CLM from scratch on a general + math mix (stands in for a pretrained base such as TinyLlama);
+2. reference  the base tuned with CLM on clean math (the paper's reference: base + high-quality data);
+3. policies   four runs from the base (``--pretrained-checkpoint``), same steps, same data and order:
+              CLM; SLM (top-k excess loss, k = 0.6, TP=2 x PP=2); random k% (the same number of tokens,
+              picked at random: "selection" vs "fewer tokens"); CLM on the blend reweighted to the token mix
+              SLM selected (``slm reweight``: selection vs domain filtering);
+4. ``slm evaluate`` of all six on held-out math and held-out general text (fixed windows, the same tokens
+   for every model), and one table.
 
 Math text = sympy's docstrings; general text = the Python standard library's docstrings (present wherever
-torch is installed). Everything runs through the real trainer (``slm train`` under torchrun).
+torch is installed). Everything runs through the real commands (``slm train`` under torchrun, ``slm
+evaluate``). ``--seeds`` repeats the four policies with other data orders to measure seed noise.
 """
 
 from __future__ import annotations
@@ -17,6 +25,11 @@ import time
 from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo_tiny.yaml"
+POLICY_BLEND = (("math_train", 0.55), ("general", 0.45))  # the continual-pretraining mix
+BASE_BLEND = (("math_train", 0.25), ("general", 0.75))  # the base's mostly-general pretraining mix
+POLICIES = ("clm", "slm", "random", "clm_reweighted")
+LABELS = {"base": "base", "reference": "reference", "clm": "CLM", "slm": "SLM", "random": "random k%",
+          "clm_reweighted": "CLM, reweighted blend"}
 
 
 def add_arguments(p) -> None:
@@ -25,89 +38,203 @@ def add_arguments(p) -> None:
 
     slm = SLMConfig()
     p.add_argument("--out", default="demo_out", help="working directory (data, checkpoints, logs)")
-    p.add_argument("--ref-iters", type=int, default=150, help="reference training steps on the clean math split")
-    p.add_argument("--train-iters", type=int, default=150, help="policy steps (SLM and CLM each)")
+    p.add_argument("--base-iters", type=int, default=150,
+                   help="steps of the base model (CLM from scratch on the general + math mix)")
+    p.add_argument("--ref-iters", type=int, default=150,
+                   help="steps tuning the base into the reference on clean math")
+    p.add_argument("--train-iters", type=int, default=100, help="steps of each of the four policies")
     p.add_argument("--slm-select-ratio", type=float, default=slm.slm_select_ratio,
-                   help="k: fraction of the tokens SLM trains on")
+                   help="k: fraction of the tokens SLM (and the random control) trains on")
     p.add_argument("--selection-scope", default=slm.selection_scope, choices=SELECTION_SCOPES,
                    help="which tokens the top-k ranks together")
-    p.add_argument("--nproc", type=int, default=4, help="processes (TP x PP x DP; the config's TP x PP = 4 divides it)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[4321], metavar="SEED",
+                   help="data-order seeds of the policies; two or more also report the seed-to-seed spread")
+    p.add_argument("--eval-samples", type=int, default=256, metavar="N",
+                   help="held-out windows of 128 tokens per dataset, the first N (0: all)")
+    p.add_argument("--nproc", type=int, default=4,
+                   help="processes per training run (TP x PP x DP; the config's TP x PP = 4 divides it)")
     p.add_argument("--rebuild-data", action="store_true", help="rebuild the corpus even if present")
 
 
-def _torchrun(out: Path, name: str, nproc: int, flags: list[str]) -> dict:
-    from megatron_slm.parallel.distributed import free_port
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-        "-m", "megatron_slm.cli", "train", "--config", str(DEMO_CONFIG), "--save", str(out / name), *flags,
-    ]
-    shutil.rmtree(out / name, ignore_errors=True)  # a fresh run, not a resume of an earlier demo
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    print(f"\n=== {name}: {' '.join(cmd[3:])}", flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env)
+
+def _run(cmd: list[str], name: str) -> None:
+    print(f"\n=== {name}: {' '.join(cmd[3:] if cmd[1] == '-m' else cmd)}", flush=True)
+    proc = subprocess.run(cmd, env=_env())
     if proc.returncode != 0:
         raise SystemExit(f"demo step '{name}' failed (exit {proc.returncode}); see the log above")
-    summary = json.loads((out / name / "summary.json").read_text())
+
+
+def _train(run_dir: Path, name: str, nproc: int, flags: list[str]) -> dict:
+    from megatron_slm.parallel.distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+           "-m", "megatron_slm.cli", "train", "--config", str(DEMO_CONFIG), "--save", str(run_dir), *flags]
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resume of an earlier demo
+    start = time.perf_counter()
+    _run(cmd, name)
+    summary = json.loads((run_dir / "summary.json").read_text())
     summary["wall_s"] = time.perf_counter() - start
     return summary
 
 
+def _blend(data: Path, parts) -> list[str]:
+    return [x for prefix, w in parts for x in (f"{w:.4f}", str(data / prefix))]
+
+
+def _evaluate(out: Path, runs: dict[str, Path], datasets: list[Path], eval_samples: int | None, k: float) -> dict:
+    """{(run name, dataset name): eval.json row} from ``slm evaluate`` over every run's final checkpoint, with the
+    learnable / not-learnable split of the tokens by the base's excess loss over the reference."""
+    names = list(runs)
+    cmd = [sys.executable, "-m", "megatron_slm.cli", "evaluate", "--config", str(DEMO_CONFIG),
+           "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1", "--micro-batch-size", "16",
+           "--load", *[str(runs[n]) for n in names], "--data-path", *map(str, datasets), "--out", str(out / "eval"),
+           "--split-reference", str(runs["reference"]), "--split-base", str(runs["base"]), "--split-ratio", str(k)]
+    if eval_samples:
+        cmd += ["--eval-samples", str(eval_samples)]
+    env = dict(_env(), OMP_NUM_THREADS=str(max(1, os.cpu_count() or 1)))
+    print(f"\n=== evaluate: slm evaluate --load {' '.join(names)} --data-path "
+          f"{' '.join(d.name for d in datasets)}", flush=True)
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise SystemExit("demo step 'evaluate' failed; see the log above")
+    rows = json.loads((out / "eval" / "eval.json").read_text())["results"]
+    by_path = {str(runs[n]): n for n in names}
+    return {(by_path[r["checkpoint"]], Path(r["dataset"]).name): r for r in rows}
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    return sum(values) / len(values), max(values) - min(values)
+
+
 def main(args) -> int:
     from megatron_slm.data.demo_corpus import build_demo_corpus
+    from megatron_slm.training.controls import reweight
 
+    if min(args.base_iters, args.ref_iters, args.train_iters) < 1:
+        raise SystemExit("error: --base-iters, --ref-iters and --train-iters must be >= 1")
+    if not 0.0 < args.slm_select_ratio <= 1.0:
+        raise SystemExit("error: --slm-select-ratio must be in (0, 1]")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit("error: --seeds must be distinct")
     out = Path(args.out)
     data = out / "data"
     t0 = time.perf_counter()
-    if args.rebuild_data or not (data / "tokenizer.model").exists():
+    if args.rebuild_data or not (data / "general_heldout.idx").exists():
         print("=== building the demo corpus (sympy + stdlib docstrings) and a sentencepiece tokenizer", flush=True)
-        info = build_demo_corpus(str(data))
-        print(json.dumps(info, indent=2), flush=True)
-    common = ["--valid-data-path", str(data / "math_heldout"), "--tokenizer-model", str(data / "tokenizer.model"),
-              "--data-cache-path", str(out / "index_cache")]
-    ref = _torchrun(out, "reference", args.nproc, common + [
-        "--loss-mode", "clm", "--data-path", str(data / "math_ref_train"), "--train-iters", str(args.ref_iters),
-    ])
-    policy = common + [  # the policy's data: math and general text blended by weight
-        "--data-path", "0.55", str(data / "math_train"), "0.45", str(data / "general"),
-        "--train-iters", str(args.train_iters),
-        "--seed", "4321",  # same init for both policies, different from the reference's
-    ]
-    slm = _torchrun(out, "slm", args.nproc, policy + [
-        "--loss-mode", "slm", "--ref-load", str(out / "reference"),
-        "--slm-select-ratio", str(args.slm_select_ratio), "--selection-scope", args.selection_scope,
-    ])
-    clm = _torchrun(out, "clm", args.nproc, policy + ["--loss-mode", "clm"])
+        print(json.dumps(build_demo_corpus(str(data)), indent=2), flush=True)
+    common = ["--tokenizer-model", str(data / "tokenizer.model"), "--data-cache-path", str(out / "index_cache")]
 
-    s, c = slm["mean_second_half"], clm["mean_second_half"]
-    report = {
-        "heldout_math_loss": {"reference": ref["eval_loss"], "slm": slm["eval_loss"], "clm": clm["eval_loss"]},
-        "slm_selection": {
-            "k": args.slm_select_ratio, "scope": args.selection_scope, "selected_fraction": s["selected_fraction"],
-            "excess_loss_selected": s["excess_selected"], "excess_loss_unselected": s["excess_unselected"],
-            "policy_loss_selected": s["loss_selected"], "policy_loss_all": s["loss_all"], "reference_loss_all": s["ref_loss"],
-        },
-        "step_time_s": {"slm_online_ref": s["step_time"], "clm": c["step_time"], "ratio": s["step_time"] / c["step_time"]},
-        "parallel": slm["parallel"],
-        "total_wall_s": time.perf_counter() - t0,
-    }
-    h = report["heldout_math_loss"]
-    print("\n================ SLM demo results ================")
-    print(f"layout: TP={report['parallel']['tp']} x PP={report['parallel']['pp']} x DP={report['parallel']['dp']}; "
-          f"{args.train_iters} policy steps each on the same math+general mix")
-    print(f"held-out math loss:  SLM {h['slm']:.4f}   CLM {h['clm']:.4f}   (reference {h['reference']:.4f})")
-    print(f"SLM - CLM:           {h['slm'] - h['clm']:+.4f}")
-    sel = report["slm_selection"]
-    print(f"selection (k={sel['k']}, scope={sel['scope']}): selected fraction {sel['selected_fraction']:.3f}; "
-          f"mean excess loss selected {sel['excess_loss_selected']:+.3f} vs unselected {sel['excess_loss_unselected']:+.3f}")
-    by_ds = slm.get("selected_fraction_by_dataset")
-    if by_ds:
-        report["slm_selection"]["selected_fraction_math_vs_general"] = by_ds
-        print(f"SLM selected {by_ds[0]:.1%} of math tokens vs {by_ds[1]:.1%} of general tokens "
-              f"(the reference was tuned on math)")
-    print(f"step time: SLM (online reference) {s['step_time']:.3f} s vs CLM {c['step_time']:.3f} s "
-          f"= {report['step_time_s']['ratio']:.2f}x")
+    base = _train(out / "base", "base", args.nproc, common + [
+        "--loss-mode", "clm", "--data-path", *_blend(data, BASE_BLEND), "--train-iters", str(args.base_iters),
+        "--seed", "1234"])
+    ref = _train(out / "reference", "reference", args.nproc, common + [
+        "--loss-mode", "clm", "--pretrained-checkpoint", str(out / "base"), "--data-path", str(data / "math_ref_train"),
+        "--train-iters", str(args.ref_iters), "--seed", "1234"])
+    runs = {"base": out / "base", "reference": out / "reference"}
+    summaries = {"base": base, "reference": ref}
+    slm_flags = ["--loss-mode", "slm", "--ref-load", str(out / "reference"), "--slm-select-ratio",
+                 str(args.slm_select_ratio), "--selection-scope", args.selection_scope]
+    for seed in args.seeds:
+        policy = common + ["--pretrained-checkpoint", str(out / "base"), "--train-iters", str(args.train_iters),
+                           "--seed", str(seed)]
+        mix = ["--data-path", *_blend(data, POLICY_BLEND)]
+        home = out / f"seed{seed}"
+        summaries[("slm", seed)] = _train(home / "slm", f"SLM (seed {seed})", args.nproc, policy + mix + slm_flags)
+        summaries[("random", seed)] = _train(home / "random", f"random k% (seed {seed})", args.nproc,
+                                             policy + mix + slm_flags + ["--selection-strategy", "random"])
+        summaries[("clm", seed)] = _train(home / "clm", f"CLM (seed {seed})", args.nproc,
+                                          policy + mix + ["--loss-mode", "clm"])
+        matched = reweight(str(home / "slm"))
+        reweighted = ["--data-path", *[x for w, p in zip(matched["matched"], matched["prefixes"]) for x in (f"{w:.4f}", p)]]
+        summaries[("clm_reweighted", seed)] = _train(home / "clm_reweighted", f"CLM on the reweighted blend (seed {seed})",
+                                                     args.nproc, policy + reweighted + ["--loss-mode", "clm"])
+        summaries[("matched", seed)] = matched
+        runs.update({f"{name}@{seed}": home / name for name in POLICIES})
+
+    losses = _evaluate(out, runs, [data / "math_heldout", data / "general_heldout"], args.eval_samples,
+                       args.slm_select_ratio)
+    report = _report(args, summaries, losses)
+    report["total_wall_s"] = time.perf_counter() - t0
+    _print_table(args, report)
     (out / "demo_report.json").write_text(json.dumps(report, indent=2))
     print(f"report: {out / 'demo_report.json'}  (total {report['total_wall_s']:.0f} s)")
     return 0
+
+
+def _report(args, summaries: dict, losses: dict) -> dict:
+    """Per model: held-out losses (mean and spread over seeds), trained token mix, selected shares."""
+    w_math = dict(POLICY_BLEND)["math_train"] / sum(w for _, w in POLICY_BLEND)
+    rows = {}
+    def measured(runs: list[str]) -> dict:
+        row = {}
+        for key, ds, field in (("math", "math_heldout", "loss"), ("general", "general_heldout", "loss"),
+                               ("math_learnable", "math_heldout", "learnable_loss"),
+                               ("math_not_learnable", "math_heldout", "not_learnable_loss")):
+            values = [losses[(r, ds)][field] for r in runs]
+            row[key], row[key + "_spread"] = _mean_spread(values)
+            row[key + "_by_seed"] = values
+        return row
+
+    for name in ("base", "reference"):
+        rows[name] = dict(measured([name]), trained_math_share=None, selected_math=None, selected_general=None)
+    for name in POLICIES:
+        row = measured([f"{name}@{s}" for s in args.seeds])
+        if name in ("slm", "random"):
+            fr = [summaries[(name, s)]["selected_fraction_by_dataset"] for s in args.seeds]
+            f_m, f_g = (sum(f[i] for f in fr) / len(fr) for i in (0, 1))
+            row.update(selected_math=f_m, selected_general=f_g,
+                       trained_math_share=w_math * f_m / (w_math * f_m + (1 - w_math) * f_g))
+        elif name == "clm_reweighted":
+            shares = [summaries[("matched", s)]["matched"][0] for s in args.seeds]
+            row.update(selected_math=1.0, selected_general=1.0, trained_math_share=sum(shares) / len(shares))
+        else:
+            row.update(selected_math=1.0, selected_general=1.0, trained_math_share=w_math)
+        rows[name] = row
+    s0 = args.seeds[0]
+    slm_t, clm_t = summaries[("slm", s0)]["mean_second_half"]["step_time"], summaries[("clm", s0)]["mean_second_half"]["step_time"]
+    return {"heldout_loss": rows, "k": args.slm_select_ratio, "scope": args.selection_scope, "seeds": args.seeds,
+            "iters": {"base": args.base_iters, "reference": args.ref_iters, "policy": args.train_iters},
+            "parallel": summaries[("slm", s0)]["parallel"],
+            "step_time_s": {"slm_online_ref": slm_t, "clm": clm_t, "ratio": slm_t / clm_t}}
+
+
+def _print_table(args, report: dict) -> None:
+    rows, many = report["heldout_loss"], len(args.seeds) > 1
+    p = report["parallel"]
+    print("\n================ SLM demo results (tiny scale) ================")
+    print(f"policies: {args.train_iters} steps each from the base, TP={p['tp']} x PP={p['pp']} x DP={p['dp']}; "
+          f"k={args.slm_select_ratio}, scope={args.selection_scope}; seeds {' '.join(map(str, args.seeds))}")
+    print("held-out loss = mean token cross-entropy (nats) on fixed held-out windows, the same tokens for every model"
+          + ("; +-x = seed spread (max - min)" if many else ""))
+    head = f"{'model':<24}{'math':>16}{'general':>16}{'math share trained':>20}{'selected math/general':>24}"
+    print(head)
+    print("-" * len(head))
+    for name in ("base", "reference") + POLICIES:
+        r = rows[name]
+        cell = lambda v, s: (f"{v:.4f} +-{s:.4f}" if many and name in POLICIES else f"{v:.4f}")  # noqa: E731
+        share = "-" if r["trained_math_share"] is None else f"{r['trained_math_share']:.1%}"
+        sel = "-" if r["selected_math"] is None else f"{r['selected_math']:.1%} / {r['selected_general']:.1%}"
+        label = LABELS[name] + (f" k={args.slm_select_ratio}" if name in ("slm", "random") else "")
+        print(f"{label:<24}{cell(r['math'], r['math_spread']):>16}{cell(r['general'], r['general_spread']):>16}"
+              f"{share:>20}{sel:>24}")
+    print(f"held-out math split by the base's excess loss over the reference (top {args.slm_select_ratio:.0%} = "
+          "'learnable', what SLM would select at the start; rest = not learnable):")
+    print(f"{'model':<24}{'learnable':>16}{'not learnable':>16}")
+    for name in ("base", "reference") + POLICIES:
+        r = rows[name]
+        cell = lambda v, s: (f"{v:.4f} +-{s:.4f}" if many and name in POLICIES else f"{v:.4f}")  # noqa: E731
+        label = LABELS[name] + (f" k={args.slm_select_ratio}" if name in ("slm", "random") else "")
+        print(f"{label:<24}{cell(r['math_learnable'], r['math_learnable_spread']):>16}"
+              f"{cell(r['math_not_learnable'], r['math_not_learnable_spread']):>16}")
+    slm = rows["slm"]
+    for name in ("clm", "random", "clm_reweighted"):
+        d = slm["math"] - rows[name]["math"]
+        noise = max(slm["math_spread"], rows[name]["math_spread"])  # the larger of the two runs' seed spreads
+        verdict = "" if not many else f"  ({'beyond' if abs(d) > noise else 'within'} the seed spread {noise:.4f})"
+        print(f"SLM - {LABELS[name]:<22} held-out math {d:+.4f}{verdict}")
+    t = report["step_time_s"]
+    print(f"step time: SLM (online reference) {t['slm_online_ref']:.3f} s vs CLM {t['clm']:.3f} s = {t['ratio']:.2f}x")
+    if not many:
+        print("one seed: rerun with --seeds 4321 777 to see how much of a difference is data-order noise")

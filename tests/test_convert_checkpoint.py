@@ -362,3 +362,45 @@ def test_policy_and_reference_load_straight_from_transformers_dirs(tiny):
 
     torch.testing.assert_close(policy, ce(tiny["llama"]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ref, ce(tiny["mistral"]), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer files: an HF directory's tokenizer travels through hf-to-megatron into the export
+
+
+def _convert_with_tokenizer(src, ckpt, out, out_legacy):
+    convert.hf_to_megatron(src, ckpt, log=_quiet)
+    kept = sorted(p.name for p in (Path(ckpt) / convert.TOKENIZER_DIR).iterdir())
+    convert.megatron_to_hf(ckpt, out, log=_quiet)
+    shutil.rmtree(Path(ckpt) / convert.TOKENIZER_DIR)  # as converted before hf-to-megatron kept a copy
+    convert.megatron_to_hf(ckpt, out_legacy, log=_quiet)  # then the source directory itself is used
+    return kept
+
+
+def test_hf_tokenizer_files_travel_through_the_checkpoint(tiny, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = tmp_path / "hf_with_tokenizer"
+    shutil.copytree(tiny["root"] / "hf_llama", src)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(str(src))
+    files = sorted(n for n in convert.TOKENIZER_FILES if (src / n).is_file())
+    assert "tokenizer.json" in files and "tokenizer_config.json" in files
+    kept = run_distributed(_convert_with_tokenizer, 1, str(src), str(tmp_path / "ck"), str(tmp_path / "out"),
+                           str(tmp_path / "out_legacy"))[0]
+    assert kept == files
+    assert json.loads((tmp_path / "ck" / convert.HF_SOURCE).read_text())["tokenizer_files"] == files
+    original = transformers.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    text = "w3 w17 w99 unknown w4"
+    for out in (tmp_path / "out", tmp_path / "out_legacy"):
+        for n in files:
+            assert (out / n).read_bytes() == (src / n).read_bytes(), (out, n)
+        tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+        assert tok(text)["input_ids"] == original(text)["input_ids"] == [3, 17, 99, 0, 4]
+        cfg = json.loads((out / "config.json").read_text())
+        gen = json.loads((out / "generation_config.json").read_text())
+        assert cfg["bos_token_id"] == gen["bos_token_id"] == tok.bos_token_id == 1
+        assert cfg["eos_token_id"] == gen["eos_token_id"] == tok.eos_token_id == 2

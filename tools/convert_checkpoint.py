@@ -2,7 +2,8 @@
 """Convert transformers Llama/Mistral directories to megatron_slm checkpoints and back.
 
     python tools/convert_checkpoint.py hf-to-megatron --input HF_DIR --output CKPT [--dtype bf16] [--verify] [--force]
-    python tools/convert_checkpoint.py megatron-to-hf --input CKPT --output HF_DIR [--dtype auto|fp32|bf16] [--force]
+    python tools/convert_checkpoint.py megatron-to-hf --input CKPT --output HF_DIR [--dtype auto|fp32|bf16] [--force] \
+        [--tokenizer-model TOKENIZER]
 
 The logic lives in megatron_slm.convert (importable: ``hf_to_megatron``, ``megatron_to_hf``,
 ``verify_conversion``); this file is its command line. Runs as one process (no torchrun); the checkpoint it

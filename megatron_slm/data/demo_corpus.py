@@ -9,8 +9,9 @@ are split by a seeded shuffle into
     math_train      50%  the policy's continual-pretraining math
     math_heldout    15%  evaluation only
 
-``general`` holds the general documents kept (trimmed to ~45/55 of math_train's tokens, so that the demo's
-blend ``0.55 math_train 0.45 general`` draws each document about once). A SentencePiece BPE tokenizer (byte
+The general documents are split by a seeded shuffle into ``general_heldout`` (10%, evaluation only) and
+``general`` (the rest, trimmed to ~45/55 of math_train's tokens, so that the demo's blend
+``0.55 math_train 0.45 general`` draws each document about once). A SentencePiece BPE tokenizer (byte
 fallback, identity normalization, so decoding returns the exact text) is trained on the non-held-out
 documents. Everything lands in ``out_dir``: tokenizer.model, ``text/<name>.jsonl``, the megatron-core indexed
 datasets ``<name>.bin/.idx/.json`` made from them by tools/preprocess_data.py's ``preprocess``, and
@@ -39,6 +40,7 @@ MIN_DOC_CHARS = 80
 DEFAULT_MAX_MATH_CHARS = 3_000_000  # all of sympy is ~4.8M characters, more math than the stdlib can balance
 MATH_FRACTION = 0.55  # target share of math tokens in the policy's blend
 MATH_SPLITS = (("math_ref_train", 0.35), ("math_train", 0.50), ("math_heldout", 0.15))
+GENERAL_HELDOUT = 0.10  # share of the general documents kept for evaluation
 TOKENIZER_SAMPLE_CHARS = 6_000_000
 EOD_ID = 2  # the tokenizer's eos id
 SYMPY_SKIP = {"tests", "testing", "benchmarks", "__pycache__"}
@@ -123,6 +125,10 @@ def build_demo_corpus(out_dir, vocab_size: int = 2048, seed: int = 0, max_math_c
     cum = np.cumsum([frac for _, frac in MATH_SPLITS])
     bounds = [0] + [round(c * len(math)) for c in cum[:-1]] + [len(math)]
     split = {name: [math[i] for i in order[a:b]] for (name, _), a, b in zip(MATH_SPLITS, bounds[:-1], bounds[1:])}
+    general_order = rng.permutation(len(general))
+    n_heldout = round(GENERAL_HELDOUT * len(general))
+    general_heldout = [general[i] for i in sorted(general_order[:n_heldout])]
+    general = [general[i] for i in sorted(general_order[n_heldout:])]
     t1 = time.perf_counter()
 
     train_texts = split["math_ref_train"] + split["math_train"] + general
@@ -139,7 +145,7 @@ def build_demo_corpus(out_dir, vocab_size: int = 2048, seed: int = 0, max_math_c
             break
         kept.append(doc)
         total += len(doc)
-    texts = dict(split, general=general[:len(kept)])  # sp.encode keeps document order
+    texts = dict(split, general=general[:len(kept)], general_heldout=general_heldout)  # encode keeps the order
 
     files = {}
     (out / "text").mkdir(parents=True, exist_ok=True)

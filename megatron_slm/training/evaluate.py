@@ -7,6 +7,19 @@ so every token after the first is predicted exactly once. As in training (GPTDat
 label equal to the EOD token is masked. The first ``eval_samples`` windows are used (default: all). Every
 checkpoint sees the same tokens, so losses compare pairwise. Data-parallel ranks split the windows into
 contiguous parts; sums of loss and token counts are reduced over all ranks.
+
+Per-token losses (``window_token_losses``, also used by ``slm dynamics``): the loss of every label of the
+windows, shape [windows, seq_length] in window order, with the loss mask, gathered to every rank or to rank 0
+only. Each rank holds a float32 buffer of 4 bytes x windows x seq_length for it (1000 windows of 2048 tokens:
+8 MB); evaluation sets are modest, training data never goes through this path.
+
+Learnable vs not learnable (``--split-reference REF``). For each dataset, per valid (non-EOD) label x_i of its
+windows: excess_i = L_base(x_i) - L_ref(x_i), base = ``--split-base`` (default: the first ``--load``). The top
+Q = ``--split-ratio`` share of the valid tokens by excess, ranked over all of the dataset's evaluated tokens
+together, round(Q x n) of them (``slm.num_selected``) with ties broken by position (earlier first,
+``slm.top_k_mask``), are *learnable*: the tokens SLM with that reference would train on at the base's weights.
+The other valid tokens are *not learnable*. The split is computed once per dataset and applied to every
+checkpoint (paired): each row adds the mean loss and the token count of both parts.
 """
 
 from __future__ import annotations
@@ -15,12 +28,16 @@ import csv
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from megatron_slm.errors import CheckpointError, ConfigError, DataError
+
+SPLIT_FIELDS = ("learnable_loss", "learnable_tokens", "not_learnable_loss", "not_learnable_tokens")
+DEFAULT_SPLIT_RATIO = 0.6  # the paper's k for its 1B models
 
 
 def dataset_tokens(prefix: str) -> np.ndarray:
@@ -53,6 +70,21 @@ def window(tokens: np.ndarray, i: int, seq_length: int, eod: int) -> dict:
             "loss_mask": (labels != eod).float(), "position_ids": torch.arange(seq_length, dtype=torch.long)}
 
 
+def window_loss_mask(tokens: np.ndarray, n: int, seq_length: int, eod: int) -> np.ndarray:
+    """The loss mask of windows 0..n-1 as one bool array [n, seq_length] (the labels are tokens 1..n*S)."""
+    labels = np.asarray(tokens[1: n * seq_length + 1], dtype=np.int64).reshape(n, seq_length)
+    return labels != eod
+
+
+@dataclass
+class EvalData:
+    """A dataset as evaluation uses it: its tokens, the number of windows and its EOD id."""
+    prefix: str
+    tokens: np.ndarray
+    windows: int
+    eod: int
+
+
 def _iteration_of(path: Path) -> int | None:
     m = re.fullmatch(r"iter_(\d+)(\.old)?", path.name)
     return int(m.group(1)) if m else None
@@ -71,12 +103,81 @@ def resolve_checkpoint(path: str) -> tuple[Path, int | None]:
     return resolved, _iteration_of(resolved)
 
 
-def _forward_sums(model, windows: list[dict], vocab_size: int, micro_batch_size: int) -> tuple[float, float]:
-    """(sum of masked per-token losses, masked tokens) of this rank's windows; zeros except on the last stage."""
+def check_settings(seq_length: int, micro_batch_size: int, eval_samples: int | None, data_paths: list[str],
+                   command: str = "slm evaluate") -> None:
+    """The flag checks shared by ``slm evaluate`` and ``slm dynamics``, before anything is loaded."""
+    if seq_length < 1 or micro_batch_size < 1:
+        raise ConfigError(f"--seq-length and --micro-batch-size must be >= 1 (got {seq_length}, {micro_batch_size})")
+    if eval_samples is not None and eval_samples < 1:
+        raise ConfigError(f"--eval-samples must be >= 1 (got {eval_samples})")
+    if not data_paths:
+        raise ConfigError(f"{command} needs --data-path PREFIX [PREFIX ...]")
+    bad = [p for p in data_paths if re.fullmatch(r"[0-9.eE+-]+", p)]
+    if bad:
+        raise ConfigError(f"--data-path of {command} takes dataset prefixes, not blend weights (got {bad[0]}); "
+                          "each dataset is reported separately")
+
+
+def load_datasets(data_paths: list[str], sources: list[Path], configs: list, seq_length: int,
+                  eval_samples: int | None) -> list[EvalData]:
+    """Each prefix's tokens and window count, refused when a checkpoint's vocabulary or length does not fit."""
+    from megatron_slm.data.datasets import read_meta
+
+    datasets = []
+    for prefix in data_paths:
+        meta = read_meta(prefix)
+        for d, m in zip(sources, configs):
+            if int(meta["vocab_size"]) != int(m.vocab_size):
+                raise DataError(f"dataset '{prefix}' has vocabulary {meta['vocab_size']} but checkpoint '{d}' has "
+                                f"{m.vocab_size}: evaluate it with a checkpoint of the same tokenizer")
+        tokens = dataset_tokens(prefix)
+        n = num_windows(len(tokens), seq_length)
+        if eval_samples is not None:
+            n = min(n, eval_samples)
+        if n == 0:
+            raise DataError(f"dataset '{prefix}' has {len(tokens)} tokens: no window of --seq-length {seq_length} "
+                            "+ 1 tokens")
+        datasets.append(EvalData(prefix, tokens, n, int(meta["eod_token_id"])))
+    for d, m in zip(sources, configs):
+        if m.max_position_embeddings is not None and seq_length > m.max_position_embeddings:
+            raise ConfigError(f"--seq-length {seq_length} exceeds checkpoint '{d}' max_position_embeddings "
+                              f"{m.max_position_embeddings}")
+    return datasets
+
+
+def load_model(path: Path, m, cfg):
+    """This rank's stage of checkpoint ``path`` (shape ``m``) at the run's TP/PP, in eval mode."""
+    from megatron_slm import checkpoint
+    from megatron_slm.model.build import build_model
+
+    model = build_model(m, cfg.parallel, seed=cfg.train.seed)
+    checkpoint.load_weights(model, str(path), m, expected_vocab=m.vocab_size)
+    model.eval()
+    return model
+
+
+def _rank_windows(n: int) -> tuple[int, int]:
+    """This data-parallel rank's contiguous part [lo, hi) of n windows."""
+    from megatron.core import parallel_state as ps
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    return n * dp_rank // dp_size, n * (dp_rank + 1) // dp_size
+
+
+def _contributes() -> bool:
+    """One contribution per data-parallel replica: its last pipeline stage, tensor-parallel rank 0."""
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+
+def _window_losses(model, windows: list[dict], vocab_size: int, micro_batch_size: int) -> list[tuple]:
+    """[(per-token loss [b, s] fp32, loss_mask [b, s])] per micro-batch of ``windows``, in window order; empty
+    except on the last pipeline stage."""
     from megatron_slm.data.batches import to_device
     from megatron_slm.training.passes import score_pass
 
-    total, count = 0.0, 0.0
+    out = []
     full = len(windows) // micro_batch_size * micro_batch_size
     groups = []
     if full:
@@ -88,77 +189,158 @@ def _forward_sums(model, windows: list[dict], vocab_size: int, micro_batch_size:
         to_device(mbs)
         losses = score_pass(model, mbs, vocab_size)
         if losses is not None:
-            for mb, loss in zip(mbs, losses):
-                mask = mb["loss_mask"].to(loss.device)
-                total += float((loss.double() * mask.double()).sum())
-                count += float(mask.sum())
+            out.extend((loss, mb["loss_mask"].to(loss.device)) for mb, loss in zip(mbs, losses))
+    return out
+
+
+def local_losses(model, data: EvalData, seq_length: int, vocab_size: int, micro_batch_size: int) -> list[tuple]:
+    """This rank's windows of ``data`` through ``model``: ``_window_losses`` of windows [lo, hi)."""
+    lo, hi = _rank_windows(data.windows)
+    windows = [window(data.tokens, i, seq_length, data.eod) for i in range(lo, hi)]
+    return _window_losses(model, windows, vocab_size, micro_batch_size) if windows else []
+
+
+def _masked_sums(pairs: list[tuple], select: torch.Tensor | None = None) -> tuple[float, float]:
+    """(sum of masked losses, masked tokens) over ``pairs``; ``select`` [rows, s] narrows the mask further."""
+    if not pairs:
+        return 0.0, 0.0
+    parts = [None] * len(pairs) if select is None else torch.split(select, [loss.shape[0] for loss, _ in pairs])
+    total, count = 0.0, 0.0
+    for (loss, mask), part in zip(pairs, parts):
+        if part is not None:
+            mask = mask * part.to(device=mask.device, dtype=mask.dtype)
+        total += float((loss.double() * mask.double()).sum())
+        count += float(mask.sum())
     return total, count
 
 
-def evaluate(cfg, checkpoints: list[str], data_paths: list[str], eval_samples: int | None = None) -> list[dict]:
-    """Rows {checkpoint, iteration, dataset, loss, perplexity, tokens, windows} for every (checkpoint, dataset)."""
+def gather_losses(pairs: list[tuple], n: int, seq_length: int, dst: int | None = None) -> np.ndarray | None:
+    """Every rank's ``local_losses`` as one float32 array [n, seq_length] in window order, on every rank
+    (``dst`` None) or on rank ``dst`` only (None elsewhere). Each rank allocates the full array (4 bytes x n x S)."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+
+    from megatron_slm.parallel import distributed
+
+    buf = torch.zeros(n, seq_length, dtype=torch.float32, device=distributed.device())
+    if pairs and _contributes():
+        lo, _ = _rank_windows(n)
+        rows = torch.cat([loss.float() for loss, _ in pairs])
+        buf[lo: lo + rows.shape[0]] = rows.to(buf.device)
+    # every other rank adds zeros: the sum is each loss exactly
+    if dst is None:
+        dist.all_reduce(buf)
+    else:
+        dist.reduce(buf, dst=dst)
+        if dist.get_rank() != dst:
+            return None
+    return buf.cpu().numpy()
+
+
+def window_token_losses(model, data: EvalData, seq_length: int, vocab_size: int, micro_batch_size: int,
+                        dst: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(losses float32 [n, S], loss_mask bool [n, S]) of ``data``'s windows through ``model``, gathered to every
+    rank (``dst`` None) or to rank ``dst`` (None on the others). Losses at masked (EOD) labels are computed but
+    meaningless; use the mask. Collective: every rank calls it."""
+    pairs = local_losses(model, data, seq_length, vocab_size, micro_batch_size)
+    losses = gather_losses(pairs, data.windows, seq_length, dst)
+    if losses is None:
+        return None
+    return losses, window_loss_mask(data.tokens, data.windows, seq_length, data.eod)
+
+
+def learnable_mask(base: np.ndarray, reference: np.ndarray, valid: np.ndarray, ratio: float) -> np.ndarray:
+    """The learnable tokens: top ``ratio`` of the valid ones by excess = base - reference, ranked together (the
+    array's row-major order = dataset order breaks ties, earlier first). Same definition as SLM's selection."""
+    from megatron_slm import slm
+
+    excess = slm.excess_loss(torch.from_numpy(np.asarray(base)), torch.from_numpy(np.asarray(reference)))
+    return slm.top_k_mask(excess, torch.from_numpy(np.asarray(valid)), ratio, dim=None).numpy()
+
+
+def _check_split(split_reference, split_base, split_ratio) -> float:
+    if split_reference is None:
+        if split_base is not None or split_ratio is not None:
+            raise ConfigError("--split-base and --split-ratio apply only with --split-reference CKPT: add it, or "
+                              "drop them")
+        return DEFAULT_SPLIT_RATIO
+    ratio = DEFAULT_SPLIT_RATIO if split_ratio is None else float(split_ratio)
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"--split-ratio must be in (0, 1] (got {ratio})")
+    return ratio
+
+
+def evaluate(cfg, checkpoints: list[str], data_paths: list[str], eval_samples: int | None = None,
+             split_reference: str | None = None, split_base: str | None = None,
+             split_ratio: float | None = None) -> list[dict]:
+    """Rows {checkpoint, iteration, dataset, loss, perplexity, tokens, windows, learnable_loss, learnable_tokens,
+    not_learnable_loss, not_learnable_tokens} for every (checkpoint, dataset); the split fields are None without
+    ``split_reference``."""
+    import torch.distributed as dist
 
     from megatron_slm import checkpoint
-    from megatron_slm.data.datasets import read_meta
-    from megatron_slm.model.build import build_model
     from megatron_slm.parallel import distributed
 
     tr, par = cfg.train, cfg.parallel
     seq = tr.seq_length
-    if seq < 1 or tr.micro_batch_size < 1:
-        raise ConfigError(f"--seq-length and --micro-batch-size must be >= 1 (got {seq}, {tr.micro_batch_size})")
-    if eval_samples is not None and eval_samples < 1:
-        raise ConfigError(f"--eval-samples must be >= 1 (got {eval_samples})")
-    if not data_paths:
-        raise ConfigError("slm evaluate needs --data-path PREFIX [PREFIX ...]")
-    bad = [p for p in data_paths if re.fullmatch(r"[0-9.eE+-]+", p)]
-    if bad:
-        raise ConfigError(f"--data-path of slm evaluate takes dataset prefixes, not blend weights (got {bad[0]}); "
-                          "each dataset is reported separately")
+    check_settings(seq, tr.micro_batch_size, eval_samples, data_paths)
+    ratio = _check_split(split_reference, split_base, split_ratio)
 
     sources = [resolve_checkpoint(c) for c in checkpoints]
     configs = [checkpoint.read_model_config(str(d)) for d, _ in sources]
-    datasets = []
-    for prefix in data_paths:
-        meta = read_meta(prefix)
-        for (d, _), m in zip(sources, configs):
-            if int(meta["vocab_size"]) != int(m.vocab_size):
-                raise DataError(f"dataset '{prefix}' has vocabulary {meta['vocab_size']} but checkpoint '{d}' has "
-                                f"{m.vocab_size}: evaluate it with a checkpoint of the same tokenizer")
-        tokens = dataset_tokens(prefix)
-        n = num_windows(len(tokens), seq)
-        if eval_samples is not None:
-            n = min(n, eval_samples)
-        if n == 0:
-            raise DataError(f"dataset '{prefix}' has {len(tokens)} tokens: no window of --seq-length {seq} + 1 tokens")
-        datasets.append((prefix, tokens, n, int(meta["eod_token_id"])))
-    for (d, _), m in zip(sources, configs):
-        if m.max_position_embeddings is not None and seq > m.max_position_embeddings:
-            raise ConfigError(f"--seq-length {seq} exceeds checkpoint '{d}' max_position_embeddings "
-                              f"{m.max_position_embeddings}")
+    split = []  # (role, resolved dir, model config) of the base and the reference
+    if split_reference is not None:
+        base_arg = split_base if split_base is not None else checkpoints[0]
+        for role, arg in (("base", base_arg), ("reference", split_reference)):
+            d, _ = resolve_checkpoint(arg)
+            split.append((role, d, checkpoint.read_model_config(str(d))))
+        if split[0][1] == split[1][1]:
+            raise ConfigError(f"--split-base and --split-reference are the same checkpoint ({split[0][1]}): the "
+                              "excess loss would be 0 everywhere; give the reference model as --split-reference")
+    datasets = load_datasets(data_paths, [d for d, _ in sources] + [d for _, d, _ in split],
+                             configs + [m for _, _, m in split], seq, eval_samples)
 
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed)
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    masks = [None] * len(datasets)  # per dataset: learnable tokens, bool [windows, S]
+    cached = {}  # base/reference passes reused when the same checkpoint is also a --load
+    if split:
+        local = {}
+        for _, d, m in split:
+            model = load_model(d, m, cfg)
+            local[d] = [local_losses(model, ds, seq, m.vocab_size, tr.micro_batch_size) for ds in datasets]
+            del model
+        (_, base, _), (_, ref, _) = split
+        for i, ds in enumerate(datasets):
+            base_l = gather_losses(local[base][i], ds.windows, seq)
+            ref_l = gather_losses(local[ref][i], ds.windows, seq)
+            masks[i] = learnable_mask(base_l, ref_l, window_loss_mask(ds.tokens, ds.windows, seq, ds.eod), ratio)
+        loads = {d for d, _ in sources}
+        cached = {d: v for d, v in local.items() if d in loads}
+        del local
+
     rows = []
     for (d, it), m, arg in zip(sources, configs, checkpoints):
-        model = build_model(m, par, seed=tr.seed)
-        checkpoint.load_weights(model, str(d), m, expected_vocab=m.vocab_size)
-        model.eval()
-        for prefix, tokens, n, eod in datasets:
-            lo, hi = n * dp_rank // dp_size, n * (dp_rank + 1) // dp_size
-            windows = [window(tokens, i, seq, eod) for i in range(lo, hi)]
-            total, count = _forward_sums(model, windows, m.vocab_size, tr.micro_batch_size) if windows else (0.0, 0.0)
-            if not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
-                total, count = 0.0, 0.0  # one contribution per data-parallel replica
-            sums = torch.tensor([total, count], dtype=torch.float64, device=distributed.device())
+        model = None if d in cached else load_model(d, m, cfg)
+        for i, ds in enumerate(datasets):
+            pairs = cached[d][i] if d in cached else local_losses(model, ds, seq, m.vocab_size, tr.micro_batch_size)
+            mine = _contributes()  # one contribution per data-parallel replica
+            values = list(_masked_sums(pairs)) if mine else [0.0, 0.0]
+            if masks[i] is not None:
+                lo, hi = _rank_windows(ds.windows)
+                learn = torch.from_numpy(masks[i][lo:hi])
+                for part in (learn, ~learn):
+                    values += list(_masked_sums(pairs, part)) if mine else [0.0, 0.0]
+            sums = torch.tensor(values, dtype=torch.float64, device=distributed.device())
             dist.all_reduce(sums)
             total, count = float(sums[0]), float(sums[1])
             loss = total / count if count else float("nan")
-            rows.append({"checkpoint": arg, "path": str(d), "iteration": it, "dataset": prefix, "loss": loss,
-                         "perplexity": math.exp(loss) if count and loss < 700 else float("inf"),
-                         "tokens": int(count), "windows": n})
+            row = {"checkpoint": arg, "path": str(d), "iteration": it, "dataset": ds.prefix, "loss": loss,
+                   "perplexity": math.exp(loss) if count and loss < 700 else float("inf"),
+                   "tokens": int(count), "windows": ds.windows, **dict.fromkeys(SPLIT_FIELDS)}
+            if masks[i] is not None:
+                lt, lc, nt, nc = (float(x) for x in sums[2:6])
+                row.update(learnable_loss=lt / lc if lc else None, learnable_tokens=int(lc),
+                           not_learnable_loss=nt / nc if nc else None, not_learnable_tokens=int(nc))
+            rows.append(row)
         del model
     return rows
 
@@ -166,6 +348,13 @@ def evaluate(cfg, checkpoints: list[str], data_paths: list[str], eval_samples: i
 def format_table(rows: list[dict]) -> str:
     head = ("checkpoint", "dataset", "loss", "perplexity", "tokens")
     body = [(r["checkpoint"], r["dataset"], f"{r['loss']:.6f}", f"{r['perplexity']:.4f}", str(r["tokens"])) for r in rows]
+    if any(r.get("learnable_tokens") is not None for r in rows):
+        def cell(x, fmt):
+            return "" if x is None else format(x, fmt)
+
+        head += ("loss(learnable)", "tokens(learnable)", "loss(not learnable)", "tokens(not learnable)")
+        body = [b + tuple(cell(r[k], ".6f" if k.endswith("loss") else "d") for k in SPLIT_FIELDS)
+                for b, r in zip(body, rows)]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
@@ -176,12 +365,12 @@ def write_outputs(rows: list[dict], out: str, settings: dict) -> list[str]:
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     (d / "eval.json").write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
-    fields = ["checkpoint", "path", "iteration", "dataset", "loss", "perplexity", "tokens", "windows"]
+    fields = ["checkpoint", "path", "iteration", "dataset", "loss", "perplexity", "tokens", "windows", *SPLIT_FIELDS]
     with open(d / "eval.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r[k] is None else r[k]) for k in fields})
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in fields})
     notes = []
     its = {r["checkpoint"]: r["iteration"] for r in rows}
     if len(its) >= 2 and all(i is not None for i in its.values()):

@@ -5,6 +5,8 @@
 - Samples are independent of --seed, and paired (every checkpoint counts the same tokens per dataset).
 - TP=2 (two processes under torchrun) reports the TP=1 numbers.
 - Errors are one ``error:`` line.
+- The learnable / not-learnable split (--split-reference) equals a numpy argsort split of transformers' per-token
+  losses of the base and the reference (one process and two data-parallel ranks).
 """
 
 import json
@@ -141,3 +143,120 @@ def test_errors_are_one_line(setup, tmp_path, case):
     r = _slm(args)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Learnable vs not learnable (--split-reference): the truth is transformers' per-token CE of the base and the
+# reference, split here with numpy's argsort (top round(Q n) valid tokens by excess, ties by position).
+
+
+def _token_ce(model, prefix):
+    """transformers' CE per label of the first SAMPLES windows [SAMPLES, SEQ] (float64) and the non-EOD mask."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix, mmap=True)
+    toks = np.concatenate([np.asarray(ds[i], dtype=np.int64) for i in range(len(ds))])
+    eod = json.loads(Path(prefix + ".json").read_text())["eod_token_id"]
+    w = torch.from_numpy(np.stack([toks[i * SEQ: i * SEQ + SEQ + 1] for i in range(SAMPLES)]))
+    with torch.no_grad():
+        logits = model(input_ids=w[:, :-1]).logits.double()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
+                                           reduction="none")
+    return ce.reshape(SAMPLES, SEQ).numpy(), (w[:, 1:] != eod).numpy()
+
+
+def _numpy_split(base, ref, mask, q):
+    """(learnable bool [SAMPLES, SEQ], excess gap at the cut) by a stable argsort of the valid tokens."""
+    excess = (base - ref)[mask]  # valid tokens in dataset order
+    n = excess.size
+    k = min(n, max(1, int(np.floor(q * n + 0.5))))
+    order = np.argsort(-excess, kind="stable")  # stable: equal excess keeps the earlier token first
+    flat = np.zeros(n, dtype=bool)
+    flat[order[:k]] = True
+    learn = np.zeros_like(mask)
+    learn[mask] = flat
+    ranked = excess[order]
+    return learn, (ranked[k - 1] - ranked[k]) if k < n else np.inf
+
+
+@pytest.fixture(scope="module")
+def split(setup):
+    from megatron_slm.convert import load_hf_model
+
+    root = setup["root"]
+    torch.manual_seed(1)  # a second tiny Llama of the same vocabulary: the reference
+    cfg = transformers.LlamaConfig.from_pretrained(str(root / "hf"))
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref.save_pretrained(str(root / "ref"))
+    base = load_hf_model(str(root / "hf"))
+    ce = {p: {"base": _token_ce(base, p), "ref": _token_ce(ref, p)} for p in setup["prefixes"]}
+    return {"ref": str(root / "ref"), "ce": ce}
+
+
+def _check_split_rows(rows, split, q, models):
+    """Every row's learnable / not-learnable mean and count against the numpy split of transformers' CE."""
+    assert rows
+    for r in rows:
+        ce = split["ce"][r["dataset"]]
+        (base, mask), (ref, _) = ce["base"], ce["ref"]
+        learn, gap = _numpy_split(base, ref, mask, q)
+        assert gap > 1e-4, gap  # fp32 (megatron) vs fp64 (here) cannot reorder the cut
+        mine = ce[models[r["checkpoint"]]][0]
+        rest = mask & ~learn
+        assert r["learnable_tokens"] == int(learn.sum()) == int(np.floor(q * mask.sum() + 0.5))
+        assert r["not_learnable_tokens"] == int(rest.sum()) and r["tokens"] == int(mask.sum())
+        assert abs(r["learnable_loss"] - mine[learn].mean()) < 1e-5, (r, mine[learn].mean())
+        assert abs(r["not_learnable_loss"] - mine[rest].mean()) < 1e-5, (r, mine[rest].mean())
+
+
+def test_learnable_split_matches_numpy_on_transformers_losses(setup, split, tmp_path):
+    ck = str(setup["root"] / "ck")
+    rows = _run(setup, tmp_path / "s", ["--split-reference", split["ref"], "--split-ratio", "0.3"],
+                ckpts=[ck, split["ref"]])  # base: the first --load (the converted model)
+    assert len(rows) == 4
+    _check_split_rows(rows, split, 0.3, {ck: "base", split["ref"]: "ref"})
+    # the reference's own loss is lower on the tokens chosen for a high base-minus-reference excess
+    assert all(r["learnable_loss"] < r["not_learnable_loss"] for r in rows if r["checkpoint"] == split["ref"])
+    settings = json.loads((tmp_path / "s/eval.json").read_text())["settings"]
+    assert settings["split_reference"] == split["ref"] and settings["split_base"] == ck
+    assert settings["split_ratio"] == 0.3
+    header = (tmp_path / "s/eval.csv").read_text().splitlines()[0].split(",")
+    assert header[-4:] == ["learnable_loss", "learnable_tokens", "not_learnable_loss", "not_learnable_tokens"]
+
+
+def test_learnable_split_over_two_data_parallel_ranks(setup, split, tmp_path):
+    # DP=2: 5 windows split 2 + 3, the per-token losses gathered; the base given as the transformers directory
+    ck = str(setup["root"] / "ck")
+    rows = _run(setup, tmp_path / "dp2", ["--split-reference", split["ref"], "--split-base", str(setup["root"] / "hf")],
+                nproc=2, ckpts=[ck])
+    _check_split_rows(rows, split, 0.6, {ck: "base"})  # the default ratio
+
+
+def test_rows_without_a_split_leave_its_columns_empty(tmp_path):
+    from megatron_slm.training.evaluate import format_table, write_outputs
+
+    row = {"checkpoint": "a", "path": "a", "iteration": None, "dataset": "d", "loss": 1.5, "perplexity": 4.48,
+           "tokens": 10, "windows": 1, "learnable_loss": None, "learnable_tokens": None, "not_learnable_loss": None,
+           "not_learnable_tokens": None}
+    write_outputs([row], str(tmp_path), {})
+    lines = (tmp_path / "eval.csv").read_text().splitlines()
+    assert lines[1] == "a,a,,d,1.5,4.48,10,1,,,," and "learnable" not in format_table([row])
+    split_row = dict(row, learnable_loss=1.25, learnable_tokens=6, not_learnable_loss=1.875, not_learnable_tokens=4)
+    assert format_table([split_row]).splitlines()[-1].split()[-4:] == ["1.250000", "6", "1.875000", "4"]
+
+
+@pytest.mark.parametrize("case", ["ratio", "without", "missing", "same"])
+def test_split_errors_are_one_line(setup, capsys, case):
+    from megatron_slm.cli import main
+
+    ck = str(setup["root"] / "ck")
+    extra = {"ratio": ["--split-reference", str(setup["root"] / "hf"), "--split-ratio", "1.5"],
+             "without": ["--split-ratio", "0.5"],
+             "missing": ["--split-reference", str(setup["root"] / "nope")],
+             "same": ["--split-reference", ck]}[case]
+    assert main(["evaluate", "--load", ck, "--data-path", setup["prefixes"][1], *extra]) == 2
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.strip().splitlines() if ln.strip()]
+    assert out.out == "" and len(lines) == 1 and lines[0].startswith("error:"), out.err
+    assert {"ratio": "(0, 1]", "without": "only with --split-reference", "missing": "does not exist",
+            "same": "same checkpoint"}[case] in lines[0]

@@ -1,0 +1,113 @@
+"""README command 1 end to end at a few steps: ``slm demo`` builds the corpus, trains base, reference and the
+four policies through torchrun, evaluates all six and prints the table.
+
+Checked against what the runs wrote, recomputed here: the reweighted CLM trained on the blend w_i f_i / sum w_j f_j
+of the SLM run's own summary, the table's trained math share of SLM is w_m f_m / (w_m f_m + w_g f_g), every policy
+started from the base, and the table's losses are ``slm evaluate``'s (eval.json) for each run.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else sys.executable
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([PY, "-m", "megatron_slm.cli", "demo", "--out", str(out), "--base-iters", "3",
+                           "--ref-iters", "2", "--train-iters", "2", "--eval-samples", "3"],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_demo_prints_six_rows_from_slm_evaluate(demo):
+    out, stdout = demo
+    table = stdout[stdout.index("SLM demo results"):]
+    labels = ["base", "reference", "CLM", "SLM k=0.6", "random k% k=0.6", "CLM, reweighted blend"]
+    lines = {label: next(l for l in table.splitlines() if l.startswith(label + " ")) for label in labels}
+    rows = json.loads((out / "eval" / "eval.json").read_text())["results"]
+    runs = {"base": out / "base", "reference": out / "reference", "CLM": out / "seed4321" / "clm",
+            "SLM k=0.6": out / "seed4321" / "slm", "random k% k=0.6": out / "seed4321" / "random",
+            "CLM, reweighted blend": out / "seed4321" / "clm_reweighted"}
+    for label, run in runs.items():
+        got = {Path(r["dataset"]).name: r["loss"] for r in rows if Path(r["checkpoint"]) == run}
+        assert set(got) == {"math_heldout", "general_heldout"}
+        cells = lines[label][len(label):].split()
+        assert float(cells[0]) == pytest.approx(got["math_heldout"], abs=1e-4)
+        assert float(cells[1]) == pytest.approx(got["general_heldout"], abs=1e-4)
+    split = table[table.index("learnable   not learnable"):]
+    base_row = next(r for r in rows if Path(r["checkpoint"]) == runs["base"] and "math" in r["dataset"])
+    for label, run in runs.items():  # the second table: held-out math, learnable (base vs reference) and the rest
+        row = next(r for r in rows if Path(r["checkpoint"]) == run and Path(r["dataset"]).name == "math_heldout")
+        cells = next(l for l in split.splitlines() if l.startswith(label + " "))[len(label):].split()
+        assert float(cells[0]) == pytest.approx(row["learnable_loss"], abs=1e-4)
+        assert float(cells[1]) == pytest.approx(row["not_learnable_loss"], abs=1e-4)
+        assert row["learnable_tokens"] == base_row["learnable_tokens"]  # paired: one split for every model
+    assert abs(base_row["learnable_tokens"] - 0.6 * base_row["tokens"]) <= 1
+
+
+def test_demo_controls_follow_the_slm_run(demo):
+    out, stdout = demo
+    slm = json.loads((out / "seed4321" / "slm" / "summary.json").read_text())
+    random = json.loads((out / "seed4321" / "random" / "summary.json").read_text())
+    rew = json.loads((out / "seed4321" / "clm_reweighted" / "summary.json").read_text())
+    w = [float(x) for x in slm["data_path"][0::2]]
+    w = [x / sum(w) for x in w]
+    f = slm["selected_fraction_by_dataset"]
+    expected = [wi * fi / sum(a * b for a, b in zip(w, f)) for wi, fi in zip(w, f)]
+    assert [float(x) for x in rew["data_path"][0::2]] == pytest.approx(expected, abs=1e-4)
+    assert rew["data_path"][1::2] == slm["data_path"][1::2] and rew["loss_mode"] == "clm"
+    assert random["data_path"] == slm["data_path"] and random["k"] == slm["k"] == 0.6
+    share = w[0] * f[0] / (w[0] * f[0] + w[1] * f[1])
+    slm_line = next(l for l in stdout.splitlines() if l.startswith("SLM k=0.6 "))
+    assert f"{share:.1%}" in slm_line and f"{f[0]:.1%} / {f[1]:.1%}" in slm_line
+    for name in ("clm", "slm", "random", "clm_reweighted"):  # every policy continues from the base
+        state = json.loads((out / "seed4321" / name / "iter_0000002" / "trainer_state.json").read_text())
+        assert state["config"]["checkpoint"]["pretrained_checkpoint"] == str(out / "base")
+        assert state["config"]["train"]["seed"] == 4321
+
+
+def test_demo_policy_exports_with_its_training_tokenizer(demo, tmp_path):
+    """megatron-to-hf of a trained policy, no --tokenizer-model: the export takes the tokenizer the run trained with
+    (its fingerprint checked), tokenizes like sentencepiece, and transformers' loss on the held-out windows equals
+    the demo table's (slm evaluate)."""
+    import numpy as np
+    import sentencepiece as spm
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_slm.training.evaluate import dataset_tokens
+
+    out, _ = demo
+    hf = tmp_path / "slm_hf"
+    proc = subprocess.run([PY, str(ROOT / "tools" / "convert_checkpoint.py"), "megatron-to-hf", "--input",
+                           str(out / "seed4321" / "slm"), "--output", str(hf)],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = json.loads((out / "data" / "text" / "math_heldout.jsonl").read_text().splitlines()[0])["text"]
+    sp = spm.SentencePieceProcessor(model_file=str(out / "data" / "tokenizer.model"))
+    assert AutoTokenizer.from_pretrained(str(hf))(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    tokens = np.asarray(dataset_tokens(str(out / "data" / "math_heldout"))[: 3 * 128 + 1], dtype=np.int64)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(3):  # the demo's --eval-samples 3 windows of 128 + 1 tokens, EOD labels masked
+            window = torch.from_numpy(tokens[i * 128: i * 128 + 129])
+            logits = model(input_ids=window[None, :-1]).logits[0].float()
+            losses = torch.nn.functional.cross_entropy(logits, window[1:], reduction="none")
+            keep = window[1:] != 2
+            total, count = total + float(losses[keep].sum()), count + int(keep.sum())
+    rows = json.loads((out / "eval" / "eval.json").read_text())["results"]
+    expected = next(r["loss"] for r in rows if Path(r["checkpoint"]) == out / "seed4321" / "slm"
+                    and Path(r["dataset"]).name == "math_heldout")
+    assert total / count == pytest.approx(expected, abs=1e-4)
