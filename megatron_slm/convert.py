@@ -92,9 +92,10 @@ def _check_output(out_dir: str, force: bool, input_dir: str) -> None:
             raise ConvertError(f"output '{out_dir}' already exists; choose a new path or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ConvertError(f"output '{out_dir}' exists and is not a directory")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise ConvertError(f"the parent of output '{out_dir}' does not exist")
+    try:
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)  # like preprocess_data.py: ckpt/base needs no mkdir
+    except OSError as exc:
+        raise ConvertError(f"cannot create the folder of output '{out_dir}': {exc.strerror}") from None
 
 
 def _dtype(dtype: str) -> torch.dtype:

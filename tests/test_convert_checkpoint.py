@@ -404,3 +404,13 @@ def test_hf_tokenizer_files_travel_through_the_checkpoint(tiny, tmp_path):
         gen = json.loads((out / "generation_config.json").read_text())
         assert cfg["bos_token_id"] == gen["bos_token_id"] == tok.bos_token_id == 1
         assert cfg["eos_token_id"] == gen["eos_token_id"] == tok.eos_token_id == 2
+
+
+def test_output_folders_are_created(tiny, tmp_path):
+    # in a subprocess: a conversion in the test process would leave its gloo group's threads behind for later forks
+    nested = tmp_path / "a" / "b" / "ck"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "hf-to-megatron", "--input",
+                           str(tiny["root"] / "hf_llama"), "--output", str(nested)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (nested / "slm_model.json").is_file()

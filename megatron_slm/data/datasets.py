@@ -173,6 +173,39 @@ def token_info(blends, vocab_size: int | None, tokenizer_fingerprint: str | None
     return TokenInfo(eod=eod, vocab_size=vocab, fingerprint=fp)
 
 
+SPLIT_NAMES = ("training", "validation", "test")
+
+
+def check_split(data_cfg, num_samples: list[int]) -> None:
+    """Every split with a share that is asked for samples (``num_samples``: train, validation, test), and the
+    training split always, must get at least one document of every blended dataset: megatron-core cuts each dataset's documents by ``--split`` (its own rounding, used
+    here) and loops forever computing the epochs of a split with no tokens. Nothing to check with
+    --valid-data-path (no split of the training data)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if data_cfg.valid_data_path or not data_cfg.data_path:
+        return
+    try:
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(data_cfg.split))
+    except (ValueError, AssertionError, ZeroDivisionError):
+        raise DataError(f"--split {data_cfg.split!r} is not three non-negative shares like 969,30,1") from None
+    fixes = {"training": "give the training split a larger share",
+             "validation": "give the validation split a larger share, evaluate on --valid-data-path, or set "
+                           "--eval-iters 0"}
+    for prefix in parse_blend(data_cfg.data_path)[0]:
+        n = len(IndexedDataset(prefix, mmap=True).sequence_lengths)
+        for name, bounds, wanted in zip(SPLIT_NAMES, matrix, num_samples):
+            if bounds is None:  # a share of 0: not built (a validation share of 0 means no evaluation)
+                empty = name == "training"
+            else:
+                empty = int(round(bounds[0] * n)) >= int(round(bounds[1] * n))
+            if wanted and empty:
+                raise DataError(f"dataset '{prefix}' has {n} documents: --split {data_cfg.split} gives its {name} "
+                                f"split none of them; {fixes.get(name, 'change --split')}")
+
+
 def dataset_config(data_cfg, seq_length: int, seed: int, info: TokenInfo) -> GPTDatasetConfig:
     train_blend = parse_blend(data_cfg.data_path)
     valid_blend = parse_blend(data_cfg.valid_data_path)
@@ -188,6 +221,10 @@ def dataset_config(data_cfg, seq_length: int, seed: int, info: TokenInfo) -> GPT
 def build_datasets(config, num_samples: list[int], positions: bool = False):
     """(train, valid, test) datasets of megatron-core; ``positions`` builds the positions twin instead."""
     cls = PositionsGPTDataset if positions else GPTDataset
+    if config.split_matrix is not None:
+        # megatron-core builds every split with a share, even one asked for no samples (our test split), and loops
+        # forever on one without documents (a small dataset's 0.1%): such splits are not built
+        config.split_matrix = [None if not n else b for b, n in zip(config.split_matrix, num_samples)]
     return BlendedMegatronDatasetBuilder(cls, num_samples, lambda: True, config).build()
 
 

@@ -67,7 +67,7 @@ def check_inputs(cfg: Config, reference: str | None, offline_scores: bool, polic
     leaves unset (architecture from the checkpoints, vocab_size from the data). ``require_data=False``
     (check-config) skips the data checks when no --data-path is given. Returns the data's TokenInfo (None
     without data) and the sidecars (or None)."""
-    from megatron_slm.data.datasets import parse_blend, token_info
+    from megatron_slm.data.datasets import check_split, parse_blend, token_info
 
     if policy_source:
         adopt_architecture(cfg, ("model",), policy_source, f"the policy's checkpoint ({policy_flag} {policy_source})")
@@ -90,6 +90,7 @@ def check_inputs(cfg: Config, reference: str | None, offline_scores: bool, polic
         return None, None
     info = token_info([parse_blend(cfg.data.data_path), parse_blend(cfg.data.valid_data_path)],
                       cfg.model.vocab_size, fingerprint)
+    check_split(cfg.data, dataset_sizes(cfg))
     for m in (cfg.model, cfg.reference.model):
         if m.vocab_size is None:
             m.vocab_size = info.vocab_size

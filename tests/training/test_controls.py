@@ -76,3 +76,12 @@ def test_reweight_imports_no_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("--data-path 0.6667 a 0.3333 b")
+
+
+def test_reweight_piped_into_a_reader_that_stops_early_is_quiet(tmp_path):
+    run = write_summary(tmp_path, ["0.5", "a", "0.5", "b"], [0.5, 0.25])
+    # `true` exits without reading: the pipe is closed long before the command writes (as with `| head -n 1`)
+    cmd = f"{sys.executable} -m megatron_slm.cli reweight --run {run} | true; echo rc=${{PIPESTATUS[0]}}"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "rc=0"

@@ -157,3 +157,27 @@ def test_check_config_agrees_with_train_on_every_shipped_config(config, data, tm
     train_error = [line for line in train.stderr.splitlines() if line.startswith("error:")]
     assert (rc == 0) == (train.returncode == 0), (err, train.stderr)
     assert first_error == train_error
+
+
+def test_a_split_that_gets_no_documents_is_one_error_and_unused_splits_are_not_built(tmp_path):
+    """megatron-core loops forever building a split without documents: 60 documents and --split 998,2,0 give the
+    validation split none, which is refused by name; the default split's 0.1% test split (never asked for samples)
+    is not built, so the same small dataset trains with --eval-iters 0 (in a subprocess, under a timeout)."""
+    d = tiny_text_dataset(tmp_path / "small", lines=72)  # 60 training documents
+    over = {"data": {"data_path": [str(d / "train")], "split": "998,2,0"}, "train": {"seq_length": 16}}
+    with pytest.raises(DataError, match=r"has 60 documents: --split 998,2,0 gives its validation split none of them; "
+                                        r".*--valid-data-path.*--eval-iters 0"):
+        check_run_inputs(load_config(overrides=over))
+    script = (
+        "import sys\n"
+        "from megatron_slm.config import load_config\n"
+        "from megatron_slm.training.run import build_data, check_run_inputs\n"
+        f"cfg = load_config(overrides={{'data': {{'data_path': [{str(d / 'train')!r}]}}, "
+        "'train': {'seq_length': 16, 'eval_iters': 0, 'train_iters': 3, 'global_batch_size': 4, 'micro_batch_size': 2}})\n"
+        "info, _ = check_run_inputs(cfg)\n"
+        "train, evals = build_data(cfg, info, 0, 1)\n"
+        "print('tokens', tuple(train(2)[0]['tokens'].shape), 'eval', evals)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tokens (2, 16) eval None" in proc.stdout
