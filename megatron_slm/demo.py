@@ -203,6 +203,14 @@ def _report(args, summaries: dict, losses: dict) -> dict:
 def _print_table(args, report: dict) -> None:
     rows, many = report["heldout_loss"], len(args.seeds) > 1
     p = report["parallel"]
+
+    def label(name: str) -> str:
+        return LABELS[name] + (f" k={args.slm_select_ratio}" if name in ("slm", "random") else "")
+
+    def loss(name: str, key: str) -> str:  # a policy's mean over seeds, with its spread when there are several
+        r = rows[name]
+        return f"{r[key]:.4f} +-{r[key + '_spread']:.4f}" if many and name in POLICIES else f"{r[key]:.4f}"
+
     print("\n================ SLM demo results (tiny scale) ================")
     print(f"policies: {args.train_iters} steps each from the base, TP={p['tp']} x PP={p['pp']} x DP={p['dp']}; "
           f"k={args.slm_select_ratio}, scope={args.selection_scope}; seeds {' '.join(map(str, args.seeds))}")
@@ -213,21 +221,14 @@ def _print_table(args, report: dict) -> None:
     print("-" * len(head))
     for name in ("base", "reference") + POLICIES:
         r = rows[name]
-        cell = lambda v, s: (f"{v:.4f} +-{s:.4f}" if many and name in POLICIES else f"{v:.4f}")  # noqa: E731
         share = "-" if r["trained_math_share"] is None else f"{r['trained_math_share']:.1%}"
         sel = "-" if r["selected_math"] is None else f"{r['selected_math']:.1%} / {r['selected_general']:.1%}"
-        label = LABELS[name] + (f" k={args.slm_select_ratio}" if name in ("slm", "random") else "")
-        print(f"{label:<24}{cell(r['math'], r['math_spread']):>16}{cell(r['general'], r['general_spread']):>16}"
-              f"{share:>20}{sel:>24}")
+        print(f"{label(name):<24}{loss(name, 'math'):>16}{loss(name, 'general'):>16}{share:>20}{sel:>24}")
     print(f"held-out math split by the base's excess loss over the reference (top {args.slm_select_ratio:.0%} = "
           "'learnable', what SLM would select at the start; rest = not learnable):")
     print(f"{'model':<24}{'learnable':>16}{'not learnable':>16}")
     for name in ("base", "reference") + POLICIES:
-        r = rows[name]
-        cell = lambda v, s: (f"{v:.4f} +-{s:.4f}" if many and name in POLICIES else f"{v:.4f}")  # noqa: E731
-        label = LABELS[name] + (f" k={args.slm_select_ratio}" if name in ("slm", "random") else "")
-        print(f"{label:<24}{cell(r['math_learnable'], r['math_learnable_spread']):>16}"
-              f"{cell(r['math_not_learnable'], r['math_not_learnable_spread']):>16}")
+        print(f"{label(name):<24}{loss(name, 'math_learnable'):>16}{loss(name, 'math_not_learnable'):>16}")
     slm = rows["slm"]
     for name in ("clm", "random", "clm_reweighted"):
         d = slm["math"] - rows[name]["math"]

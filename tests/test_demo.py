@@ -80,12 +80,11 @@ def test_demo_policy_exports_with_its_training_tokenizer(demo, tmp_path):
     """megatron-to-hf of a trained policy, no --tokenizer-model: the export takes the tokenizer the run trained with
     (its fingerprint checked), tokenizes like sentencepiece, and transformers' loss on the held-out windows equals
     the demo table's (slm evaluate)."""
-    import numpy as np
     import sentencepiece as spm
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_slm.training.evaluate import dataset_tokens
+    from helpers.hf_losses import window_token_ce
 
     out, _ = demo
     hf = tmp_path / "slm_hf"
@@ -98,16 +97,8 @@ def test_demo_policy_exports_with_its_training_tokenizer(demo, tmp_path):
     assert AutoTokenizer.from_pretrained(str(hf))(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
 
     model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
-    tokens = np.asarray(dataset_tokens(str(out / "data" / "math_heldout"))[: 3 * 128 + 1], dtype=np.int64)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(3):  # the demo's --eval-samples 3 windows of 128 + 1 tokens, EOD labels masked
-            window = torch.from_numpy(tokens[i * 128: i * 128 + 129])
-            logits = model(input_ids=window[None, :-1]).logits[0].float()
-            losses = torch.nn.functional.cross_entropy(logits, window[1:], reduction="none")
-            keep = window[1:] != 2
-            total, count = total + float(losses[keep].sum()), count + int(keep.sum())
+    ce, valid = window_token_ce(model, str(out / "data" / "math_heldout"), 128, 3)  # the demo's --eval-samples 3
     rows = json.loads((out / "eval" / "eval.json").read_text())["results"]
     expected = next(r["loss"] for r in rows if Path(r["checkpoint"]) == out / "seed4321" / "slm"
                     and Path(r["dataset"]).name == "math_heldout")
-    assert total / count == pytest.approx(expected, abs=1e-4)
+    assert ce[valid].mean() == pytest.approx(expected, abs=1e-4)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from dist_helpers import run_distributed
 from helpers.data import tiny_text_dataset
+from helpers.hf_losses import window_token_ce
 
 from megatron_slm.cli import main
 from megatron_slm.errors import ConfigError
@@ -96,22 +97,10 @@ def _to_hf(pairs):
 
 
 def _hf_token_losses(hf_dir, prefix):
-    """transformers' CE per label of the first SAMPLES windows of SEQ+1 tokens (stride SEQ) and the loss mask
-    (labels other than EOD): [SAMPLES, SEQ] each."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    """transformers' CE per label of the first SAMPLES windows and the non-EOD mask: [SAMPLES, SEQ] each."""
     from megatron_slm.convert import load_hf_model
 
-    model = load_hf_model(hf_dir)
-    ds = IndexedDataset(prefix, mmap=True)
-    toks = np.concatenate([np.asarray(ds[i], dtype=np.int64) for i in range(len(ds))])
-    eod = json.loads(Path(prefix + ".json").read_text())["eod_token_id"]
-    w = torch.from_numpy(np.stack([toks[i * SEQ: i * SEQ + SEQ + 1] for i in range(SAMPLES)]))
-    with torch.no_grad():
-        logits = model(input_ids=w[:, :-1]).logits.double()
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
-                                           reduction="none").reshape(SAMPLES, SEQ)
-    return ce.numpy(), (w[:, 1:] != eod).numpy()
+    return window_token_ce(load_hf_model(hf_dir), prefix, SEQ, SAMPLES)
 
 
 @pytest.fixture(scope="module")

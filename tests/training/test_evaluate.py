@@ -21,6 +21,7 @@ import pytest
 import torch
 from dist_helpers import run_distributed
 from helpers.data import tiny_text_dataset
+from helpers.hf_losses import window_token_ce
 
 transformers = pytest.importorskip("transformers")
 
@@ -152,17 +153,7 @@ def test_errors_are_one_line(setup, tmp_path, case):
 
 def _token_ce(model, prefix):
     """transformers' CE per label of the first SAMPLES windows [SAMPLES, SEQ] (float64) and the non-EOD mask."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(prefix, mmap=True)
-    toks = np.concatenate([np.asarray(ds[i], dtype=np.int64) for i in range(len(ds))])
-    eod = json.loads(Path(prefix + ".json").read_text())["eod_token_id"]
-    w = torch.from_numpy(np.stack([toks[i * SEQ: i * SEQ + SEQ + 1] for i in range(SAMPLES)]))
-    with torch.no_grad():
-        logits = model(input_ids=w[:, :-1]).logits.double()
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
-                                           reduction="none")
-    return ce.reshape(SAMPLES, SEQ).numpy(), (w[:, 1:] != eod).numpy()
+    return window_token_ce(model, prefix, SEQ, SAMPLES)
 
 
 def _numpy_split(base, ref, mask, q):
