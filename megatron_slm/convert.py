@@ -372,19 +372,14 @@ def _training_tokenizer(ckpt_path: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _check_tokenizer_fingerprint(tok: _TokenizerSource, ckpt_dir: str) -> None:
     """The tokenizer must be the one the checkpoint was trained with (same vocabulary size is not the same
     tokenizer): one of its files' sha256 among those the checkpoint records; unverifiable -> a warning."""
     from megatron_slm.checkpoint import tokenizer_fingerprints
+    from megatron_slm.data.datasets import file_sha256
 
     recorded = tokenizer_fingerprints(ckpt_dir)
-    found = {_sha256(f) for f in tok.files()}
+    found = {file_sha256(f) for f in tok.files()}
     if not recorded:
         _log.warning(f"checkpoint '{ckpt_dir}' records no tokenizer fingerprint: cannot verify that the "
                      f"tokenizer from {tok.where} is the one it was trained with; exporting it anyway")
