@@ -61,6 +61,13 @@ def iteration_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
+def iteration_dirs(root: str | Path) -> list[Path]:
+    """The complete iteration checkpoints directly under a training root (not ``.tmp``/``.old``), oldest first."""
+    found = [(int(p.name[5:]), p) for p in Path(root).glob("iter_*")
+             if re.fullmatch(r"iter_\d{7,}", p.name) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
 def latest_iteration(root: str | Path) -> int | None:
     """The newest complete training checkpoint under ``root``, or None if there is none."""
     path = Path(root) / LATEST
@@ -90,7 +97,7 @@ def resolve(directory: str | Path) -> Path:
         return final
     if _sibling(final, OLD).is_dir():
         return _sibling(final, OLD)
-    found = sorted(p.name for p in path.glob("iter_???????") if p.is_dir())
+    found = [p.name for p in iteration_dirs(path)]
     raise CheckpointError(
         f"{path / LATEST} names iteration {it} but {final} is missing; restore it or point latest at an existing "
         f"iteration (found: {', '.join(found) or 'none'})"
@@ -628,7 +635,7 @@ def save_training_checkpoint(trainer, root: str, keep_last: int = 2) -> Path:
                else _training_sharded_state(trainer, is_loading=False))
     _save(sharded, final, write, on_commit=lambda: write_atomic(Path(root) / LATEST, str(trainer.iteration)))
     if _rank() == 0:
-        done = sorted(p for p in Path(root).glob("iter_???????") if p.is_dir() and p != final)
+        done = [p for p in iteration_dirs(root) if p != final]
         for old in done[:-(keep_last - 1)] if keep_last > 1 else (done if keep_last == 1 else []):
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -116,19 +115,10 @@ def parse_run(spec: str) -> tuple[str, list[str]]:
     return name, paths
 
 
-def iteration_dirs(root: Path) -> list[Path]:
-    """The complete ``iter_NNNNNNN`` checkpoints directly under a training run's directory, by iteration."""
-    found = []
-    for child in root.iterdir():
-        m = re.fullmatch(r"iter_(\d+)", child.name)
-        if m and child.is_dir():
-            found.append((int(m.group(1)), child))
-    return [p for _, p in sorted(found)]
-
-
 def run_checkpoints(name: str, paths: list[str]) -> list[tuple[str, Path, int | None]]:
     """(argument, weights directory, iteration or None) of a run's checkpoints; a single directory holding
     ``iter_*`` checkpoints stands for all of them. Refuses fewer than two and iterations out of order."""
+    from megatron_slm.checkpoint import iteration_dirs
     from megatron_slm.training.evaluate import resolve_checkpoint
 
     if len(paths) == 1:
