@@ -209,6 +209,16 @@ def _score(args, cfg) -> int:
     return 0
 
 
+def _eval_settings(args, cfg) -> dict:
+    """What ``slm evaluate`` and ``slm dynamics`` record of how they ran (their windows and layout)."""
+    from megatron_slm.parallel import distributed
+
+    return {"seq_length": cfg.train.seq_length, "eval_samples": args.eval_samples,
+            "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
+            "world_size": distributed.world_size()}
+
+
 def _evaluate(args, cfg) -> int:
     """``slm evaluate`` (megatron_slm/training/evaluate.py); torch is imported here, not for --help."""
     import torch.distributed as dist
@@ -221,10 +231,7 @@ def _evaluate(args, cfg) -> int:
                         split_reference=args.split_reference, split_base=args.split_base, split_ratio=args.split_ratio)
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(format_table(rows))
-            settings = {"seq_length": cfg.train.seq_length, "eval_samples": args.eval_samples,
-                        "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
-                        "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
-                        "world_size": distributed.world_size()}
+            settings = _eval_settings(args, cfg)
             if args.split_reference is not None:
                 settings.update(split_reference=args.split_reference,
                                 split_base=args.split_base if args.split_base is not None else args.eval_load[0],
@@ -248,10 +255,7 @@ def _dynamics(args, cfg) -> int:
         if measured is not None:  # rank 0
             result = dynamics.analyse(measured, args.dynamics_threshold)
             print(dynamics.format_table(result))
-            settings = {"seq_length": cfg.train.seq_length, "eval_samples": args.eval_samples,
-                        "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
-                        "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
-                        "world_size": distributed.world_size()}
+            settings = _eval_settings(args, cfg)
             notes = dynamics.write_outputs(result, args.out, settings)
             for note in notes:
                 print(note, file=sys.stderr)

@@ -80,8 +80,14 @@ def _train(run_dir: Path, name: str, nproc: int, flags: list[str]) -> dict:
     return summary
 
 
+def _data_path(weights, prefixes) -> list[str]:
+    """``--data-path W1 PREFIX1 W2 PREFIX2 ...`` as command-line arguments."""
+    return ["--data-path", *[x for w, p in zip(weights, prefixes) for x in (f"{w:.4f}", str(p))]]
+
+
 def _blend(data: Path, parts) -> list[str]:
-    return [x for prefix, w in parts for x in (f"{w:.4f}", str(data / prefix))]
+    """``_data_path`` of a blend given as (dataset name under ``data``, weight) pairs."""
+    return _data_path([w for _, w in parts], [data / name for name, _ in parts])
 
 
 def _evaluate(out: Path, runs: dict[str, Path], datasets: list[Path], eval_samples: int | None, k: float) -> dict:
@@ -127,7 +133,7 @@ def main(args) -> int:
     common = ["--tokenizer-model", str(data / "tokenizer.model"), "--data-cache-path", str(out / "index_cache")]
 
     base = _train(out / "base", "base", args.nproc, common + [
-        "--loss-mode", "clm", "--data-path", *_blend(data, BASE_BLEND), "--train-iters", str(args.base_iters),
+        "--loss-mode", "clm", *_blend(data, BASE_BLEND), "--train-iters", str(args.base_iters),
         "--seed", "1234"])
     ref = _train(out / "reference", "reference", args.nproc, common + [
         "--loss-mode", "clm", "--pretrained-checkpoint", str(out / "base"), "--data-path", str(data / "math_ref_train"),
@@ -139,7 +145,7 @@ def main(args) -> int:
     for seed in args.seeds:
         policy = common + ["--pretrained-checkpoint", str(out / "base"), "--train-iters", str(args.train_iters),
                            "--seed", str(seed)]
-        mix = ["--data-path", *_blend(data, POLICY_BLEND)]
+        mix = _blend(data, POLICY_BLEND)
         home = out / f"seed{seed}"
         summaries[("slm", seed)] = _train(home / "slm", f"SLM (seed {seed})", args.nproc, policy + mix + slm_flags)
         summaries[("random", seed)] = _train(home / "random", f"random k% (seed {seed})", args.nproc,
@@ -147,7 +153,7 @@ def main(args) -> int:
         summaries[("clm", seed)] = _train(home / "clm", f"CLM (seed {seed})", args.nproc,
                                           policy + mix + ["--loss-mode", "clm"])
         matched = reweight(str(home / "slm"))
-        reweighted = ["--data-path", *[x for w, p in zip(matched["matched"], matched["prefixes"]) for x in (f"{w:.4f}", p)]]
+        reweighted = _data_path(matched["matched"], matched["prefixes"])
         summaries[("clm_reweighted", seed)] = _train(home / "clm_reweighted", f"CLM on the reweighted blend (seed {seed})",
                                                      args.nproc, policy + reweighted + ["--loss-mode", "clm"])
         summaries[("matched", seed)] = matched
