@@ -37,6 +37,19 @@ def rotated(variants: list, rep: int) -> list:
     return variants[r:] + variants[:r]
 
 
+def interleaved(variants: list, run, warmup: int, reps: int) -> dict:
+    """``run(variant, step)`` for every variant: ``warmup`` untimed rounds, then ``reps`` rounds in ``rotated``
+    order (steps warmup .. warmup + reps - 1); returns {variant: [what run returned, per rep]}."""
+    for i in range(warmup):
+        for v in variants:
+            run(v, i)
+    samples = {v: [] for v in variants}
+    for r in range(reps):
+        for v in rotated(variants, r):
+            samples[v].append(run(v, warmup + r))
+    return samples
+
+
 def machine_info() -> dict:
     import torch
 

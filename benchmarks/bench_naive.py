@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 
-from _common import add_model_args, emit_json, machine_info, median, mib, rotated, table, verdict
+from _common import add_model_args, emit_json, interleaved, machine_info, median, mib, table, verdict
 
 SPEED_TARGET = 1.5
 
@@ -284,15 +284,9 @@ def main(argv=None) -> dict | None:
         return time.perf_counter() - t0, time.process_time() - c0
 
     names = ["ours", "naive"]
-    for i in range(a.warmup):
-        for w in names:
-            timed(w, i)
-    times, cpus = {w: [] for w in names}, {w: [] for w in names}
-    for r in range(a.reps):
-        for w in rotated(names, r):
-            t, c = timed(w, a.warmup + r)
-            times[w].append(t)
-            cpus[w].append(c)
+    samples = interleaved(names, timed, a.warmup, a.reps)
+    times = {w: [t for t, _ in samples[w]] for w in names}
+    cpus = {w: [c for _, c in samples[w]] for w in names}
     del impls
     from megatron_slm.parallel import distributed
 

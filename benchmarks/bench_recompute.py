@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from _common import emit_json, machine_info, median, mib, rotated, table
+from _common import emit_json, interleaved, machine_info, median, mib, table
 from bench_step_time import make_config, parse_args, synthetic_batch
 
 VARIANTS = {"none": {}, "selective": {"recompute_granularity": "selective"},
@@ -64,13 +64,7 @@ def main(argv=None) -> dict:
         nbytes, _ = saved_bytes(lambda: trainers[name].train_step(mbs))
         return time.perf_counter() - t0, nbytes / len(mbs)
 
-    for i in range(a.warmup):
-        for name in names:
-            step(name, i)
-    samples = {n: [] for n in names}
-    for r in range(a.reps):
-        for name in rotated(names, r):
-            samples[name].append(step(name, a.warmup + r))
+    samples = interleaved(names, step, a.warmup, a.reps)
     distributed.destroy()
     med = {n: {"step_s": median([s[0] for s in samples[n]]), "saved_bytes_per_microbatch": samples[n][-1][1]}
            for n in names}

@@ -44,7 +44,7 @@ import argparse
 import resource
 import time
 
-from _common import emit_json, machine_info, median, mib, rotated, run_ranks, table, verdict
+from _common import emit_json, interleaved, machine_info, median, mib, run_ranks, table, verdict
 
 VARIANTS = ("megatron", "slm", "slm_k1")
 TIME_TARGET, MEM_SLACK = 1.10, 0.05
@@ -219,17 +219,8 @@ def worker(a) -> dict | None:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
         base = base32.to(dtype)
         mem = {v: saved_bytes(v, base) for v in names}
-        for _ in range(a.warmup):
-            for v in names:
-                one(v, base)
-        times, cpus, peaks, faults = ({v: [] for v in names} for _ in range(4))
-        for r in range(a.reps):
-            for v in rotated(names, r):
-                t, c, p, f = one(v, base)
-                times[v].append(t)
-                cpus[v].append(c)
-                peaks[v].append(p)
-                faults[v].append(f)
+        samples = interleaved(names, lambda v, _step: one(v, base), a.warmup, a.reps)
+        times, cpus, peaks, faults = ({v: [x[j] for x in samples[v]] for v in names} for j in range(4))
         out[dname] = {"times": times, "cpu": cpus, "peak_rss_bytes": peaks, "saved_bytes": mem, "faults": faults,
                       "logits_bytes": base.numel() * base.element_size()}
         del base

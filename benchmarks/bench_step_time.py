@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import Timer, add_model_args, emit_json, machine_info, median, rotated, run_ranks, table, verdict
+from _common import Timer, add_model_args, emit_json, interleaved, machine_info, median, run_ranks, table, verdict
 
 VARIANTS = ("clm", "slm_online", "slm_offline")
 TARGETS = {"slm_online": 1.36, "slm_offline": 1.03}
@@ -141,13 +141,7 @@ def worker(a) -> dict | None:
         return slowest
 
     names = list(VARIANTS)
-    for i in range(a.warmup):
-        for v in names:
-            step(v, i)
-    samples = {v: [] for v in names}
-    for r in range(a.reps):
-        for v in rotated(names, r):
-            samples[v].append(step(v, a.warmup + r))
+    samples = interleaved(names, step, a.warmup, a.reps)
     n_params_all = torch.tensor([float(n_params)])
     dist.all_reduce(n_params_all)  # over-counts DP replicas; divided below
     if dist.get_rank() != 0:
