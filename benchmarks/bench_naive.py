@@ -247,10 +247,14 @@ def rss_child(a) -> None:
     print("RSS_JSON " + json.dumps(out), flush=True)
 
 
+FLAG_OF = {"k": "slm-select-ratio"}  # dests whose flag has another name (add_model_args)
+
+
 def run_rss(a, which) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", which] + [
-        f"--{k.replace('_', '-')}={getattr(a, k)}" for k in ("layers", "hidden", "ffn", "heads", "vocab", "seq", "mbs", "gbs", "k",
-                                             "threads", "ref_dtype")] + (["--bf16"] if a.bf16 else [])
+        f"--{FLAG_OF.get(k, k.replace('_', '-'))}={getattr(a, k)}" for k in ("layers", "hidden", "ffn", "heads", "vocab", "seq",
+                                                                           "mbs", "gbs", "k", "threads", "ref_dtype")
+    ] + (["--bf16"] if a.bf16 else [])
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(a.threads))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # set in this process by distributed.initialize; the child picks its own port
