@@ -14,6 +14,7 @@ import os
 import sys
 
 from megatron_slm.config import SCORE_DTYPES, add_override_arguments, load_config
+from megatron_slm.config.arguments import ALL
 from megatron_slm.errors import ConfigError, SLMError
 
 
@@ -25,12 +26,81 @@ def _default_threads() -> None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def _config_arguments(p: argparse.ArgumentParser) -> None:
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's filling of a description or epilog paragraph written as one line; a paragraph written on
+    several lines (each command's example) is kept as written."""
+
+    def _fill_text(self, text, width, indent):
+        kept, filled = super()._fill_text, argparse.HelpFormatter._fill_text
+        return "\n\n".join(kept(p, width, indent) if "\n" in p else filled(self, p, width, indent)
+                           for p in text.split("\n\n"))
+
+
+class _DefaultsHelpFormatter(_HelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The same, each flag's help ending with its default (for flags whose help does not say it)."""
+
+
+# The config flags of each command: the config leaves it reads, by YAML section. ALL: every leaf of the section;
+# else the leaves' names (a subsection, the reference's "model", is one name); None: every leaf of every section.
+# A --config YAML may still hold any section (e.g. a training config reused for evaluate): what the command does
+# not read is loaded and left unused.
+_EVAL_WINDOWS = {  # slm evaluate, slm dynamics: model shapes come from each checkpoint
+    "parallel": ("tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel"),
+    "train": ("micro_batch_size", "seq_length", "seed", "logging_level"),
+    "data": ("data_path",),
+}
+CONFIG_FLAGS = {
+    "train": None,
+    "check-config": None,
+    "plan": {  # what sizes the memory and the step time of the training run, and what validate checks of it
+        "model": ALL,
+        "reference": ("model", "dtype"),
+        "parallel": ALL,
+        "slm": ALL,
+        "train": ("micro_batch_size", "global_batch_size", "seq_length", "recompute_granularity", "recompute_method",
+                  "recompute_num_layers", "bf16", "peak_tflops", "deepspeed", "logging_level"),
+    },
+    "score-reference": {  # the reference, its layout, and the data flags that decide the samples training reads
+        "model": ALL,
+        "reference": ALL,
+        "parallel": ("tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel",
+                     "num_layers_per_virtual_pipeline_stage"),
+        "train": ("micro_batch_size", "global_batch_size", "seq_length", "train_iters", "eval_iters", "seed",
+                  "log_interval", "logging_level"),
+        "data": ALL,
+    },
+    "evaluate": _EVAL_WINDOWS,
+    "dynamics": _EVAL_WINDOWS,
+}
+
+# The example command at the end of each command's --help.
+EXAMPLES = {
+    "train": "torchrun --nproc-per-node 8 -m megatron_slm.cli train --config run.yaml --save runs/slm \\\n"
+             "    --ref-load runs/reference --data-path 0.7 data/owm 0.3 data/general",
+    "check-config": "slm check-config --config run.yaml --world-size 8 --data-path data/owm --ref-load runs/reference",
+    "plan": "slm plan --config launch/configs/mistral7b_owm_slm_k0.7.yaml --world-size 32 --gpu-memory 80",
+    "score-reference": "torchrun --nproc-per-node 8 -m megatron_slm.cli score-reference --config run.yaml \\\n"
+                       "    --ref-load runs/reference --data-path 0.7 data/owm 0.3 data/general --train-iters 1000",
+    "reweight": "slm reweight --run runs/slm",
+    "evaluate": "slm evaluate --load runs/slm runs/clm --data-path data/math_valid data/web_valid \\\n"
+                "    --seq-length 512 --eval-samples 200 --out eval_out",
+    "dynamics": "slm dynamics --run slm=runs/slm --run clm=runs/clm --data-path data/math_valid \\\n"
+                "    --seq-length 512 --eval-samples 200 --out dynamics_out",
+    "demo": "slm demo --out demo_out --nproc 4",
+}
+
+
+def _command(sub, name: str, help: str, description: str, formatter=_HelpFormatter) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, epilog="example:\n  " + EXAMPLES[name],
+                          formatter_class=formatter)
+
+
+def _config_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--config", metavar="YAML", help="YAML config file; flags given here override its values "
                                                     "(default: none, built-in defaults)")
     p.add_argument("--all-ranks-log", action="store_true",
                    help="log from every rank with a [rank N] prefix (default: rank 0, training log from the last rank)")
-    add_override_arguments(p)
+    add_override_arguments(p, CONFIG_FLAGS[command])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,12 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="slm", description="Rho-1 Selective Language Modeling on megatron-core")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    _config_arguments(sub.add_parser(
-        "train", help="train a policy with SLM or CLM (launch under torchrun; alone it runs one process)",
-        description="Train a policy with SLM or CLM. A rerun with the same --save resumes from its latest checkpoint."))
-    p_check = sub.add_parser(
-        "check-config", help="validate a config (and its inputs) and print it resolved",
+    _config_arguments(_command(
+        sub, "train", help="train a policy with SLM or CLM (launch under torchrun; alone it runs one process)",
+        description="Train a policy with SLM or CLM. A rerun with the same --save resumes from its latest checkpoint."),
+        "train")
+    p_check = _command(
+        sub, "check-config", help="validate a config (and its inputs) and print it resolved",
         description="Run the input checks of 'slm train' without training: layout, shapes, data and checkpoint "
                     "vocabularies, score sidecars; prints the resolved config.")
     p_check.add_argument("--world-size", type=int, default=None, metavar="N",
@@ -51,34 +121,36 @@ def build_parser() -> argparse.ArgumentParser:
     p_check.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
                          help="with --world-size: warn when the plan's peak per GPU (slm plan) exceeds this many "
                               "GiB (default: 80)")
-    _config_arguments(p_check)
-    p_plan = sub.add_parser(
-        "plan",
+    _config_arguments(p_check, "check-config")
+    p_plan = _command(
+        sub, "plan",
         help="memory and speed plan per GPU of a config on N GPUs (no GPU needed)",
         description="Count the parameters of each rank's policy and reference slices (megatron-core models built on "
                     "the meta device), then estimate per GPU: weights, fp32 gradients, Adam state and master weights "
                     "with and without the distributed optimizer, activations of the micro-batches in flight (with "
                     "the configured recompute), the loss head, the reference's forward-only pass; FITS / DOES NOT FIT "
                     "against --gpu-memory; step time and tokens/s from FLOPs at --assumed-mfu of --peak-tflops "
-                    "(unset here: 989, H100/H200 dense bf16). Formulas: megatron_slm/training/plan.py.")
+                    "(unset here: 989, H100/H200 dense bf16). Formulas: megatron_slm/planning/plan.py.")
     p_plan.add_argument("--world-size", type=int, required=True, metavar="N",
                         help="GPUs (processes) of the run (required, no default)")
     p_plan.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
                         help="memory per GPU in GiB (default: 80)")
     p_plan.add_argument("--assumed-mfu", type=float, default=0.40, metavar="X",
                         help="model FLOPs utilisation assumed for the speed estimate (default: 0.40)")
-    _config_arguments(p_plan)
-    p_score = sub.add_parser(
-        "score-reference", formatter_class=fmt,
+    _config_arguments(p_plan, "plan")
+    p_score = _command(
+        sub, "score-reference",
         help="write per-token reference scores for offline SLM (under torchrun, with the training run's data flags)",
         description="Score every training sample with the reference (forward only, TP/PP/DP, resumable) and write "
                     "one score sidecar per dataset; then train with --reference-mode offline.")
     p_score.add_argument("--dtype", default="fp32", choices=SCORE_DTYPES,
-                         help="storage of the scores: fp32 replays online SLM exactly, bf16 halves the disk")
-    p_score.add_argument("--force", action="store_true", help="overwrite existing sidecars")
-    _config_arguments(p_score)
-    p_reweight = sub.add_parser(
-        "reweight", help="the domain-reweighting control of an SLM run: CLM blend weights with its token mix",
+                         help="storage of the scores: fp32 replays online SLM exactly, bf16 halves the disk "
+                              "(default: fp32)")
+    p_score.add_argument("--force", action="store_true",
+                         help="overwrite existing sidecars (default: an existing sidecar is an error)")
+    _config_arguments(p_score, "score-reference")
+    p_reweight = _command(
+        sub, "reweight", help="the domain-reweighting control of an SLM run: CLM blend weights with its token mix",
         description="Read an SLM run's summary.json (blend weights w_i, selected fraction f_i of each dataset) and "
                     "print the --data-path under which plain CLM trains on the same mix of datasets: "
                     "w'_i = w_i f_i / sum_j w_j f_j. A CLM run with it separates token selection from domain "
@@ -87,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the SLM run's --save directory, holding summary.json (required, no default)")
     p_reweight.add_argument("--digits", type=int, default=4, metavar="N",
                             help="decimals of the printed weights (default: 4)")
-    p_eval = sub.add_parser(
-        "evaluate", conflict_handler="resolve",
+    p_eval = _command(
+        sub, "evaluate",
         help="loss and perplexity of checkpoints on datasets, on fixed samples (no seed involved)",
         description="Mean token loss and perplexity of each checkpoint on each dataset, reported separately. The "
                     "samples are fixed: a dataset's documents in file order cut into consecutive windows of "
@@ -97,8 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "torchrun for TP/PP/DP (data-parallel ranks split the windows); alone it runs one process. "
                     "With --split-reference, each row adds the mean loss and token count on the 'learnable' "
                     "tokens (the top --split-ratio by excess loss of --split-base over the reference: what SLM "
-                    "would select) and on the rest; definition: megatron_slm/training/evaluate.py.")
-    _config_arguments(p_eval)
+                    "would select) and on the rest; definition: megatron_slm/analysis/evaluate.py.")
     p_eval.add_argument("--load", nargs="+", required=True, metavar="CKPT", dest="eval_load",
                         help="checkpoints: a training run root (its latest iteration), an iter_NNNNNNN directory, a "
                              "weights checkpoint or a transformers directory (required, no default)")
@@ -117,16 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--split-ratio", type=float, default=None, metavar="Q",
                         help="share of the valid tokens that are learnable, in (0, 1] (default: 0.6, the paper's k "
                              "for 1B models)")
-    p_dyn = sub.add_parser(
-        "dynamics",
+    _config_arguments(p_eval, "evaluate")
+    p_dyn = _command(
+        sub, "dynamics",
         help="token loss dynamics (Rho-1 Fig. 2): H->H, L->H, H->L, L->L shares and losses over checkpoints",
         description="Classify every valid token of a dataset's fixed evaluation windows (those of 'slm evaluate') "
                     "by its loss at the first and at the last checkpoint of each run: H (loss above the threshold) or "
                     "L, giving H->H, L->H, H->L and L->L. One threshold for all runs, so SLM and CLM runs compare. "
                     "Per run and checkpoint: each class's share and mean loss. Writes dynamics.json, dynamics.csv "
                     "and dynamics.png. Launch under torchrun for TP/PP/DP; alone it runs one process. Definitions: "
-                    "megatron_slm/training/dynamics.py.")
-    _config_arguments(p_dyn)
+                    "megatron_slm/analysis/dynamics.py.")
     # torchrun's own parser takes a bare --run for an abbreviation of its --run-path: hence the long spelling
     p_dyn.add_argument("--run", "--run-checkpoints", action="append", required=True, metavar="NAME=CKPT[,CKPT...]",
                        dest="dyn_runs",
@@ -140,11 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "the median token loss at the first checkpoint, all runs pooled)")
     p_dyn.add_argument("--out", default="dynamics_out", metavar="DIR",
                        help="where dynamics.json, dynamics.csv and dynamics.png go (default: dynamics_out)")
-    demo.add_arguments(sub.add_parser(
-        "demo", formatter_class=fmt, help="the CPU demo: base, reference, then SLM vs three controls",
+    _config_arguments(p_dyn, "dynamics")
+    demo.add_arguments(_command(
+        sub, "demo", formatter=_DefaultsHelpFormatter, help="the CPU demo: base, reference, then SLM vs three controls",
         description="The Rho-1 recipe at toy scale: build a two-domain corpus (math, general), train a base, tune "
                     "it on clean math into the reference, then train four policies from the base (CLM, SLM at "
-                    "TP=2 x PP=2, random k%%, CLM on the reweighted blend) and evaluate all six on held-out math "
+                    "TP=2 x PP=2, random k%, CLM on the reweighted blend) and evaluate all six on held-out math "
                     "and general text."))
     return parser
 
@@ -161,18 +233,17 @@ def _train(args, cfg) -> int:
 
 
 def _check(args, cfg) -> int:
-    """The input checks of ``slm train`` (one code path: training/run.py), then the layout."""
-    from megatron_slm.config import validate
-    from megatron_slm.training.run import check_run_inputs
+    """The resolution ``slm train`` runs (training/resolve.py: checkpoints, data, resume table, layout), then the
+    memory plan of the layout as advice."""
+    from megatron_slm.training.resolve import resolve_run
 
-    check_run_inputs(cfg, require_data=False, world_size=args.world_size)
-    validate(cfg, world_size=args.world_size, require_vocab=bool(cfg.data.data_path))
+    cfg = resolve_run(cfg, world_size=args.world_size, require_data=False).config
     if not cfg.data.data_path:
         print("note: no --data-path given: the data checks (vocabulary, token ids, tokenizer, score sidecars) "
               "run when it is", file=sys.stderr)  # stdout holds the resolved config (JSON)
     print(json.dumps(cfg.to_dict(), indent=2))
     if args.world_size and cfg.model.vocab_size:  # the memory plan (slm plan) of this layout: a warning, not an error
-        from megatron_slm.training.plan import DEFAULT_PEAK_TFLOPS, make_plan
+        from megatron_slm.planning.plan import DEFAULT_PEAK_TFLOPS, make_plan
 
         try:
             plan = make_plan(cfg, args.world_size, gpu_memory_gib=args.gpu_memory,
@@ -186,8 +257,8 @@ def _check(args, cfg) -> int:
 
 
 def _plan(args, cfg) -> int:
-    """Memory and speed plan per GPU (megatron_slm/training/plan.py); torch is imported here, not for --help."""
-    from megatron_slm.training.plan import DEFAULT_PEAK_TFLOPS, format_plan, make_plan
+    """Memory and speed plan per GPU (megatron_slm/planning/plan.py); torch is imported here, not for --help."""
+    from megatron_slm.planning.plan import DEFAULT_PEAK_TFLOPS, format_plan, make_plan
 
     if not 0 < args.assumed_mfu <= 1 or args.gpu_memory <= 0:
         raise ConfigError(f"--assumed-mfu must be in (0, 1] and --gpu-memory > 0 (got {args.assumed_mfu}, "
@@ -200,7 +271,7 @@ def _plan(args, cfg) -> int:
 
 def _score(args, cfg) -> int:
     from megatron_slm.parallel import distributed
-    from megatron_slm.training.scoring import score_reference
+    from megatron_slm.scoring import score_reference
 
     try:
         score_reference(cfg, dtype=args.dtype, force=args.force)
@@ -220,11 +291,11 @@ def _eval_settings(args, cfg) -> dict:
 
 
 def _evaluate(args, cfg) -> int:
-    """``slm evaluate`` (megatron_slm/training/evaluate.py); torch is imported here, not for --help."""
+    """``slm evaluate`` (megatron_slm/analysis/evaluate.py); torch is imported here, not for --help."""
     import torch.distributed as dist
 
     from megatron_slm.parallel import distributed
-    from megatron_slm.training.evaluate import DEFAULT_SPLIT_RATIO, evaluate, format_table, write_outputs
+    from megatron_slm.analysis.evaluate import DEFAULT_SPLIT_RATIO, evaluate, format_table, write_outputs
 
     try:
         rows = evaluate(cfg, args.eval_load, cfg.data.data_path or [], args.eval_samples,
@@ -245,9 +316,9 @@ def _evaluate(args, cfg) -> int:
 
 
 def _dynamics(args, cfg) -> int:
-    """``slm dynamics`` (megatron_slm/training/dynamics.py); torch is imported when it measures, not for --help."""
+    """``slm dynamics`` (megatron_slm/analysis/dynamics.py); torch is imported when it measures, not for --help."""
     from megatron_slm.parallel import distributed
-    from megatron_slm.training import dynamics
+    from megatron_slm.analysis import dynamics
 
     runs = [dynamics.parse_run(spec) for spec in args.dyn_runs]  # syntax errors before any loading
     try:
@@ -267,8 +338,8 @@ def _dynamics(args, cfg) -> int:
 
 
 def _reweight(args) -> int:
-    """``slm reweight``: pure Python (megatron_slm/training/controls.py), no torch."""
-    from megatron_slm.training.controls import explain, format_data_path, reweight
+    """``slm reweight``: pure Python (megatron_slm/analysis/controls.py), no torch."""
+    from megatron_slm.analysis.controls import explain, format_data_path, reweight
 
     if args.digits < 1:
         raise ConfigError(f"--digits must be at least 1 (got {args.digits})")

@@ -116,7 +116,7 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 
 def main(args) -> int:
     from megatron_slm.data.demo_corpus import build_demo_corpus
-    from megatron_slm.training.controls import reweight
+    from megatron_slm.analysis.controls import reweight
 
     if min(args.base_iters, args.ref_iters, args.train_iters) < 1:
         raise SystemExit("error: --base-iters, --ref-iters and --train-iters must be >= 1")

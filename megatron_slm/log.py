@@ -4,7 +4,7 @@ where known third-party noise is filtered.
 Library modules log through ``get_logger(__name__)``; entry points call ``setup_logging`` once. As in
 Megatron-LM, general messages come from rank 0 and the training log (``METRICS_LOGGER``: losses, selection,
 throughput) from the global last rank, which holds the losses; ``all_ranks`` prints from every rank with a
-``[rank N]`` prefix.
+``[rank N]`` prefix. Each line starts with the local time and the level: ``2026-12-04 07:01:02 INFO <message>``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,16 @@ def filter_third_party_noise() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+LINE_FORMAT = "%(asctime)s %(levelname)s {rank}%(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def line_formatter(rank: int | None = None) -> logging.Formatter:
+    """Each line: local time, level, ``[rank N]`` when every rank logs (``rank``), then the message, e.g.
+    ``2026-12-04 07:01:02 INFO [rank 3] [slm] step     3/3 | ...``."""
+    return logging.Formatter(LINE_FORMAT.format(rank="" if rank is None else f"[rank {rank}] "), DATE_FORMAT)
+
+
 def setup_logging(level: str = "info", all_ranks: bool = False) -> logging.Logger:
     """Configure the ``megatron_slm`` logger: ``level`` on the logging rank (or every rank), errors elsewhere."""
     filter_third_party_noise()
@@ -61,8 +71,7 @@ def setup_logging(level: str = "info", all_ranks: bool = False) -> logging.Logge
     logger = logging.getLogger("megatron_slm")
     logger.handlers.clear()
     handler = logging.StreamHandler(sys.stdout)
-    prefix = f"[rank {rank}] " if all_ranks and world > 1 else ""
-    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    handler.setFormatter(line_formatter(rank if all_ranks and world > 1 else None))
     logger.addHandler(handler)
     logger.propagate = False
     wanted = getattr(logging, level.upper())

@@ -26,6 +26,7 @@ from test_parallel_training import make_config, my_micro_batches
 
 import megatron_slm.training.trainer  # noqa: F401 - import megatron-core once, before forking ranks
 from megatron_slm import checkpoint
+from megatron_slm.checkpoint import files as checkpoint_files
 from megatron_slm.checkpoint import LATEST, iteration_dir, read_model_meta, resolve
 from megatron_slm.errors import CheckpointError
 
@@ -123,7 +124,7 @@ def _crash_window(root):
     from megatron_slm.training.trainer import Trainer
 
     real_rename, real_rmtree, real_replace = os.rename, shutil.rmtree, os.replace
-    real_exchange = getattr(checkpoint, "_exchange", None)
+    real_exchange = checkpoint_files._exchange
     trainer = Trainer(_cfg(root, 2, save_interval=0))
     trainer.train(_batches(trainer))  # iter_0000002, latest = 2
     final = iteration_dir(root, 2)
@@ -133,8 +134,7 @@ def _crash_window(root):
         os.rename = rename or real_rename
         shutil.rmtree = rmtree or real_rmtree
         os.replace = replace or real_replace
-        if real_exchange is not None:
-            checkpoint._exchange = real_exchange if exchange else (lambda a, b: False)
+        checkpoint_files._exchange = real_exchange if exchange else (lambda a, b: False)
 
     def crash_if(cond, real):
         def fn(*args, **kwargs):
@@ -181,7 +181,7 @@ def _crash_window(root):
         seen = resolve(root)  # what any reader takes now, before a new run cleans up
         info = dict(crashed=crashed, resolved=seen.name, complete=_complete(seen), latest=(root / LATEST).read_text())
         resumed = Trainer(_cfg(root, 2))  # a rerun: takes the lock (same process), restores, resumes
-        info["resumed_at"] = checkpoint.load_training_checkpoint(resumed, str(root))
+        info["resumed_at"] = resumed.load_checkpoint(str(root))
         got = _params(resumed)
         info["new"] = all(torch.equal(got[k], expect_new[k]) for k in got)
         info["dirs"] = sorted(p.name for p in Path(root).iterdir() if p.name.startswith("iter_"))
@@ -211,21 +211,21 @@ def test_two_rename_fallback_rolls_back_when_the_second_rename_fails(tmp_path):
     (final / "x").write_text("old")
     tmp.mkdir()
     (tmp / "x").write_text("new")
-    real_rename, real_exchange = os.rename, checkpoint._exchange
+    real_rename, real_exchange = os.rename, checkpoint_files._exchange
     def rename(a, b):
         if str(a).endswith(".tmp"):
             raise OSError(errno.EIO, "I/O error")
         return real_rename(a, b)
 
     os.rename = rename
-    checkpoint._exchange = lambda a, b: False
+    checkpoint_files._exchange = lambda a, b: False
     try:
         with pytest.raises(OSError):
-            checkpoint._commit(tmp, final)
+            checkpoint_files.commit(tmp, final)
     finally:
-        os.rename, checkpoint._exchange = real_rename, real_exchange
+        os.rename, checkpoint_files._exchange = real_rename, real_exchange
     assert (final / "x").read_text() == "old" and not (tmp_path / "iter_0000001.old").exists()
-    checkpoint._commit(tmp, final)  # and for real: swapped in, nothing left over
+    checkpoint_files.commit(tmp, final)  # and for real: swapped in, nothing left over
     assert (final / "x").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001"]
 
 
@@ -305,7 +305,7 @@ def test_second_writer_gets_one_error_on_every_rank(data, tmp_path):
 
 
 def test_save_lock_stale_takeover_other_host_and_release(tmp_path, caplog):
-    from megatron_slm.training.save_lock import SaveLock
+    from megatron_slm.checkpoint.lock import SaveLock
 
     save = tmp_path / "s"
     lock = SaveLock.acquire(str(save))
@@ -333,6 +333,40 @@ def test_save_lock_stale_takeover_other_host_and_release(tmp_path, caplog):
         live.kill()
         live.wait()
     assert SaveLock.acquire(None).release() is None  # no --save: nothing to lock
+
+
+def test_a_requeued_slurm_job_takes_over_its_lock_from_another_host(tmp_path, caplog, monkeypatch):
+    """Issue 19 case 12: Slurm requeues a job (same SLURM_JOB_ID) onto any node; its stale lock from the old node
+    is taken over. A lock of another job, or without a job id, from another host is still refused."""
+    from megatron_slm.checkpoint.lock import SaveLock
+
+    save = tmp_path / "s"
+    save.mkdir()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    (save / ".lock").write_text(json.dumps({"host": "node017", "pid": 1, "since": "then", "slurm_job_id": "4242"}))
+    with caplog.at_level("WARNING", logger="megatron_slm"):
+        lock = SaveLock.acquire(str(save))
+    assert "taking over the lock of Slurm job 4242 from host node017" in caplog.text
+    held = json.loads((save / ".lock").read_text())
+    assert held["slurm_job_id"] == "4242" and held["host"] == socket.gethostname() and held["pid"] == os.getpid()
+    lock.release()
+    for other in ({"slurm_job_id": "999"}, {}):
+        (save / ".lock").write_text(json.dumps({"host": "node017", "pid": 1, "since": "then", **other}))
+        with pytest.raises(CheckpointError, match="is in use by pid 1 on host node017"):
+            SaveLock.acquire(str(save))
+    monkeypatch.delenv("SLURM_JOB_ID")
+    (save / ".lock").write_text(json.dumps({"host": "node017", "pid": 1, "since": "then", "slurm_job_id": "4242"}))
+    with pytest.raises(CheckpointError, match=r"in use by pid 1 on host node017 \(Slurm job 4242\)"):
+        SaveLock.acquire(str(save))  # not a Slurm job here: not the same job
+
+
+def test_latest_with_a_non_ascii_digit_is_one_error(tmp_path):
+    """Issue 19 case 8: str.isdigit() accepts "²", int() does not."""
+    from megatron_slm.checkpoint import latest_iteration
+
+    (tmp_path / LATEST).write_text("²")
+    with pytest.raises(CheckpointError, match="holds '²', not an iteration number"):
+        latest_iteration(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +402,8 @@ def _resume_error(root):
     except CheckpointError as exc:
         return str(exc)
     finally:
-        dist.barrier()
+        if dist.is_initialized():  # a damaged slm_model.json is refused by resolution, before any process group
+            dist.barrier()
     return "no error"
 
 
@@ -524,7 +559,7 @@ def _ds_train(root):
 
 def _ds_weights(root, out):
     from helpers.gather import gather_full
-    from megatron_slm import convert
+    from megatron_slm.conversion.converters import megatron_to_hf
     from megatron_slm.model.build import build_model
     from megatron_slm.parallel import distributed
 
@@ -533,7 +568,7 @@ def _ds_weights(root, out):
     model = build_model(cfg.model, cfg.parallel, seed=123)
     checkpoint.load_model_weights(model, str(root))
     full = gather_full(model)
-    convert.megatron_to_hf(str(root), str(out), log=lambda *a, **k: None)
+    megatron_to_hf(str(root), str(out), log=lambda *a, **k: None)
     return full
 
 

@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from megatron_slm.config import ConfigError, add_override_arguments, load_config, validate
+from megatron_slm.config import add_override_arguments, load_config, validate
+from megatron_slm.errors import ConfigError
 
 
 def _cli(argv, config=None):

@@ -30,10 +30,10 @@ OFFLINE = dict(reference_mode="offline")
 
 
 def _check(blend, **over):
-    from megatron_slm.training.run import check_run_inputs
+    from megatron_slm.training.resolve import resolve_run
 
     over.setdefault("slm", OFFLINE)
-    return check_run_inputs(make_cfg(blend, **over))
+    return resolve_run(make_cfg(blend, **over))
 
 
 def _refused(blend, **over) -> str:
@@ -90,13 +90,14 @@ def test_every_differing_flag_is_named_with_both_values(scored):
 
 
 def _replay(data_path, ref, mode, train):
-    from megatron_slm.training.run import build_data, check_run_inputs
+    from megatron_slm.training.resolve import resolve_run
+    from megatron_slm.training.run import build_data
     from megatron_slm.training.trainer import Trainer
 
     cfg = make_cfg(data_path, reference=dict(load=ref), slm=dict(reference_mode=mode), train=train)
-    info, scores = check_run_inputs(cfg)
-    trainer = Trainer(cfg)
-    batches, _ = build_data(cfg, info, trainer.dp_rank, trainer.dp_size, scores)
+    run = resolve_run(cfg)
+    trainer = Trainer(run)
+    batches, _ = build_data(run.config, run.data, trainer.dp_rank, trainer.dp_size, run.offline_scores)
     out = []
     for step in range(cfg.train.train_iters):
         m = trainer.train_step(batches(step))

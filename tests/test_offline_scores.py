@@ -64,12 +64,12 @@ def data(tmp_path_factory):
 def _blend_worker(blend, cache):
     import torch.distributed as dist
 
-    from megatron_slm.training.run import check_run_inputs
+    from megatron_slm.training.resolve import resolve_run
     from megatron_slm.data.datasets import build_datasets, dataset_config
 
     dist.init_process_group("gloo")  # megatron-core's blended index builder asks for a rank
     cfg = make_cfg(blend, train=dict(train_iters=100), data=dict(data_cache_path=cache))
-    info, _ = check_run_inputs(cfg)
+    info = resolve_run(cfg).data
     ds_cfg = dataset_config(cfg.data, SEQ, 5, info)
     train = build_datasets(ds_cfg, [800, 8, 0])[0]
     twin = build_datasets(ds_cfg, [800, 8, 0], positions=True)[0]
@@ -91,23 +91,23 @@ def test_blend_proportions_and_positions_twin_alignment(data):
 
 
 def test_data_errors_are_clear(data, tmp_path):
-    from megatron_slm.training.run import check_run_inputs
+    from megatron_slm.training.resolve import resolve_run
 
     d, blend = data
     with pytest.raises(DataError, match="missing; create it with tools/preprocess_data.py"):
-        check_run_inputs(make_cfg([str(tmp_path / "nope")]))
+        resolve_run(make_cfg([str(tmp_path / "nope")]))
     other = make_dataset(tmp_path / "other", 3, fingerprint="another-tokenizer")
     with pytest.raises(DataError, match="different tokenizers"):
-        check_run_inputs(make_cfg([blend[1], other]))
+        resolve_run(make_cfg([blend[1], other]))
     with pytest.raises(DataError, match="vocab_size=96 but the model has vocab_size=128"):
-        check_run_inputs(make_cfg(blend, model=dict(vocab_size=128)))
+        resolve_run(make_cfg(blend, model=dict(vocab_size=128)))
     broken = make_dataset(tmp_path / "broken", 4)
     meta = json.loads(Path(f"{broken}.json").read_text())
     Path(f"{broken}.json").write_text(json.dumps(dict(meta, bin_bytes=Path(f"{broken}.bin").stat().st_size)))
-    check_run_inputs(make_cfg([broken]))
+    resolve_run(make_cfg([broken]))
     Path(f"{broken}.bin").write_bytes(Path(f"{broken}.bin").read_bytes()[:-2])
     with pytest.raises(DataError, match="truncated or corrupt"):
-        check_run_inputs(make_cfg([broken]))
+        resolve_run(make_cfg([broken]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,19 +116,20 @@ def test_data_errors_are_clear(data, tmp_path):
 
 def _reference_ckpt(data_path, out):
     from megatron_slm.checkpoint import save_model_weights
-    from megatron_slm.training.run import build_data, check_run_inputs
+    from megatron_slm.training.resolve import resolve_run
+    from megatron_slm.training.run import build_data
     from megatron_slm.training.trainer import Trainer
 
     cfg = make_cfg(data_path, slm=dict(loss_mode="clm"), train=dict(train_iters=2, seed=99))
-    info, _ = check_run_inputs(cfg)
-    trainer = Trainer(cfg)
-    batches, _ = build_data(cfg, info, trainer.dp_rank, trainer.dp_size)
+    run = resolve_run(cfg)
+    trainer = Trainer(run)
+    batches, _ = build_data(run.config, run.data, trainer.dp_rank, trainer.dp_size)
     trainer.train(batches)
-    save_model_weights(trainer.policy_module, out, cfg.model)
+    save_model_weights(trainer.policy_module, out, run.config.model)
 
 
 def _score(data_path, ref, pp, fail_after=None, **over):
-    from megatron_slm.training import scoring
+    from megatron_slm import scoring
     from megatron_slm.training import passes
 
     if fail_after is not None:  # simulate a crash after `fail_after` scored steps
@@ -152,13 +153,14 @@ def _score(data_path, ref, pp, fail_after=None, **over):
 
 def _train(data_path, ref, mode):
 
-    from megatron_slm.training.run import build_data, check_run_inputs
+    from megatron_slm.training.resolve import resolve_run
+    from megatron_slm.training.run import build_data
     from megatron_slm.training.trainer import Trainer
 
     cfg = make_cfg(data_path, reference=dict(load=ref), slm=dict(reference_mode=mode))
-    info, scores = check_run_inputs(cfg)
-    trainer = Trainer(cfg)
-    batches, _ = build_data(cfg, info, trainer.dp_rank, trainer.dp_size, scores)
+    run = resolve_run(cfg)
+    trainer = Trainer(run)
+    batches, _ = build_data(run.config, run.data, trainer.dp_rank, trainer.dp_size, run.offline_scores)
     out = []
     for step in range(cfg.train.train_iters):
         m = trainer.train_step(batches(step))
@@ -203,7 +205,7 @@ def test_scoring_resumes_after_interruption(scored, tmp_path):
 
 
 def test_bad_sidecars_are_refused_before_training(scored, tmp_path):
-    from megatron_slm.training.run import check_run_inputs
+    from megatron_slm.training.resolve import resolve_run
 
     d, blend, ref = scored
     work = tmp_path / "w"
@@ -214,23 +216,23 @@ def test_bad_sidecars_are_refused_before_training(scored, tmp_path):
             shutil.copy(f"{p}{suffix}", work / f"{name}{suffix}")
         copies.append(str(work / name))
     cfg = lambda: make_cfg(["0.6", copies[0], "0.4", copies[1]], slm=dict(reference_mode="offline"))  # noqa: E731
-    check_run_inputs(cfg())  # the intact copy is accepted
+    resolve_run(cfg())  # the intact copy is accepted
 
     scores_bin = Path(f"{copies[0]}_refscores.bin")
     good = scores_bin.read_bytes()
     scores_bin.write_bytes(good[:-8])
     with pytest.raises(DataError, match="truncated or corrupt"):
-        check_run_inputs(cfg())
+        resolve_run(cfg())
     scores_bin.write_bytes(good)
 
     make_dataset(copies[1], seed=77, num_docs=30)  # the token files change under the sidecar
     with pytest.raises(DataError, match="computed for other token files"):
-        check_run_inputs(cfg())
+        resolve_run(cfg())
     Path(f"{copies[1]}_refscores.json").unlink()
     with pytest.raises(DataError, match="no reference scores for dataset"):
-        check_run_inputs(cfg())
+        resolve_run(cfg())
     with pytest.raises(DataError, match="one per data_path prefix"):
-        check_run_inputs(make_cfg(["0.6", copies[0], "0.4", copies[1]], slm=dict(reference_mode="offline"),
+        resolve_run(make_cfg(["0.6", copies[0], "0.4", copies[1]], slm=dict(reference_mode="offline"),
                               reference=dict(scores_path=[f"{copies[0]}_refscores"])))
 
 
@@ -243,13 +245,14 @@ def _train_too_long(data_path, ref):
 
 
 def _train_long(data_path, ref):
-    from megatron_slm.training.run import build_data, check_run_inputs
+    from megatron_slm.training.resolve import resolve_run
+    from megatron_slm.training.run import build_data
     from megatron_slm.training.trainer import Trainer
 
     cfg = make_cfg(data_path, reference=dict(load=ref), slm=dict(reference_mode="offline"), train=dict(train_iters=40))
-    info, scores = check_run_inputs(cfg)
-    trainer = Trainer(cfg)
-    batches, _ = build_data(cfg, info, trainer.dp_rank, trainer.dp_size, scores)
+    run = resolve_run(cfg)
+    trainer = Trainer(run)
+    batches, _ = build_data(run.config, run.data, trainer.dp_rank, trainer.dp_size, run.offline_scores)
     for step in range(cfg.train.train_iters):
         trainer.train_step(batches(step))
 

@@ -379,7 +379,7 @@ def _recipe_script(mistral: bool) -> str:
 
 @pytest.mark.parametrize("model", ["tinyllama", "mistral"])
 def test_readme_recipe_commands_parse(tmp_path, model):
-    from megatron_slm import convert
+    from megatron_slm.conversion import cli as convert_cli
     from megatron_slm.cli import build_parser as slm_parser
     from megatron_slm.config import load_config, validate
     from megatron_slm.data import preprocess
@@ -416,7 +416,7 @@ def test_readme_recipe_commands_parse(tmp_path, model):
             name, args = "slm", args[4:]
         if name == "python":
             tool, *args = args
-            parser = {"tools/convert_checkpoint.py": convert.build_parser,
+            parser = {"tools/convert_checkpoint.py": convert_cli.build_parser,
                       "tools/preprocess_data.py": preprocess.build_parser}[tool]()
             ns = parse(parser, args)
             seen.append(f"{tool} {args[0] if 'convert' in tool else ''}".strip())

@@ -11,7 +11,8 @@ import torch
 from dist_helpers import run_distributed
 from test_parallel_training import make_config, my_micro_batches
 
-from megatron_slm.checkpoint import CheckpointError, LATEST, load_model_weights
+from megatron_slm.checkpoint import LATEST, load_model_weights
+from megatron_slm.errors import CheckpointError
 
 STEPS = 6
 
@@ -75,7 +76,7 @@ def test_sigusr1_on_one_rank_checkpoints_and_stops_every_rank(tmp_path):
     assert res["stopped_by"] == "SIGUSR1" and res["iteration"] == 3  # also on ranks the signal did not reach
     assert (tmp_path / "s" / LATEST).read_text() == "3"
     state = json.loads((tmp_path / "s" / "iter_0000003" / "trainer_state.json").read_text())
-    assert state["iteration"] == 3 and state["consumed_samples"] == 24
+    assert state["iteration"] == 3 and state["parts"]["data"] == {"iteration": 3, "consumed_samples": 24}
 
 
 def _load_weights(tp, pp, path):

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", default="", help="prefix of the output file names")
     args = p.parse_args(argv)
 
-    from megatron_slm.viz.plots import (
+    from megatron_slm.analysis.plots import (
         k_sweep_report,
         load_run,
         parse_run_arg,

@@ -6,7 +6,7 @@
 
 Use the training run's data flags (data path, split, seed, seq length, global batch, train iters); then train
 with --reference-mode offline. Interrupted runs resume. Same as `slm score-reference`; see
-megatron_slm/training/scoring.py.
+megatron_slm/scoring.py.
 """
 
 import sys

@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--png-tokens", type=int, default=256)
     args = p.parse_args(argv)
 
-    from megatron_slm.viz.heatmap import _even_subset, compute_selection, load_dumps, render_html, render_png
+    from megatron_slm.analysis.heatmap import _even_subset, load_dumps, render_html, render_png
+    from megatron_slm.analysis.text_selection import compute_selection
 
     if bool(args.dump) == bool(args.policy):
         p.error("give either --dump (source a) or --policy/--reference/--text/--tokenizer (source b)")

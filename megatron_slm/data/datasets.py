@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.utils import get_blend_from_list
 
+from megatron_slm.data.blend import parse_blend
 from megatron_slm.errors import DataError
 
 
@@ -44,12 +44,9 @@ class TokenInfo:
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (read in 4 MiB chunks)."""
-    h = hashlib.sha256()
+    """sha256 of a file's bytes, hex (the fingerprint of tokenizer files, dataset indexes and score sidecars)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_meta(prefix: str) -> dict:
@@ -137,16 +134,6 @@ def check_token_ids(prefix: str, meta: dict, vocab_size: int) -> None:
         os.replace(tmp, meta_path)
     except OSError:  # read-only data: scan again next time
         tmp.unlink(missing_ok=True)
-
-
-def parse_blend(paths: list[str] | None):
-    """Megatron's blend list: ``[prefix, ...]`` or ``[weight, prefix, weight, prefix, ...]``."""
-    if not paths:
-        return None
-    try:
-        return get_blend_from_list([str(p) for p in paths])
-    except (ValueError, AssertionError) as exc:
-        raise DataError(f"data path {paths!r} is not a list of prefixes or of 'weight prefix' pairs ({exc})") from None
 
 
 def token_info(blends, vocab_size: int | None, tokenizer_fingerprint: str | None = None) -> TokenInfo:

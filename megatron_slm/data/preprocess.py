@@ -24,7 +24,6 @@ import argparse
 import collections
 import glob
 import gzip
-import hashlib
 import itertools
 import json
 import multiprocessing
@@ -240,14 +239,6 @@ def _prefix(output_prefix) -> str:
     return s
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _results(tasks: Iterable[tuple], tokenizer: Tokenizer, workers: int, append_eod: bool):
     """Encoded tasks in input order; at most a few tasks per worker are in flight (bounded memory)."""
     if workers <= 1:
@@ -299,6 +290,8 @@ def preprocess(inputs: Sequence[Union[str, os.PathLike]], output_prefix: Union[s
     # megatron-core takes seconds to import: only once the cheap checks have passed, and off the clock
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+    from megatron_slm.data.datasets import file_sha256
+
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     tmp = {ext: f"{p}.partial-{os.getpid()}" for ext, p in outputs.items()}
     progress = _Progress(quiet, log_every, stream)
@@ -335,7 +328,7 @@ def preprocess(inputs: Sequence[Union[str, os.PathLike]], output_prefix: Union[s
                 **tokenizer.describe(), "append_eod": bool(append_eod), "dtype": np.dtype(dtype).name,
                 "num_documents": docs, "num_tokens": tokens, "num_empty_skipped": empty,
                 "inputs": [str(f) for f in files], "json_key": json_key, "split_lines": bool(split_lines),
-                "idx_sha256": _sha256(tmp[".idx"]), "bin_bytes": bin_stat.st_size,
+                "idx_sha256": file_sha256(tmp[".idx"]), "bin_bytes": bin_stat.st_size,
                 "min_token_id": lo, "max_token_id": hi,
                 "token_ids_bin": {"bytes": bin_stat.st_size, "mtime_ns": bin_stat.st_mtime_ns}}
         with open(tmp[".json"], "w") as f:

@@ -7,6 +7,7 @@ weights so that the same seed gives the same full model under any TP/PP layout.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -82,10 +83,12 @@ def transformer_config(m: ModelConfig, par: ParallelConfig, params_dtype: torch.
     )
 
 
-def _layer_spec():
+def _layer_spec(meta: bool = False):
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if torch.cuda.is_available():
+    # TransformerEngine's layers allocate on the GPU themselves: a meta build takes the local spec, which holds
+    # the same parameters.
+    if torch.cuda.is_available() and not meta:
         try:
             import transformer_engine  # noqa: F401
 
@@ -110,35 +113,52 @@ def build_model_chunks(m: ModelConfig, par: ParallelConfig, seed: int, params_dt
 
 
 def build_model(m: ModelConfig, par: ParallelConfig, seed: int, params_dtype: torch.dtype = torch.float32,
-                recompute: dict | None = None, vp_stage: int | None = None, vp_size: int | None = None):
+                recompute: dict | None = None, vp_stage: int | None = None, vp_size: int | None = None,
+                meta: bool = False):
     """This rank's stage of the decoder, weights initialised from ``seed`` independently of TP/PP.
 
     ``recompute``: activation recomputation (``recompute_settings``), the policy's only. ``vp_stage``: which
-    model chunk (virtual pipeline stage) to build when the pipeline is interleaved (``build_model_chunks``)."""
+    model chunk (virtual pipeline stage) to build when the pipeline is interleaved (``build_model_chunks``).
+    ``meta``: the same model on the meta device, shapes only (no memory, no weights, no init, never on a GPU):
+    what ``slm plan`` counts (planning/plan.py)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     if (vp_size is None) != (vp_stage is None):
         raise ValueError("an interleaved pipeline builds one model per chunk: use build_model_chunks")
     config = transformer_config(m, par, params_dtype, recompute, vp_size)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=_layer_spec(),
-        vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, par.tensor_model_parallel_size),
-        max_sequence_length=m.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        vp_stage=vp_stage,
-        parallel_output=True,  # the loss works on each rank's vocab shard
-        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
-        position_embedding_type="rope",
-        rotary_base=int(m.rotary_base),
-    )
+    if meta:
+        config.use_cpu_initialization = True  # allocate with torch.empty() on the default (meta) device, not a GPU
+    with _on_meta() if meta else contextlib.nullcontext():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=_layer_spec(meta),
+            vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, par.tensor_model_parallel_size),
+            max_sequence_length=m.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+            parallel_output=True,  # the loss works on each rank's vocab shard
+            share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=int(m.rotary_base),
+        )
     model.true_vocab_size = m.vocab_size
+    if meta:
+        return model
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     layout_invariant_init(model, m, seed)
     return model
+
+
+@contextlib.contextmanager
+def _on_meta():
+    """New tensors on the meta device, and megatron-core's one ``.cuda()`` of a meta tensor a no-op (cpu_shims)."""
+    from megatron_slm.parallel.cpu_shims import meta_stays_meta
+
+    with torch.device("meta"), meta_stays_meta():
+        yield
 
 
 # ----------------------------------------------------------------------------------------------

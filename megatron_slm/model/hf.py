@@ -1,9 +1,9 @@
 """The transformers <-> megatron-core mapping of Llama/Mistral: configs, weight names and tensor layouts.
 
-Used by the converter (megatron_slm/convert.py) and by checkpoint.load_weights, which loads a transformers
+Used by the converter (megatron_slm/conversion/) and by checkpoint.load_weights, which loads a transformers
 directory straight into a model at any TP/PP.
 
-Layout facts (checked numerically against transformers, see tests/test_convert_checkpoint.py):
+Layout facts (checked numerically against transformers, see tests/conversion/test_convert_checkpoint.py):
 - RoPE: transformers' Llama/Mistral and megatron-core (rotary_interleaved=False) both rotate halves
   (``cat(-x2, x1)``) with the same inverse frequencies, so q/k rows are copied without any permutation
   (Meta's original checkpoints need one; HF-format ones already have it applied).

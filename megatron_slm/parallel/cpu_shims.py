@@ -1,9 +1,12 @@
-"""Every workaround for megatron-core's CUDA assumptions, in one place; applied only without CUDA.
+"""Every workaround for megatron-core's CUDA assumptions, in one place; ``apply`` only without CUDA.
 
 megatron-core 0.16 hard-codes ``device="cuda"`` in a handful of buffers (schedules, DDP buffers, p2p
 shapes, optimizer scalars, the default causal mask), asserts ``torch.cuda.*Tensor`` types in the
 optimizer/clip path and keeps its model-parallel RNG streams on the CUDA generator.  On a CPU-only torch
-(tests, CI, the demo) we redirect those to the CPU.  Nothing here runs when CUDA is available.
+(tests, CI, the demo) we redirect those to the CPU.  Nothing of ``apply`` runs when CUDA is available.
+
+``meta_stays_meta`` is the one shim for every machine: a scoped mode for building a model on the meta device
+(``model.build.build_model(meta=True)``, used by ``slm plan``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ _FACTORIES = {
     torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.arange, torch.randn,
     torch.rand, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
 }
+_TENSOR_CUDA = torch.Tensor.cuda  # the original method, before ``apply`` replaces it on a CPU-only torch
 
 
 def _is_cuda_device(device) -> bool:
@@ -44,6 +48,23 @@ class _CudaToCpu(TorchFunctionMode):
             # Optimizer and grad-clip code accept only 'torch.cuda.*Tensor' type strings.
             return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
+
+
+class _MetaStaysMeta(TorchFunctionMode):
+    """Returns a meta tensor's ``.cuda()`` as the tensor itself."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is _TENSOR_CUDA and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def meta_stays_meta() -> TorchFunctionMode:
+    """Context: a meta tensor's ``.cuda()`` leaves it on the meta device. megatron-core moves a tied output layer's
+    copy (last stage, PP > 1) to CUDA before its all-reduce, which a meta build cannot do (there is nothing to
+    copy, and maybe no GPU). A torch function mode rather than a patch of ``torch.Tensor.cuda``: it holds only in
+    this thread, only inside the ``with``."""
+    return _MetaStaysMeta()
 
 
 def on_cpu(fn):

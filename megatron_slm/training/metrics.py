@@ -4,7 +4,7 @@ and on the logging rank a JSON-lines file (``<save>/metrics.jsonl``), TensorBoar
 The line goes through the ``megatron_slm.metrics`` logger (``megatron_slm.log.METRICS_LOGGER``), which
 ``setup_logging`` lets speak on the global last rank only. Throughput, as in Megatron-LM: tokens/s per GPU
 (= global tokens per step / step time / world size) and in total, model TFLOP/s per GPU
-(``megatron_slm.model.flops``: the policy's forward + backward, the online reference's forward, the
+(``megatron_slm.planning.flops``: the policy's forward + backward, the online reference's forward, the
 global-batch scoring pass), MFU against the GPU's bf16 dense peak (``--peak-tflops`` or a table of known
 GPUs; ``n/a`` when unknown, e.g. on CPU), and peak memory (CUDA max allocated, else the process's peak RSS).
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from megatron_slm.errors import ConfigError
 from megatron_slm.log import METRICS_LOGGER
-from megatron_slm.model.flops import training_step_flops
 from megatron_slm.parallel import distributed
+from megatron_slm.planning.flops import training_step_flops
 
 log = logging.getLogger(METRICS_LOGGER)
 
@@ -49,6 +49,17 @@ PEAK_TFLOPS = (
 )
 GIB = 1024**3
 WANDB_ID_FILE = "wandb_run_id"
+
+
+def finite_or_none(x):
+    """JSON has no NaN/inf: they become null (in dicts and lists too)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite_or_none(v) for v in x]
+    return x
 
 
 def _fmt_time(seconds: float) -> str:
@@ -208,8 +219,7 @@ class MetricsLogger:
 
     def _write(self, iteration: int, values: dict, prefix: str) -> None:
         if self.jsonl:
-            finite = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN: null
-            self.jsonl.write(json.dumps({"iteration": iteration, "split": prefix, **finite}) + "\n")
+            self.jsonl.write(json.dumps({"iteration": iteration, "split": prefix, **finite_or_none(values)}) + "\n")
             self.jsonl.flush()
         if self.tb:
             for k, v in values.items():

@@ -1,7 +1,7 @@
-"""Assembling a run from its config: input checks, data, the trainer, the run summary.
+"""Running a resolved training job: data, the trainer, the recorded config, the run summary.
 
-``slm train`` (megatron_slm.cli) calls ``run_train`` on every rank; ``slm score-reference`` and
-``slm check-config`` share ``check_inputs`` so all three refuse the same bad inputs the same way.
+``slm train`` (megatron_slm.cli) calls ``run_train`` on every rank with the run ``training/resolve.py`` resolved;
+``slm check-config`` stops after that resolution, so both refuse the same inputs the same way.
 """
 
 from __future__ import annotations
@@ -10,118 +10,17 @@ import json
 import math
 from pathlib import Path
 
-from megatron_slm.config import Config, explicitly_set, reference_in_memory, uses_offline_scores
-from megatron_slm.errors import CheckpointError, ConfigError, DataError, DivergenceError
+import yaml
+
+from megatron_slm.config import Config
+from megatron_slm.errors import DivergenceError
 from megatron_slm.log import get_logger
+from megatron_slm.training.metrics import finite_or_none
+from megatron_slm.training.resolve import ResolvedRun, dataset_sizes, resolve_run
+
+CONFIG_FILE = "config.yaml"  # <save>/config.yaml: the resolved config; `slm train --config` it reproduces the run
 
 log = get_logger(__name__)
-
-
-def adopt_architecture(cfg: Config, section: tuple, source: str, who: str, flag_prefix: str = "--") -> None:
-    """The model config at ``section`` takes the architecture a checkpoint was saved with: fields the user set
-    must equal it (else one error listing each field with both values), the others are taken from it."""
-    from megatron_slm.checkpoint import ARCH_FIELDS, architecture_differences, read_model_config
-
-    model = cfg.model if section == ("model",) else cfg.reference.model
-    try:
-        saved = read_model_config(source)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{who}: {exc}") from None
-    explicit = {path[-1] for path in explicitly_set(cfg) if path[:-1] == section}
-    conflicts = {f: v for f, v in architecture_differences(model, saved).items() if f in explicit}
-    if conflicts:
-        raise ConfigError(
-            f"{who} was saved with another architecture than configured: "
-            + "; ".join(f"{flag_prefix}{f.replace('_', '-')} {mine} (config) vs {theirs} (checkpoint)"
-                        for f, (mine, theirs) in conflicts.items())
-            + "; drop those settings to take the checkpoint's values, or load a checkpoint of this architecture")
-    for f in ARCH_FIELDS + ("max_position_embeddings",):
-        if f not in explicit and getattr(saved, f) is not None:
-            setattr(model, f, getattr(saved, f))
-
-
-def check_tokenizer(source: str, who: str, data_fingerprint: str | None) -> None:
-    """A checkpoint must have been trained with the tokenizer the data was made with (same vocabulary size is
-    not the same tokenizer): refused when both fingerprints are known and differ."""
-    from megatron_slm.checkpoint import tokenizer_fingerprints
-
-    known = tokenizer_fingerprints(source)
-    if not known or data_fingerprint is None:
-        log.warning(f"{who} records no tokenizer fingerprint (or the data none): cannot verify it "
-                    "belongs to the data's tokenizer")
-        return
-    if data_fingerprint not in known:
-        raise DataError(
-            f"{who} was trained with another tokenizer (sha256 {', '.join(sorted(k[:12] for k in known))}) "
-            f"than the data was made with ({data_fingerprint[:12]}); its token losses would be about other tokens. "
-            "Use a checkpoint of the data's tokenizer, or re-tokenize the data with the checkpoint's")
-
-
-def check_inputs(cfg: Config, reference: str | None, offline_scores: bool, policy_source: str | None = None,
-                 require_data: bool = True, world_size: int | None = None, policy_flag: str = "--load"):
-    """Every check that needs only files, before any process group starts, in the order the run uses them:
-    the architecture of the policy's checkpoint (``policy_source``: the run resumed, else the pretrained
-    weights) and of ``reference`` (the reference checkpoint this run loads, or None) against the config, the
-    data (vocabulary, token ids, tokenizer file), each checkpoint's tokenizer against the data's, and with
-    ``offline_scores`` the score sidecars of ``data_path``, and the DeepSpeed config. Fills what the config
-    leaves unset (architecture from the checkpoints, vocab_size from the data). ``require_data=False``
-    (check-config) skips the data checks when no --data-path is given. Returns the data's TokenInfo (None
-    without data) and the sidecars (or None)."""
-    from megatron_slm.data.datasets import check_split, parse_blend, token_info
-
-    if policy_source:
-        adopt_architecture(cfg, ("model",), policy_source, f"the policy's checkpoint ({policy_flag} {policy_source})")
-    if reference:
-        adopt_architecture(cfg, ("reference", "model"), reference, f"the reference checkpoint (--ref-load {reference})",
-                           "--ref-")
-    fingerprint = None
-    if cfg.data.tokenizer_model:
-        from megatron_slm.data.tokenizer import load_tokenizer
-
-        fingerprint = load_tokenizer(cfg.data.tokenizer_model).fingerprint
-    if cfg.train.deepspeed:
-        from megatron_slm.config import data_parallel_size
-        from megatron_slm.training.deepspeed_backend import load_ds_config
-
-        par = cfg.parallel
-        dp = data_parallel_size(world_size or 1, par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
-        load_ds_config(cfg.train.deepspeed, cfg, dp)
-    if not (require_data or cfg.data.data_path):
-        return None, None
-    info = token_info([parse_blend(cfg.data.data_path), parse_blend(cfg.data.valid_data_path)],
-                      cfg.model.vocab_size, fingerprint)
-    check_split(cfg.data, dataset_sizes(cfg))
-    for m in (cfg.model, cfg.reference.model):
-        if m.vocab_size is None:
-            m.vocab_size = info.vocab_size
-    for who, source in ((f"the policy's checkpoint ({policy_flag} {policy_source})", policy_source),
-                        (f"the reference checkpoint (--ref-load {reference})", reference)):
-        if source:
-            check_tokenizer(source, who, info.fingerprint)
-    scores = None
-    if offline_scores:
-        from megatron_slm.data.scores import OfflineScores
-
-        scores = OfflineScores(parse_blend(cfg.data.data_path)[0], cfg.reference.scores_path, cfg)
-    return info, scores
-
-
-def check_run_inputs(cfg: Config, require_data: bool = True, world_size: int | None = None):
-    """``check_inputs`` for a training run as configured (``slm train`` and ``slm check-config``)."""
-    from megatron_slm.checkpoint import resume_source
-    from megatron_slm.parallel.distributed import world_size as env_world_size
-
-    resumed = resume_source(cfg.checkpoint)
-    policy_source = resumed or cfg.checkpoint.pretrained_checkpoint
-    flag = ("--load" if cfg.checkpoint.load else "--save") if resumed else "--pretrained-checkpoint"
-    return check_inputs(cfg, cfg.reference.load if reference_in_memory(cfg) else None, uses_offline_scores(cfg),
-                        policy_source, require_data, world_size or env_world_size(), flag)
-
-
-def dataset_sizes(cfg: Config) -> list[int]:
-    """Samples requested from megatron-core per split: what training consumes (and scoring must match)."""
-    G = cfg.train.global_batch_size
-    return [cfg.train.train_iters * G, cfg.train.eval_iters * G, 0]
 
 
 def build_data(cfg: Config, info, dp_rank: int, dp_size: int, offline_scores=None):
@@ -170,17 +69,6 @@ def _run_history(cfg: Config, trainer, history: list[dict]) -> list[dict]:
     return [rows[i] for i in sorted(rows)] or history
 
 
-def _finite_or_none(x):
-    """JSON has no NaN/inf: they become null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite_or_none(v) for v in x]
-    return x
-
-
 def summarize(cfg: Config, trainer, result: dict) -> dict | None:
     """The run's summary (last stage), over the whole run including earlier segments of a resumed one: final and
     second-half mean statistics, eval loss, selected share per blended dataset, non-finite steps."""
@@ -196,7 +84,7 @@ def summarize(cfg: Config, trainer, result: dict) -> dict | None:
         sel = [sum(h.get(f"selected_tokens_ds{i}", 0.0) for h in history) for i in range(trainer.num_datasets)]
         val = [sum(h.get(f"valid_tokens_ds{i}", 0.0) for h in history) for i in range(trainer.num_datasets)]
         by_dataset = [s / v if v else None for s, v in zip(sel, val)]
-    return _finite_or_none({
+    return finite_or_none({
         "loss_mode": cfg.slm.loss_mode,
         "selection_scope": cfg.slm.selection_scope if selective else None,
         "k": cfg.slm.slm_select_ratio if selective else 1.0,
@@ -213,16 +101,30 @@ def summarize(cfg: Config, trainer, result: dict) -> dict | None:
     })
 
 
-def run_train(cfg: Config) -> dict:
-    """Train one model as configured (called on every rank). Returns the summary on every rank."""
+def write_resolved_config(cfg: Config) -> Path:
+    """``<save>/config.yaml``: every leaf of the resolved config (rank 0, atomically)."""
+    from megatron_slm.checkpoint import write_atomic
+
+    path = Path(cfg.checkpoint.save) / CONFIG_FILE
+    write_atomic(path, "# the resolved config of this run: `slm train --config` this file to rerun or resume it\n"
+                 + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
+def run_train(run: ResolvedRun | Config) -> dict:
+    """Train one model (called on every rank): ``run`` resolved by ``resolve_run``, or a draft config resolved here.
+    Returns the summary on every rank."""
     import torch.distributed as dist
 
     from megatron_slm.training.trainer import Trainer, broadcast_from_last
 
-    info, offline_scores = check_run_inputs(cfg)
-    trainer = Trainer(cfg, tokenizer_fingerprints=[info.fingerprint])
+    run = run if isinstance(run, ResolvedRun) else resolve_run(run)
+    cfg = run.config
+    trainer = Trainer(run)  # takes the --save lock
+    if cfg.checkpoint.save and dist.get_rank() == 0:
+        write_resolved_config(cfg)
     trainer.resume()
-    train_batches, eval_batches = build_data(cfg, info, trainer.dp_rank, trainer.dp_size, offline_scores)
+    train_batches, eval_batches = build_data(cfg, run.data, trainer.dp_rank, trainer.dp_size, run.offline_scores)
     result = trainer.train(train_batches, eval_batches)
     summary = broadcast_from_last(summarize(cfg, trainer, result))
     if cfg.checkpoint.save and dist.get_rank() == 0 and summary is not None:  # a rerun with nothing to add keeps it

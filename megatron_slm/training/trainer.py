@@ -17,19 +17,20 @@ import torch
 import torch.distributed as dist
 
 from megatron_slm import checkpoint, lifecycle
-from megatron_slm.config import (Config, bf16_enabled, lr_decay_steps, reference_bf16, reference_in_memory, validate,
+from megatron_slm.config import (Config, bf16_enabled, lr_decay_steps, reference_bf16, reference_in_memory,
                                  virtual_pipeline_size)
 from megatron_slm.data.batches import to_device
-from megatron_slm.errors import CheckpointError, ConfigError, DivergenceError
+from megatron_slm.errors import DivergenceError
 from megatron_slm.log import get_logger
 from megatron_slm.loss.selection import build_selector
 from megatron_slm.loss.slm_loss import STAT_KEYS, SLMLoss
 from megatron_slm.model.build import build_model_chunks, recompute_settings
 from megatron_slm.model.head import output_weight, unwrap
 from megatron_slm.parallel import distributed
+from megatron_slm.training import state
 from megatron_slm.training.metrics import MetricsLogger
-from megatron_slm.training.save_lock import SaveLock
 from megatron_slm.training.passes import data_iterators, model_forward, score_pass
+from megatron_slm.training.resolve import ResolvedRun, resolve_run
 
 
 log = get_logger(__name__)
@@ -53,34 +54,13 @@ def build_reference(cfg: Config):
     return ref
 
 
-@functools.lru_cache(maxsize=None)
-def _scheduler_class():
-    """megatron-core's OptimizerParamScheduler whose state also records WSD's decay window and shape (megatron-core's
-    own state_dict omits them and its load would keep this run's values silently), so a resume checks them too."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    class Scheduler(OptimizerParamScheduler):
-        def state_dict(self) -> dict:
-            state = super().state_dict()
-            if self.lr_decay_style == "WSD":
-                state.update(wsd_decay_steps=self.wsd_decay_steps, lr_wsd_decay_style=self.lr_wsd_decay_style)
-            return state
-
-        def load_state_dict(self, state: dict) -> None:
-            if (self.use_checkpoint_opt_param_scheduler and not self.override_opt_param_scheduler
-                    and "wsd_decay_steps" in state):  # before super() recomputes the LR
-                self.wsd_decay_steps, self.lr_wsd_decay_style = state["wsd_decay_steps"], state["lr_wsd_decay_style"]
-            super().load_state_dict(state)
-
-    return Scheduler
-
-
 class Trainer:
-    def __init__(self, cfg: Config, tokenizer_fingerprints=()):
-        """``tokenizer_fingerprints``: the data's tokenizer, recorded in every checkpoint this run writes."""
-        self.cfg = cfg
-        self.tokenizer_fingerprints = tuple(f for f in tokenizer_fingerprints if f)
-        validate(cfg, world_size=distributed.world_size())
+    def __init__(self, run: ResolvedRun | Config):
+        """``run``: a resolved run (training/resolve.py); a draft Config is resolved here first (without data:
+        library and test use). The config is read, never written; the data's tokenizer is recorded in every
+        checkpoint this run writes."""
+        self.run = run if isinstance(run, ResolvedRun) else resolve_run(run, require_data=False)
+        self.cfg = cfg = self.run.config
         par, tr = cfg.parallel, cfg.train
         self.vp_size = virtual_pipeline_size(par, cfg.model.num_layers)  # model chunks per rank (None: one)
         distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed,
@@ -101,13 +81,21 @@ class Trainer:
         self.selective = self.selector.uses_reference  # SLM (the reference's scores rank the tokens)
         self.reference = build_reference(cfg) if reference_in_memory(cfg) else None
         self.loss = SLMLoss(self.selector, cfg.model.vocab_size)
-        self.iteration = 0
+        self.position = state.DataPosition(tr.global_batch_size)
         from megatron_slm.data.datasets import parse_blend
 
         blend = parse_blend(cfg.data.data_path)
         self.num_datasets = len(blend[0]) if blend else 1
-        self.lock = SaveLock.acquire(cfg.checkpoint.save)  # one run per --save, and it is writable
+        self.lock = checkpoint.SaveLock.acquire(cfg.checkpoint.save)  # one run per --save, and it is writable
         self.metrics = MetricsLogger(cfg, is_logging_rank=distributed.is_last_rank())
+
+    @property
+    def iteration(self) -> int:
+        return self.position.iteration
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        self.position.iteration = value
 
     # -- setup ---------------------------------------------------------------------------------
     def _build_policy(self):
@@ -176,7 +164,7 @@ class Trainer:
                                     recompute=recompute_settings(cfg.train),  # the reference never recomputes
                                     vp_size=self.vp_size)
         pretrained = cfg.checkpoint.pretrained_checkpoint
-        if pretrained and checkpoint.resume_source(self.cfg.checkpoint) is None:
+        if pretrained and self.run.resume is None:
             checkpoint.load_weights(chunks[0] if len(chunks) == 1 else chunks, pretrained, cfg.model,
                                     expected_vocab=cfg.model.vocab_size)
             for c in chunks:
@@ -186,58 +174,21 @@ class Trainer:
     def _lr_schedule(self, optimizer):
         """megatron-core's OptimizerParamScheduler, for either backend: linear warm-up from 0 to --lr, then
         --lr-decay-style down to --min-lr over --lr-decay-iters (else --train-iters), --min-lr after it. WSD holds
-        --lr and anneals (--lr-wsd-decay-style) in the last --lr-wsd-decay-iters steps of that window."""
+        --lr and anneals (--lr-wsd-decay-style) in the last --lr-wsd-decay-iters steps of that window.
+
+        The resolved config decides its settings (resolve.py applied the resume table), so a loaded checkpoint gives
+        it only its step count: override_opt_param_scheduler."""
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
         tr = self.cfg.train
-        return _scheduler_class()(
+        return OptimizerParamScheduler(
             optimizer, init_lr=0.0, max_lr=tr.lr, min_lr=tr.min_lr,
             lr_warmup_steps=tr.lr_warmup_iters, lr_decay_steps=lr_decay_steps(tr),
             lr_decay_style=tr.lr_decay_style, start_wd=tr.weight_decay, end_wd=tr.weight_decay,
             wd_incr_steps=max(tr.train_iters, 1), wd_incr_style="constant",
-            override_opt_param_scheduler=self.cfg.checkpoint.override_opt_param_scheduler,
-            use_checkpoint_opt_param_scheduler=self.cfg.checkpoint.use_checkpoint_opt_param_scheduler,
+            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
             wsd_decay_steps=tr.lr_wsd_decay_iters, lr_wsd_decay_style=tr.lr_wsd_decay_style,
         )
-
-    # scheduler state key -> the flag that sets it (lr_decay_steps: --lr-decay-iters when set, see _schedule_flag)
-    _SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
-                       "lr_decay_steps": "--train-iters", "lr_decay_style": "--lr-decay-style",
-                       "wsd_decay_steps": "--lr-wsd-decay-iters", "lr_wsd_decay_style": "--lr-wsd-decay-style",
-                       "start_wd": "--weight-decay", "end_wd": "--weight-decay", "wd_incr_steps": "--train-iters"}
-
-    def _schedule_flag(self, key: str) -> str:
-        if key == "lr_decay_steps" and self.cfg.train.lr_decay_iters is not None:
-            return "--lr-decay-iters"
-        return self._SCHEDULE_FLAGS[key]
-
-    def reconcile_schedule(self, saved: dict) -> None:
-        """Before a resumed run loads its checkpoint's LR/WD schedule: refuse flags that would change it, unless
-        --override-opt-param-scheduler (run this run's flags) or --use-checkpoint-opt-param-scheduler (keep the
-        checkpoint's; the recorded config then says so)."""
-        current, ck = self.scheduler.state_dict(), self.cfg.checkpoint
-        diffs = {}
-        for key in self._SCHEDULE_FLAGS:
-            if key in saved and saved[key] != current.get(key):
-                diffs.setdefault(self._schedule_flag(key), (current.get(key), saved[key]))
-        if not diffs:
-            return
-        listed = ", ".join(f"{flag} {now} (checkpoint: {then})" for flag, (now, then) in diffs.items())
-        if not (ck.override_opt_param_scheduler or ck.use_checkpoint_opt_param_scheduler):
-            raise ConfigError(
-                f"resuming with schedule flags that differ from the checkpoint's: {listed}. Pass "
-                "--override-opt-param-scheduler to run this run's schedule from here on, or "
-                "--use-checkpoint-opt-param-scheduler to keep the checkpoint's (or restore the flags)")
-        if ck.use_checkpoint_opt_param_scheduler:  # what is recorded is what runs
-            tr = self.cfg.train
-            tr.lr, tr.min_lr = saved["max_lr"], saved["min_lr"]
-            tr.lr_warmup_iters, tr.weight_decay = saved["lr_warmup_steps"], saved["start_wd"]
-            tr.lr_decay_style = saved["lr_decay_style"]
-            tr.lr_wsd_decay_iters = saved.get("wsd_decay_steps")  # recorded for WSD only (_scheduler_class)
-            tr.lr_wsd_decay_style = saved.get("lr_wsd_decay_style", tr.lr_wsd_decay_style)
-            if saved["lr_decay_steps"] != current["lr_decay_steps"]:
-                tr.lr_decay_iters = saved["lr_decay_steps"]
-            log.info(f"resume: keeping the checkpoint's LR/WD schedule ({listed})")
-        else:
-            log.info(f"resume: overriding the checkpoint's LR/WD schedule with this run's flags ({listed})")
 
     @property
     def policy_module(self):
@@ -391,20 +342,31 @@ class Trainer:
         return (sums[0] / sums[1].clamp(min=1)).item()
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_parts(self) -> dict:
+        """The run's stateful parts by name, in load order (checkpoint/training_state.py): the optimizer before the
+        LR schedule, which recomputes the groups' LR from the restored step count."""
+        ddp = self.model_chunks if self.ds is None else None
+        modules = state.ModelPart(self.policy_chunks, ddp, restore=self.ds is None)
+        parts = {"model": modules}
+        if self.ds is not None:
+            parts["engine"] = state.DeepSpeedEnginePart(self.ds, self.position, self.cfg.train)
+        else:
+            parts["optimizer"] = state.OptimizerPart(self.optimizer, modules, self.cfg.train)
+        parts.update(scheduler=state.SchedulerPart(self.scheduler), data=self.position,
+                     rng=state.RNGPart(state.layout()), selector=state.SelectorPart(self.selector))
+        return parts
+
     def resume(self) -> bool:
-        """Load the latest checkpoint of ``checkpoint.load`` (required to exist) or ``checkpoint.save``."""
-        ck = self.cfg.checkpoint
-        source = checkpoint.resume_source(self.cfg.checkpoint)
-        if source is None:
-            if ck.load:
-                raise CheckpointError(
-                    f"--load {ck.load}: no training checkpoint there (no {checkpoint.LATEST}); check the path, or "
-                    "drop --load to start fresh"
-                )
+        """Restore the checkpoint resolution chose (``--load``, else the latest under ``--save``), if any."""
+        if self.run.resume is None:
             return False
-        it = checkpoint.load_training_checkpoint(self, source)
-        log.info(f"resumed from {checkpoint.resolve(source)} at iteration {it}")
+        self.load_checkpoint(self.run.resume.path)
+        log.info(f"resumed from {self.run.resume.path} at iteration {self.iteration}")
         return True
+
+    def load_checkpoint(self, directory) -> int:
+        """Restore a training checkpoint (a run's root or an iteration directory); returns its iteration."""
+        return checkpoint.load_training_checkpoint(self.checkpoint_parts(), directory)
 
     def _params_finite(self) -> bool:
         bad = any(not bool(torch.isfinite(p).all()) for c in self.policy_chunks for p in c.parameters())
@@ -412,12 +374,17 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0
 
-    def save_checkpoint(self) -> None:
-        if self.cfg.checkpoint.save and not self._params_finite():
+    def save_checkpoint(self, root: str | None = None) -> None:
+        """A training checkpoint of this iteration under ``root`` (default: --save; nothing without one)."""
+        root = root or self.cfg.checkpoint.save
+        if root and not self._params_finite():
             raise DivergenceError(f"the policy's weights hold NaN/inf at iteration {self.iteration}; refusing to save "
                                   "them (earlier checkpoints are kept)")
-        if self.cfg.checkpoint.save:
-            path = checkpoint.save_training_checkpoint(self, self.cfg.checkpoint.save, self.cfg.checkpoint.keep_last)
+        if root:
+            path = checkpoint.save_training_checkpoint(
+                self.checkpoint_parts(), root, self.iteration, model_config=self.cfg.model,
+                config=self.cfg.to_dict(), tokenizer_fingerprints=self.run.tokenizer_fingerprints,
+                keep_last=self.cfg.checkpoint.keep_last)
             log.info(f"saved checkpoint {path}")
 
     def _stop_requested(self) -> str | None:

@@ -42,7 +42,7 @@ def _worker(tp, pp, vp_layers, tied=False, save=None, load_weights=None, resume=
     out = {"chunks": len(trainer.policy_chunks), "ref_chunks": len(trainer.reference)
            if isinstance(trainer.reference, list) else 1}
     if resume is not None:
-        checkpoint.load_training_checkpoint(trainer, resume)
+        trainer.load_checkpoint(resume)
         out["resumed_params"] = gather_full(trainer.policy_module)
     else:
         history = [trainer.train_step(my_micro_batches(0, 8, trainer.dp_rank, trainer.dp_size))]
@@ -54,7 +54,7 @@ def _worker(tp, pp, vp_layers, tied=False, save=None, load_weights=None, resume=
         keys = ("loss_selected", "loss_all", "ref_loss", "excess_selected", "selected_fraction", "grad_norm")
         out["scalars"] = [{k: h[k] for k in keys if k in h} for h in history]  # (last stage only)
     if save is not None:
-        checkpoint.save_training_checkpoint(trainer, save)
+        trainer.save_checkpoint(save)
     if load_weights is not None:
         fresh = build_model_chunks(cfg.model, cfg.parallel, seed=123,
                                    vp_size=virtual_pipeline_size(cfg.parallel, cfg.model.num_layers))

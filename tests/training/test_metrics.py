@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from megatron_slm.config import Config, resolve
+from megatron_slm.config import Config, fill_model_shapes
 from megatron_slm.errors import ConfigError
 from megatron_slm.log import METRICS_LOGGER
-from megatron_slm.model.flops import training_step_flops
+from megatron_slm.planning.flops import training_step_flops
 from megatron_slm.training import metrics as metrics_mod
 from megatron_slm.training.metrics import MetricsLogger
 
@@ -36,7 +36,7 @@ def _tiny(loss_mode="slm", reference_mode="online", scope="micro_batch", ref_sha
         _shape(cfg.reference.model, 1, 32, 64, 2, 1)
     cfg.slm.loss_mode, cfg.slm.reference_mode, cfg.slm.selection_scope = loss_mode, reference_mode, scope
     cfg.train.global_batch_size, cfg.train.seq_length = 4, 32
-    return resolve(cfg)  # as load_config does: the reference's unset fields are the policy's
+    return fill_model_shapes(cfg)  # as load_config does: the reference's unset fields are the policy's
 
 
 def _mistral() -> Config:
@@ -44,7 +44,7 @@ def _mistral() -> Config:
     _shape(cfg.model, 32, 4096, 14336, 32, 8, 32000)
     cfg.slm.loss_mode = "clm"
     cfg.train.global_batch_size, cfg.train.seq_length = 8, 4096
-    return resolve(cfg)
+    return fill_model_shapes(cfg)
 
 
 def _m(step: int, **over) -> dict:

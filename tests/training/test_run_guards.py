@@ -4,6 +4,7 @@ Also: check-config runs the same checks as train."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from helpers.data import tiny_text_dataset
 
 from megatron_slm.config import load_config
 from megatron_slm.errors import ConfigError, DataError
-from megatron_slm.training.run import check_run_inputs
+from megatron_slm.training.resolve import resolve_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,14 +52,16 @@ def _cfg(root, **flags):
 
 
 def test_architecture_fields_the_user_did_not_set_come_from_the_checkpoint(data):
-    cfg = _cfg(data, checkpoint={"pretrained_checkpoint": str(data / "hf")}, slm={"loss_mode": "clm"})
-    check_run_inputs(cfg)
+    draft = _cfg(data, checkpoint={"pretrained_checkpoint": str(data / "hf")}, slm={"loss_mode": "clm"})
+    cfg = resolve_run(draft).config
+    assert draft.model.num_layers is None  # the draft is not changed: the resolved config is a new, frozen one
+    with pytest.raises(dataclasses.FrozenInstanceError, match="read-only"):
+        cfg.model.num_layers = 3
     m = cfg.model
     assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups) == (2, 32, 64, 4, 2)
     assert (m.rotary_base, m.norm_epsilon, m.vocab_size) == (100000.0, 1e-5, 128)
     # the reference, too, takes its checkpoint's shape rather than the policy's
-    cfg = _cfg(data, model={"preset": "tiny"}, reference={"load": str(data / "hf")})
-    check_run_inputs(cfg)
+    cfg = resolve_run(_cfg(data, model={"preset": "tiny"}, reference={"load": str(data / "hf")})).config
     assert cfg.reference.model.num_layers == 2 and cfg.reference.model.rotary_base == 100000.0
     assert cfg.model.num_layers == 4  # the policy keeps its preset
 
@@ -67,23 +70,23 @@ def test_a_conflicting_architecture_is_one_error_listing_each_field(data):
     cfg = _cfg(data, checkpoint={"pretrained_checkpoint": str(data / "hf")}, slm={"loss_mode": "clm"},
                model={"rotary_base": 10000.0, "norm_epsilon": 1e-6, "num_layers": 2})
     with pytest.raises(ConfigError) as exc:
-        check_run_inputs(cfg)
+        resolve_run(cfg)
     msg = str(exc.value)
     assert "--rotary-base 10000.0 (config) vs 100000.0 (checkpoint)" in msg
     assert "--norm-epsilon 1e-06 (config) vs 1e-05 (checkpoint)" in msg and "num-layers" not in msg
     cfg = _cfg(data, reference={"load": str(data / "hf"), "model": {"rotary_base": 10000.0}})
     with pytest.raises(ConfigError, match=r"reference checkpoint.*--ref-rotary-base 10000.0 \(config\) vs 100000.0"):
-        check_run_inputs(cfg)
+        resolve_run(cfg)
 
 
 def test_a_checkpoint_of_another_tokenizer_is_refused_even_with_the_same_vocab_size(data):
     cfg = _cfg(data, reference={"load": str(data / "hf_other_tok")})
     with pytest.raises(DataError, match="was trained with another tokenizer"):
-        check_run_inputs(cfg)
+        resolve_run(cfg)
     cfg = _cfg(data, checkpoint={"pretrained_checkpoint": str(data / "hf_other_tok")}, slm={"loss_mode": "clm"})
     with pytest.raises(DataError, match="policy's checkpoint .*another tokenizer"):
-        check_run_inputs(cfg)
-    check_run_inputs(_cfg(data, reference={"load": str(data / "hf")}))  # the data's own tokenizer is accepted
+        resolve_run(cfg)
+    resolve_run(_cfg(data, model={"preset": "tiny"}, reference={"load": str(data / "hf")}))  # the data's own tokenizer
 
 
 def _train(root, save, *flags):
@@ -104,7 +107,7 @@ def test_checkpoints_record_the_tokenizer_and_a_foreign_one_is_refused(data, tmp
     other = _cfg(data, reference={"load": str(tmp_path / "run")})
     other.data.data_path = [str(data / "other" / "train")]
     with pytest.raises(DataError, match="another tokenizer"):
-        check_run_inputs(other)
+        resolve_run(other)
 
 
 def test_resume_with_changed_schedule_flags_is_refused_or_applied_explicitly(data, tmp_path):
@@ -112,7 +115,9 @@ def test_resume_with_changed_schedule_flags_is_refused_or_applied_explicitly(dat
     assert _train(data, save, "--train-iters", "2", "--lr", "1e-3").returncode == 0
     res = _train(data, save, "--train-iters", "4", "--lr", "2e-3")
     assert res.returncode == 2 and res.stderr.count("error:") == 1, res.stderr
-    assert "--lr 0.002 (checkpoint: 0.001)" in res.stderr and "--train-iters 4 (checkpoint: 2)" in res.stderr
+    assert "--lr 0.002 (checkpoint: 0.001)" in res.stderr
+    # a longer run whose LR schedule is the same (the decay covers the 10 warm-up steps either way) is no change
+    assert "--train-iters" not in res.stderr
     assert "--override-opt-param-scheduler" in res.stderr and "Traceback" not in res.stderr
     assert json.loads((save / "iter_0000002" / "trainer_state.json").read_text())["config"]["train"]["lr"] == 1e-3
 
@@ -121,12 +126,12 @@ def test_resume_with_changed_schedule_flags_is_refused_or_applied_explicitly(dat
     res = _train(data, keep, "--train-iters", "3", "--lr", "2e-3", "--use-checkpoint-opt-param-scheduler")
     assert res.returncode == 0, res.stderr
     state = json.loads((keep / "iter_0000003" / "trainer_state.json").read_text())
-    assert state["config"]["train"]["lr"] == 1e-3 and state["scheduler"]["max_lr"] == 1e-3  # what ran
+    assert state["config"]["train"]["lr"] == 1e-3 and state["parts"]["scheduler"]["max_lr"] == 1e-3  # what ran
 
     res = _train(data, save, "--train-iters", "4", "--lr", "2e-3", "--override-opt-param-scheduler")
     assert res.returncode == 0, res.stderr
     state = json.loads((save / "iter_0000004" / "trainer_state.json").read_text())
-    assert state["config"]["train"]["lr"] == 2e-3 and state["scheduler"]["max_lr"] == 2e-3
+    assert state["config"]["train"]["lr"] == 2e-3 and state["parts"]["scheduler"]["max_lr"] == 2e-3
     # the summary covers the whole run, both segments
     summary = json.loads((save / "summary.json").read_text())
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
@@ -167,14 +172,15 @@ def test_a_split_that_gets_no_documents_is_one_error_and_unused_splits_are_not_b
     over = {"data": {"data_path": [str(d / "train")], "split": "998,2,0"}, "train": {"seq_length": 16}}
     with pytest.raises(DataError, match=r"has 60 documents: --split 998,2,0 gives its validation split none of them; "
                                         r".*--valid-data-path.*--eval-iters 0"):
-        check_run_inputs(load_config(overrides=over))
+        resolve_run(load_config(overrides=over))
     script = (
         "import sys\n"
         "from megatron_slm.config import load_config\n"
-        "from megatron_slm.training.run import build_data, check_run_inputs\n"
-        f"cfg = load_config(overrides={{'data': {{'data_path': [{str(d / 'train')!r}]}}, "
+        "from megatron_slm.training.resolve import resolve_run\n"
+        "from megatron_slm.training.run import build_data\n"
+        f"cfg = load_config(overrides={{'model': {{'preset': 'tiny'}}, 'data': {{'data_path': [{str(d / 'train')!r}]}}, "
         "'train': {'seq_length': 16, 'eval_iters': 0, 'train_iters': 3, 'global_batch_size': 4, 'micro_batch_size': 2}})\n"
-        "info, _ = check_run_inputs(cfg)\n"
+        "info = resolve_run(cfg).data\n"
         "train, evals = build_data(cfg, info, 0, 1)\n"
         "print('tokens', tuple(train(2)[0]['tokens'].shape), 'eval', evals)\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -85,13 +85,9 @@ class EvalData:
     eod: int
 
 
-def _iteration_of(path: Path) -> int | None:
-    m = re.fullmatch(r"iter_(\d+)(\.old)?", path.name)
-    return int(m.group(1)) if m else None
-
-
-def resolve_checkpoint(path: str) -> tuple[Path, int | None]:
-    """A CKPT argument -> (directory holding the weights, its training iteration if known)."""
+def resolve_checkpoint(path: str | Path) -> tuple[Path, int | None]:
+    """A CKPT argument -> (directory holding the weights, its training iteration if known): a run root -> its
+    latest iteration (``checkpoint.resolve``), an ``iter_*`` directory -> its own."""
     from megatron_slm import checkpoint
 
     p = Path(path)
@@ -100,7 +96,9 @@ def resolve_checkpoint(path: str) -> tuple[Path, int | None]:
     if not p.is_dir():
         raise CheckpointError(f"checkpoint '{path}' is not a directory")
     resolved = checkpoint.resolve(p)
-    return resolved, _iteration_of(resolved)
+    if resolved != p:  # a run root: the iteration its latest file names (also while resolve answers iter_N.old)
+        return resolved, checkpoint.latest_iteration(p)
+    return resolved, checkpoint.iteration_of(resolved)
 
 
 def check_settings(seq_length: int, micro_batch_size: int, eval_samples: int | None, data_paths: list[str],
@@ -143,17 +141,6 @@ def load_datasets(data_paths: list[str], sources: list[Path], configs: list, seq
             raise ConfigError(f"--seq-length {seq_length} exceeds checkpoint '{d}' max_position_embeddings "
                               f"{m.max_position_embeddings}")
     return datasets
-
-
-def load_model(path: Path, m, cfg):
-    """This rank's stage of checkpoint ``path`` (shape ``m``) at the run's TP/PP, in eval mode."""
-    from megatron_slm import checkpoint
-    from megatron_slm.model.build import build_model
-
-    model = build_model(m, cfg.parallel, seed=cfg.train.seed)
-    checkpoint.load_weights(model, str(path), m, expected_vocab=m.vocab_size)
-    model.eval()
-    return model
 
 
 def _rank_windows(n: int) -> tuple[int, int]:
@@ -278,6 +265,7 @@ def evaluate(cfg, checkpoints: list[str], data_paths: list[str], eval_samples: i
     import torch.distributed as dist
 
     from megatron_slm import checkpoint
+    from megatron_slm.model.loading import load_model
     from megatron_slm.parallel import distributed
 
     tr, par = cfg.train, cfg.parallel
@@ -305,7 +293,7 @@ def evaluate(cfg, checkpoints: list[str], data_paths: list[str], eval_samples: i
     if split:
         local = {}
         for _, d, m in split:
-            model = load_model(d, m, cfg)
+            model = load_model(d, m, cfg.parallel, seed=tr.seed)
             local[d] = [local_losses(model, ds, seq, m.vocab_size, tr.micro_batch_size) for ds in datasets]
             del model
         (_, base, _), (_, ref, _) = split
@@ -319,7 +307,7 @@ def evaluate(cfg, checkpoints: list[str], data_paths: list[str], eval_samples: i
 
     rows = []
     for (d, it), m, arg in zip(sources, configs, checkpoints):
-        model = None if d in cached else load_model(d, m, cfg)
+        model = None if d in cached else load_model(d, m, cfg.parallel, seed=tr.seed)
         for i, ds in enumerate(datasets):
             pairs = cached[d][i] if d in cached else local_losses(model, ds, seq, m.vocab_size, tr.micro_batch_size)
             mine = _contributes()  # one contribution per data-parallel replica

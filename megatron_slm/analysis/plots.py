@@ -284,9 +284,9 @@ def _excess_split(dump: dict) -> tuple[list[float], list[float]]:
 def plot_excess_histograms(dumps, out_path, max_panels: int = 6, bins: int = 40) -> Path:
     """Histograms of the excess loss of selected vs unselected tokens, one panel per dump iteration.
 
-    ``dumps``: dump dicts, or anything :func:`megatron_slm.viz.heatmap.load_dumps` takes (a run directory,
+    ``dumps``: dump dicts, or anything :func:`megatron_slm.analysis.heatmap.load_dumps` takes (a run directory,
     its ``selection_dumps/``, files). At most ``max_panels`` dumps, spread evenly (first and last kept)."""
-    from megatron_slm.viz.heatmap import _even_subset, load_dumps
+    from megatron_slm.analysis.heatmap import _even_subset, load_dumps
 
     if not (isinstance(dumps, list) and dumps and isinstance(dumps[0], dict)):
         dumps = load_dumps(dumps)

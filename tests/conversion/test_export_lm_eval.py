@@ -36,7 +36,9 @@ transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 pytest.importorskip("lm_eval")
 
-from megatron_slm import convert  # noqa: E402
+from megatron_slm.conversion import cli, converters  # noqa: E402
+from megatron_slm.conversion.sentencepiece_json import sentencepiece_to_tokenizers  # noqa: E402
+from megatron_slm.conversion.tokenizer_export import TOKENIZER_DIR, TOKENIZER_FILES  # noqa: E402
 from megatron_slm.model import build  # noqa: E402,F401 - import megatron before forking ranks
 
 VOCAB = 128  # tiny_text_dataset's sentencepiece vocabulary, and the model's
@@ -110,7 +112,7 @@ def test_sentencepiece_builder_encodes_exactly_like_sentencepiece(kind, tmp_path
         data = (tmp_path / "m.model").read_bytes()
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(data)
-    built, unk = convert.sentencepiece_to_tokenizers(data, kind)
+    built, unk = sentencepiece_to_tokenizers(data, kind)
     assert unk == sp.id_to_piece(sp.unk_id())
     texts = [TEXT, "", " ", "\n", "\na", "  leading and trailing  ", "▁\n", *TEXT.splitlines(), *_random_texts()]
     bad = [t for t in texts if built.encode(t).ids != sp.encode(t)]
@@ -127,30 +129,30 @@ def test_sentencepiece_builder_encodes_exactly_like_sentencepiece(kind, tmp_path
 def _main_captured(argv):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = convert.main(argv)
+        rc = cli.main(argv)
     return rc, out.getvalue(), err.getvalue()
 
 
 def _megatron_logits(ckpt, sequences):
     """Full-vocab fp32 logits of the checkpoint (TP=1 PP=1) for each token list."""
     from megatron_slm.checkpoint import read_model_config
+    from megatron_slm.model.loading import load_model
 
     m = read_model_config(ckpt)
-    with convert._single_process():
-        model = convert._build(m)
-        convert._load_checkpoint(model, ckpt, m)
-        return [convert._forward(model, torch.tensor([s]))[0] for s in sequences]
+    with converters.single_process():
+        model = load_model(ckpt, m)
+        return [converters.forward_logits(model, torch.tensor([s]))[0] for s in sequences]
 
 
 def _pipeline(root, sequences):
     """One forked process: every conversion of this module, and the megatron logits they are checked against."""
     quiet = lambda *a, **k: None  # noqa: E731
-    convert.hf_to_megatron(str(root / "hf"), str(root / "ck"), log=quiet)
-    convert.megatron_to_hf(str(root / "ck"), str(root / "export"), log=quiet)  # the tokenizer hf-to-megatron kept
+    converters.hf_to_megatron(str(root / "hf"), str(root / "ck"), log=quiet)
+    converters.megatron_to_hf(str(root / "ck"), str(root / "export"), log=quiet)  # the tokenizer hf-to-megatron kept
     # A trained policy's checkpoint: the data tokenizer's fingerprint, no HF source, no tokenizer files.
     shutil.copytree(root / "ck", root / "policy")
-    shutil.rmtree(root / "policy" / convert.TOKENIZER_DIR)
-    (root / "policy" / convert.HF_SOURCE).unlink()
+    shutil.rmtree(root / "policy" / TOKENIZER_DIR)
+    (root / "policy" / converters.HF_SOURCE).unlink()
     # An older checkpoint that records no tokenizer.
     shutil.copytree(root / "policy", root / "unrecorded")
     meta = json.loads((root / "unrecorded" / "slm_model.json").read_text())
@@ -333,10 +335,10 @@ def test_export_without_tokenizer_writes_weights_and_says_how_to_add_it(exported
     assert rc == 0, err
     assert "no tokenizer written" in out and "--tokenizer-model" in out, out
     d = root / "weights_only"
-    assert not any((d / n).exists() for n in convert.TOKENIZER_FILES)
+    assert not any((d / n).exists() for n in TOKENIZER_FILES)
     transformers.AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True)
 
 
 def test_cli_help_names_the_tokenizer_flag():
-    text = convert.build_parser()._subparsers._group_actions[0].choices["megatron-to-hf"].format_help()
+    text = cli.build_parser()._subparsers._group_actions[0].choices["megatron-to-hf"].format_help()
     assert "--tokenizer-model PATH" in text and "sentencepiece .model" in text

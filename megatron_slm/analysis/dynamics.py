@@ -1,6 +1,6 @@
 """``slm dynamics``: how token losses move over training, in the four classes of Rho-1's Figure 2.
 
-Tokens. The fixed evaluation windows of ``slm evaluate`` (megatron_slm/training/evaluate.py): one dataset's
+Tokens. The fixed evaluation windows of ``slm evaluate`` (megatron_slm/analysis/evaluate.py): one dataset's
 documents in file order, windows of seq_length + 1 tokens, the first ``--eval-samples`` of them; labels equal to
 EOD are left out. Every checkpoint of every run scores the same tokens.
 
@@ -118,8 +118,8 @@ def parse_run(spec: str) -> tuple[str, list[str]]:
 def run_checkpoints(name: str, paths: list[str]) -> list[tuple[str, Path, int | None]]:
     """(argument, weights directory, iteration or None) of a run's checkpoints; a single directory holding
     ``iter_*`` checkpoints stands for all of them. Refuses fewer than two and iterations out of order."""
+    from megatron_slm.analysis.evaluate import resolve_checkpoint
     from megatron_slm.checkpoint import iteration_dirs
-    from megatron_slm.training.evaluate import resolve_checkpoint
 
     if len(paths) == 1:
         root = Path(paths[0])
@@ -160,8 +160,9 @@ def measure(cfg, runs: list[tuple[str, list[str]]], data_paths: list[str],
     import torch.distributed as dist
 
     from megatron_slm import checkpoint
+    from megatron_slm.analysis import evaluate as ev
+    from megatron_slm.model.loading import load_model
     from megatron_slm.parallel import distributed
-    from megatron_slm.training import evaluate as ev
 
     tr, par = cfg.train, cfg.parallel
     seq = tr.seq_length
@@ -182,7 +183,7 @@ def measure(cfg, runs: list[tuple[str, list[str]]], data_paths: list[str],
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed)
     losses = {}  # one forward per checkpoint even when runs share one (e.g. their starting point)
     for d in dirs:
-        model = ev.load_model(d, configs[d], cfg)
+        model = load_model(d, configs[d], par, seed=tr.seed)
         got = ev.window_token_losses(model, data, seq, configs[d].vocab_size, tr.micro_batch_size, dst=0)
         del model
         if got is not None:

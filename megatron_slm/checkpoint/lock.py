@@ -6,7 +6,10 @@ Rank 0 decides and broadcasts the decision, so a refused run raises the same ``C
 and the CLI prints one line. Creating the lock is also the writability probe of ``--save``.
 
 A lock left by a crashed run: on the same host with its pid gone (or our own pid: an earlier run in this
-process) it is taken over with a warning; from another host it is refused with the way to remove it.
+process) it is taken over with a warning. The lock records the Slurm job id (``SLURM_JOB_ID``) when there is one: a
+requeued job keeps its id but may land on any node, and Slurm runs one instance of a job at a time, so a lock of
+the same job id from another host is taken over too. Any other lock from another host is refused with the way to
+remove it.
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ def _read_holder(path: Path) -> dict:
 
 
 def _in_use(root: Path, holder: dict) -> CheckpointError:
+    job = f" (Slurm job {holder['slurm_job_id']})" if holder.get("slurm_job_id") else ""
     return CheckpointError(
-        f"{root} is in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since "
+        f"{root} is in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')}{job} since "
         f"{holder.get('since', '?')} (another run writes there); use another --save, or delete {root / LOCK} "
         "if that run is gone"
     )
@@ -72,17 +76,24 @@ def _take(root: Path) -> str:
     except OSError as exc:
         raise CheckpointError(f"cannot write to --save {root} ({_reason(exc)}); choose a writable directory") from None
     path = root / LOCK
-    host, pid = socket.gethostname(), os.getpid()
+    host, pid, job = socket.gethostname(), os.getpid(), os.environ.get("SLURM_JOB_ID") or None
     token = uuid.uuid4().hex
-    text = json.dumps({"host": host, "pid": pid, "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": token})
+    text = json.dumps({"host": host, "pid": pid, "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": token,
+                       "slurm_job_id": job})
     for attempt in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _read_holder(path)
             same_host = holder.get("host") == host and isinstance(holder.get("pid"), int)
-            if attempt == 0 and same_host and (holder["pid"] == pid or not _pid_alive(holder["pid"])):
-                if holder["pid"] != pid:
+            stale_here = same_host and (holder["pid"] == pid or not _pid_alive(holder["pid"]))
+            requeued = job is not None and holder.get("slurm_job_id") == job and holder.get("host") != host
+            if attempt == 0 and (stale_here or requeued):
+                if requeued:
+                    log.warning(f"{path}: taking over the lock of Slurm job {job} from host {holder.get('host', '?')} "
+                                f"(pid {holder.get('pid', '?')}, since {holder.get('since', '?')}): the job was "
+                                "requeued and runs here now")
+                elif holder["pid"] != pid:
                     log.warning(f"{path}: taking over the lock of pid {holder['pid']} on {host} (since "
                                 f"{holder.get('since', '?')}), which is no longer running")
                 path.unlink(missing_ok=True)
@@ -123,9 +134,9 @@ class SaveLock:
                 decision = ("error", str(exc))
             if decision[0] == "ok":
                 try:  # under the lock: finish what interrupted saves left behind
-                    from megatron_slm import checkpoint
+                    from megatron_slm.checkpoint.files import recover
 
-                    checkpoint.recover(root)
+                    recover(root)
                 except Exception as exc:  # noqa: BLE001
                     (root / LOCK).unlink(missing_ok=True)
                     decision = ("error", f"cannot clean up interrupted checkpoints in --save {root} "

@@ -1,11 +1,12 @@
 """``slm plan``: per-GPU memory and speed of a run's layout, before launch, without a GPU.
 
-**Parameters** are counted by building the real megatron-core ``GPTModel`` slice of a rank on the meta device
-(no memory, no init cost) under a stand-in process group (torch's ``fake`` backend) on which megatron-core's
-``parallel_state`` is initialised for the layout, so each rank's TP shards, pipeline stage (embedding on the
-first, final norm + output layer on the last, ``num_layers / PP`` layers each) and padded vocabulary are exactly
-what ``slm train`` builds. Policy and reference are counted alike. Totals are reported as built (vocab padded to
-``make_vocab_size_divisible_by x TP``) and unpadded.
+**Parameters** are counted by building the real megatron-core ``GPTModel`` slice of a rank with the builder of
+``slm train`` on the meta device (``model.build.build_model(meta=True)``: no memory, no init cost) under a
+stand-in process group (torch's ``fake`` backend) on which megatron-core's ``parallel_state`` is initialised for
+the layout, so each rank's TP shards, pipeline stage (embedding on the first, final norm + output layer on the
+last, ``num_layers / PP`` layers each) and padded vocabulary are exactly what ``slm train`` builds. Policy and
+reference are counted alike. Totals are reported as built (vocab padded to ``make_vocab_size_divisible_by x TP``)
+and unpadded.
 
 **State per rank** (``P`` = the rank's policy parameters, megatron-core's DDP and optimizer as the trainer sets
 them up):
@@ -59,7 +60,7 @@ flight, the recompute working set and the loss head; forward-only pass; optimize
 foreach Adam allocates one fp32 tensor the size of the optimizer's parameters) + a runtime reserve (assumed
 3 GiB: CUDA context, NCCL communicators, cuBLAS workspace, allocator fragmentation).
 
-**Speed**: ``megatron_slm.model.flops.training_step_flops`` (policy forward + backward, the online reference's
+**Speed**: ``megatron_slm.planning.flops.training_step_flops`` (policy forward + backward, the online reference's
 forward, the ``global_batch`` scoring pass) plus recomputation (hardware FLOPs: full = one more forward of the
 layers, selective = the attention core's), at an assumed MFU of an assumed peak, stretched by the 1F1B bubble
 ``(PP - 1) / (M m)``. Tensor- and data-parallel communication are not modelled (they are part of what the MFU
@@ -75,8 +76,6 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
-
-import torch
 
 from megatron_slm.config import (
     Config, ModelConfig, ParallelConfig, data_parallel_size, padded_vocab_size, reference_in_memory, validate,
@@ -133,44 +132,11 @@ def _standin_layout(tp: int, pp: int, tp_rank: int, pp_rank: int):
         dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def _meta_stays_meta():
-    """megatron-core moves a tied output layer's copy (last stage, PP > 1) to CUDA before its all-reduce: keep a
-    meta tensor where it is (there is nothing to copy, and maybe no GPU)."""
-    cuda = torch.Tensor.cuda
-
-    def patched(self, *args, **kwargs):
-        return self if self.is_meta else cuda(self, *args, **kwargs)
-
-    torch.Tensor.cuda = patched
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = cuda
-
-
 def _meta_model(m: ModelConfig, par: ParallelConfig):
-    """This rank's GPTModel as ``model.build.build_model`` constructs it, on the meta device (no weights init)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel, gpt_layer_specs
+    """This rank's GPTModel as ``slm train`` builds it (``model.build.build_model``), on the meta device."""
+    from megatron_slm.model.build import build_model
 
-    from megatron_slm.model.attention import SDPAttention
-    from megatron_slm.model.build import transformer_config
-
-    config = transformer_config(m, par, torch.float32)
-    config.use_cpu_initialization = True  # allocate with torch.empty(): on the meta device, never on a GPU
-    # The local spec (the CPU path of build._layer_spec); TransformerEngine's holds the same parameters.
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    with torch.device("meta"), _meta_stays_meta():
-        return GPTModel(
-            config=config, transformer_layer_spec=spec,
-            vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, par.tensor_model_parallel_size),
-            max_sequence_length=m.max_position_embeddings, pre_process=ps.is_pipeline_first_stage(),
-            post_process=ps.is_pipeline_last_stage(), parallel_output=True,
-            share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
-            position_embedding_type="rope", rotary_base=int(m.rotary_base),
-        )
+    return build_model(m, par, seed=0, meta=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -453,7 +419,7 @@ def make_plan(cfg: Config, world_size: int, gpu_memory_gib: float = DEFAULT_GPU_
 
     ``on_gpu``: the target machine; unset ``--bf16`` and ``--ref-dtype auto`` resolve as they would there
     (bf16 on a GPU), and the loss head's block budgets are the device's."""
-    from megatron_slm.model.flops import forward_flops_per_token, training_step_flops
+    from megatron_slm.planning.flops import forward_flops_per_token, training_step_flops
 
     validate(cfg, world_size=world_size)
     m, ref_m, par, tr = cfg.model, cfg.reference.model, cfg.parallel, cfg.train

@@ -23,7 +23,7 @@ from helpers.hf_losses import window_token_ce
 
 from megatron_slm.cli import main
 from megatron_slm.errors import ConfigError
-from megatron_slm.training.dynamics import CLASSES, classify, default_threshold, parse_run
+from megatron_slm.analysis.dynamics import CLASSES, classify, default_threshold, parse_run
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ, SAMPLES = 16, 8
@@ -90,15 +90,15 @@ def _train(root, save, *flags):
 
 
 def _to_hf(pairs):
-    from megatron_slm import convert
+    from megatron_slm.conversion.converters import megatron_to_hf
 
     for src, dst in pairs:
-        convert.megatron_to_hf(src, dst, dtype="fp32", log=lambda *a, **k: None)
+        megatron_to_hf(src, dst, dtype="fp32", log=lambda *a, **k: None)
 
 
 def _hf_token_losses(hf_dir, prefix):
     """transformers' CE per label of the first SAMPLES windows and the non-EOD mask: [SAMPLES, SEQ] each."""
-    from megatron_slm.convert import load_hf_model
+    from megatron_slm.conversion.converters import load_hf_model
 
     return window_token_ce(load_hf_model(hf_dir), prefix, SEQ, SAMPLES)
 

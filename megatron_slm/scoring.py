@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_slm.config import SCORE_DTYPES, validate, virtual_pipeline_size
+from megatron_slm.config import SCORE_DTYPES, virtual_pipeline_size
 from megatron_slm.errors import ConfigError, DataError
 from megatron_slm.log import get_logger
 
@@ -34,13 +34,13 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
     from megatron_slm.data.scores import default_scores_prefix
     from megatron_slm.parallel import distributed
     from megatron_slm.training.passes import score_pass
-    from megatron_slm.training.run import check_inputs, dataset_sizes
+    from megatron_slm.training.resolve import dataset_sizes, resolve_run
     from megatron_slm.training.trainer import build_reference
 
-    if not cfg.reference.load:
-        raise ConfigError("scoring needs the reference weights: --ref-load CHECKPOINT_DIR")
     if dtype not in SCORE_DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(SCORE_DTYPES)}")
+    run = resolve_run(cfg, scoring=True)
+    cfg, info = run.config, run.data
     prefixes = parse_blend(cfg.data.data_path)[0] if cfg.data.data_path else []
     outputs = cfg.reference.scores_path or [default_scores_prefix(p) for p in prefixes]
     if len(outputs) != len(prefixes):
@@ -48,8 +48,6 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
     existing = [o for o in outputs if Path(f"{o}.json").exists()]
     if existing and not force:
         raise DataError(f"score sidecar {existing[0]} already exists; pass --force to overwrite it")
-    info, _ = check_inputs(cfg, reference=cfg.reference.load, offline_scores=False)
-    validate(cfg, world_size=distributed.world_size(), check_reference=True)
     tr, par = cfg.train, cfg.parallel
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed,
                            virtual_pipeline_model_parallel_size=virtual_pipeline_size(par, cfg.model.num_layers))

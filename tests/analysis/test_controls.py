@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from megatron_slm.cli import main
-from megatron_slm.training.controls import matched_weights, reweight
+from megatron_slm.analysis.controls import matched_weights, reweight
 
 
 def write_summary(tmp_path, data_path, fractions, loss_mode="slm"):

@@ -35,9 +35,9 @@ def _quiet(*_a, **_k):
 
 
 def _convert(src, dst):
-    from megatron_slm import convert
+    from megatron_slm.conversion.converters import hf_to_megatron
 
-    convert.hf_to_megatron(src, dst, dtype="fp32", verify=False, log=_quiet)
+    hf_to_megatron(src, dst, dtype="fp32", verify=False, log=_quiet)
 
 
 def _slm(args, nproc=1, timeout=120):
@@ -172,7 +172,7 @@ def _numpy_split(base, ref, mask, q):
 
 @pytest.fixture(scope="module")
 def split(setup):
-    from megatron_slm.convert import load_hf_model
+    from megatron_slm.conversion.converters import load_hf_model
 
     root = setup["root"]
     torch.manual_seed(1)  # a second tiny Llama of the same vocabulary: the reference
@@ -224,7 +224,7 @@ def test_learnable_split_over_two_data_parallel_ranks(setup, split, tmp_path):
 
 
 def test_rows_without_a_split_leave_its_columns_empty(tmp_path):
-    from megatron_slm.training.evaluate import format_table, write_outputs
+    from megatron_slm.analysis.evaluate import format_table, write_outputs
 
     row = {"checkpoint": "a", "path": "a", "iteration": None, "dataset": "d", "loss": 1.5, "perplexity": 4.48,
            "tokens": 10, "windows": 1, "learnable_loss": None, "learnable_tokens": None, "not_learnable_loss": None,

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_slm.viz import heatmap, plots
+from megatron_slm.analysis import heatmap, plots, text_selection
 
 # matplotlib is a test extra (pyproject); only the PNG checks need it
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -348,9 +348,9 @@ def _checkpoint_mode(tmp):
                 logits = model(t, torch.arange(t.shape[1])[None], attention_mask=None)[0, :, : tok.vocab_size]
                 losses.append(F.cross_entropy(logits.float(), torch.tensor(ids[1:]), reduction="none"))
         truth[name] = losses
-    dumps = heatmap.compute_selection(str(Path(tmp) / "policy"), str(Path(tmp) / "reference"), texts,
+    dumps = text_selection.compute_selection(str(Path(tmp) / "policy"), str(Path(tmp) / "reference"), texts,
                                       str(Path(tmp) / "tok.model"), k=0.5)
-    batch = heatmap.compute_selection(str(Path(tmp) / "policy"), str(Path(tmp) / "reference"), texts,
+    batch = text_selection.compute_selection(str(Path(tmp) / "policy"), str(Path(tmp) / "reference"), texts,
                                       str(Path(tmp) / "tok.model"), k=0.3, scope="batch", seq_length=8)
     return dumps, batch, truth, texts
 

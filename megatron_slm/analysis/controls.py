@@ -14,24 +14,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_slm.data.blend import parse_blend
 from megatron_slm.errors import ConfigError
 
 
 def blend_of(data_path: list) -> tuple[list[float], list[str]]:
     """Megatron's blend list (``[prefix]`` or ``[w, prefix, w, prefix, ...]``) -> (normalised weights, prefixes)."""
     items = [str(x) for x in data_path or []]
-    if len(items) == 1:
-        return [1.0], items
-    if not items or len(items) % 2:
+    prefixes, weights = parse_blend(items) or ([], None)
+    if len(prefixes) == 1 and weights is None:
+        return [1.0], prefixes
+    if weights is None:  # several prefixes without weights, or no list: no blend to reweight
         raise ConfigError(f"data_path {items!r} is not a prefix or a list of 'weight prefix' pairs")
-    try:
-        weights = [float(w) for w in items[0::2]]
-    except ValueError:
-        raise ConfigError(f"data_path {items!r} is not a list of 'weight prefix' pairs") from None
     total = sum(weights)
     if total <= 0 or any(w < 0 for w in weights):
         raise ConfigError(f"data_path {items!r} has negative or all-zero weights")
-    return [w / total for w in weights], items[1::2]
+    return [w / total for w in weights], prefixes
 
 
 def matched_weights(weights: list[float], fractions: list[float]) -> list[float]:

@@ -23,13 +23,14 @@ from dist_helpers import run_distributed
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from megatron_slm import convert  # noqa: E402
+from megatron_slm.conversion import cli, converters  # noqa: E402
 from megatron_slm.checkpoint import load_model_weights, read_model_config, save_model_weights  # noqa: E402
 from megatron_slm.config import ParallelConfig  # noqa: E402
+from megatron_slm.conversion.tokenizer_export import TOKENIZER_DIR, TOKENIZER_FILES  # noqa: E402
 from megatron_slm.model import build  # noqa: E402,F401 - import megatron before forking ranks
 from megatron_slm.model import hf  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB, BATCH, SEQ, WINDOW = 100, 2, 24, 8  # vocab 100 pads to 128 (TP=1) and 256 (TP=2)
 
 
@@ -67,12 +68,12 @@ def _quiet(*_a, **_k):
 
 def _convert_in(jobs):
     """Single process: hf_to_megatron jobs (in, out, dtype, verify); returns the verify differences."""
-    return [convert.hf_to_megatron(src, dst, dtype=dtype, verify=verify, log=_quiet) for src, dst, dtype, verify in jobs]
+    return [converters.hf_to_megatron(src, dst, dtype=dtype, verify=verify, log=_quiet) for src, dst, dtype, verify in jobs]
 
 
 def _export(jobs):
     for src, dst in jobs:
-        convert.megatron_to_hf(src, dst, log=_quiet)
+        converters.megatron_to_hf(src, dst, log=_quiet)
 
 
 def _tp2pp2(ckpts, tokens, resave):
@@ -217,7 +218,7 @@ def test_transformer_engine_names_map_to_local_names():
 
 
 def _cli(argv, capsys):
-    rc = convert.main(argv)
+    rc = cli.main(argv)
     err = capsys.readouterr().err
     return rc, err
 
@@ -263,7 +264,7 @@ def _main_captured(argv):
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        rc = convert.main(argv)
+        rc = cli.main(argv)
     return rc, err.getvalue()
 
 
@@ -295,8 +296,8 @@ def test_cli_script_exit_status_without_traceback(tmp_path):
 
 
 def _smollm2(hf_dir, ckpt, back):
-    diff = convert.hf_to_megatron(hf_dir, ckpt, verify=True, verify_seq_len=64, log=_quiet)
-    convert.megatron_to_hf(ckpt, back, log=_quiet)
+    diff = converters.hf_to_megatron(hf_dir, ckpt, verify=True, verify_seq_len=64, log=_quiet)
+    converters.megatron_to_hf(ckpt, back, log=_quiet)
     return diff
 
 
@@ -369,11 +370,11 @@ def test_policy_and_reference_load_straight_from_transformers_dirs(tiny):
 
 
 def _convert_with_tokenizer(src, ckpt, out, out_legacy):
-    convert.hf_to_megatron(src, ckpt, log=_quiet)
-    kept = sorted(p.name for p in (Path(ckpt) / convert.TOKENIZER_DIR).iterdir())
-    convert.megatron_to_hf(ckpt, out, log=_quiet)
-    shutil.rmtree(Path(ckpt) / convert.TOKENIZER_DIR)  # as converted before hf-to-megatron kept a copy
-    convert.megatron_to_hf(ckpt, out_legacy, log=_quiet)  # then the source directory itself is used
+    converters.hf_to_megatron(src, ckpt, log=_quiet)
+    kept = sorted(p.name for p in (Path(ckpt) / TOKENIZER_DIR).iterdir())
+    converters.megatron_to_hf(ckpt, out, log=_quiet)
+    shutil.rmtree(Path(ckpt) / TOKENIZER_DIR)  # as converted before hf-to-megatron kept a copy
+    converters.megatron_to_hf(ckpt, out_legacy, log=_quiet)  # then the source directory itself is used
     return kept
 
 
@@ -387,12 +388,12 @@ def test_hf_tokenizer_files_travel_through_the_checkpoint(tiny, tmp_path):
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>",
                                          unk_token="<unk>").save_pretrained(str(src))
-    files = sorted(n for n in convert.TOKENIZER_FILES if (src / n).is_file())
+    files = sorted(n for n in TOKENIZER_FILES if (src / n).is_file())
     assert "tokenizer.json" in files and "tokenizer_config.json" in files
     kept = run_distributed(_convert_with_tokenizer, 1, str(src), str(tmp_path / "ck"), str(tmp_path / "out"),
                            str(tmp_path / "out_legacy"))[0]
     assert kept == files
-    assert json.loads((tmp_path / "ck" / convert.HF_SOURCE).read_text())["tokenizer_files"] == files
+    assert json.loads((tmp_path / "ck" / converters.HF_SOURCE).read_text())["tokenizer_files"] == files
     original = transformers.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     text = "w3 w17 w99 unknown w4"
     for out in (tmp_path / "out", tmp_path / "out_legacy"):

@@ -1,4 +1,4 @@
-"""slm plan (megatron_slm/training/plan.py): exact parameter counts from meta-device builds, predicted state and
+"""slm plan (megatron_slm/planning/plan.py): exact parameter counts from meta-device builds, predicted state and
 activation bytes against what real ranks hold after a training step, and the CLI (plan, check-config warning)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dist_helpers import run_distributed
 
 from megatron_slm.cli import main
 from megatron_slm.config import load_config
-from megatron_slm.training.plan import (
+from megatron_slm.planning.plan import (
     make_plan, model_parameters, rank_parameters, stage_activations, unpadded_parameters,
 )
 
@@ -224,7 +224,7 @@ def test_activation_bytes_match_the_plan():
             continue  # recompute not wired into the model build yet
         cfg = _act_config(**dict(train))
         st = stage_activations(cfg, 0, 1, 4)
-        from megatron_slm.training.plan import loss_head_bytes
+        from megatron_slm.planning.plan import loss_head_bytes
 
         predicted = st.per_microbatch + loss_head_bytes(cfg, 4, on_gpu=False)["kept"]
         report[name] = (measured[name], predicted, measured[name] / predicted - 1)

@@ -1,0 +1,13 @@
+"""After-the-fact analysis of runs and checkpoints; nothing here takes part in training.
+
+- ``evaluate``: ``slm evaluate``, loss/perplexity of checkpoints on fixed, seed-independent windows (and the
+  learnable / not-learnable split);
+- ``dynamics``: ``slm dynamics``, token loss classes H->H, L->H, H->L, L->L over a run's checkpoints;
+- ``controls``: ``slm reweight``, the CLM blend that sees an SLM run's token mix (pure Python, no torch);
+- ``heatmap``: per-token selection heatmaps (HTML, PNG) from selection dumps;
+- ``text_selection``: the same dumps computed from a policy and a reference checkpoint on some text;
+- ``plots``: SLM vs CLM loss curves, selection statistics, excess-loss histograms and k sweeps from run directories.
+
+CLIs: ``slm evaluate|dynamics|reweight``, ``tools/visualize_selection.py`` and ``tools/plot_runs.py``. Plots need
+matplotlib (test extra). Nothing is imported here: ``slm reweight`` must not import torch.
+"""
