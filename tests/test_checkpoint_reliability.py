@@ -520,6 +520,44 @@ def _disk_full(root, where):
     return "no error"
 
 
+def _run_train_until_the_disk_is_full(data, save):
+    """``run_train`` (what slm train runs) with a full disk at the checkpoint of iteration 4 on rank 1."""
+    import torch.distributed as dist
+
+    from megatron_slm.cli import build_parser
+    from megatron_slm.config import load_config
+    from megatron_slm.training.run import run_train
+
+    cfg = load_config(args=build_parser().parse_args(_argv(data, save, "--train-iters", "4", "--save-interval", "2",
+                                                           "--loss-mode", "clm")))
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):  # rank 1's rank_state file of iteration 4
+        if "iter_0000004" in str(f) and dist.get_rank() == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = full
+    try:
+        run_train(cfg)
+    except CheckpointError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_run_stopped_by_an_error_still_writes_its_summary(data, tmp_path):
+    """Issue 19 case 11: summary.json is written on every stop, also one by an error (here a full disk)."""
+    save = tmp_path / "run"
+    msgs = run_distributed(_run_train_until_the_disk_is_full, 2, data, save, timeout=150)
+    assert msgs[0] == msgs[1] and "could not write checkpoint" in msgs[0], msgs
+    assert (save / LATEST).read_text() == "2"
+    summary = json.loads((save / "summary.json").read_text())
+    assert summary["stopped_by"] == "error" and summary["iterations"] == 4
+    assert "could not write checkpoint" in summary["error"] and "No space left on device" in summary["error"]
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert summary["final"]["loss_all"] == pytest.approx([r for r in rows if r["split"] == "train"][-1]["loss_all"])
+
+
 @pytest.mark.parametrize("where", ["rank_state", "shards"])
 def test_disk_full_during_a_save_stops_every_rank_and_keeps_latest(tmp_path, where):
     root = tmp_path / "run"

@@ -141,13 +141,36 @@ def test_a_manifest_without_the_new_records_is_refused(scored, tmp_path):
     assert "rerun tools/score_reference.py" in msg, msg
 
 
+def _score_past_one_epoch(data_path, ref, **over):
+    """Score as an older score-reference did, past one epoch: its refusal at start (check_one_epoch) is only
+    recorded, and the run goes on."""
+    from megatron_slm import scoring
+
+    real, refusal = scoring.check_one_epoch, []
+
+    def recorded(*a):
+        try:
+            real(*a)
+        except DataError as exc:
+            refusal.append(str(exc))
+
+    scoring.check_one_epoch = recorded
+    return _score(data_path, ref, 1, None, **over), refusal
+
+
 def test_scores_of_tokens_seen_in_several_windows_are_refused(scored, tmp_path):
     d, blend, ref = scored
     outs = [str(tmp_path / "a_long"), str(tmp_path / "b_long")]
     over = dict(reference=dict(load=ref, scores_path=outs), train=dict(train_iters=30))  # ~3 epochs of 'a'
-    assert run_distributed(_score, 1, blend, ref, 1, None, **over) == ["done"]
+    [(res, refusal)] = run_distributed(_score_past_one_epoch, 1, blend, ref, **over)
+    assert res == "done" and len(refusal) == 1
     meta = json.loads(Path(f"{outs[0]}.json").read_text())
     assert meta["num_scored_more_than_once"] > 0
+    # score-reference now refuses this at start, predicting from the indices alone what the merge counted
+    for prefix, out in zip(blend[1::2], outs):
+        twice = json.loads(Path(f"{out}.json").read_text())["num_scored_more_than_once"]
+        assert f"dataset '{prefix}' (" in refusal[0] and f": {twice} tokens would be scored again" in refusal[0], \
+            (twice, refusal[0])
     with pytest.raises(DataError) as exc:
         _check(blend, **over)
     msg = str(exc.value)

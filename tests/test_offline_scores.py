@@ -128,8 +128,13 @@ def _reference_ckpt(data_path, out):
     save_model_weights(trainer.policy_module, out, run.config.model)
 
 
-def _score(data_path, ref, pp, fail_after=None, **over):
+def _score(data_path, ref, pp, fail_after=None, force=True, **over):
+    """"done", "interrupted" (the simulated crash) or "error: <message>" (an SLMError, as the CLI prints it).
+    ``fail_after``: crash after that many scored steps; a list gives each rank its own count."""
+    import torch.distributed as dist
+
     from megatron_slm import scoring
+    from megatron_slm.errors import SLMError
     from megatron_slm.training import passes
 
     if fail_after is not None:  # simulate a crash after `fail_after` scored steps
@@ -137,7 +142,8 @@ def _score(data_path, ref, pp, fail_after=None, **over):
 
         def flaky(*a, **k):
             calls.append(1)
-            if len(calls) > fail_after:
+            limit = fail_after[dist.get_rank()] if isinstance(fail_after, (list, tuple)) else fail_after
+            if len(calls) > limit:
                 raise KeyboardInterrupt("simulated preemption")
             return real(*a, **k)
 
@@ -145,9 +151,11 @@ def _score(data_path, ref, pp, fail_after=None, **over):
     over = dict(dict(reference=dict(load=ref)), **over)
     cfg = make_cfg(data_path, parallel=dict(pipeline_model_parallel_size=pp), **over)
     try:
-        scoring.score_reference(cfg, force=True)
+        scoring.score_reference(cfg, force=force)
     except KeyboardInterrupt:
         return "interrupted"
+    except SLMError as exc:
+        return f"error: {exc}"
     return "done"
 
 
@@ -196,7 +204,7 @@ def test_scoring_resumes_after_interruption(scored, tmp_path):
     outs = [str(tmp_path / "a_scores"), str(tmp_path / "b_scores")]
     res = run_distributed(_score, 2, blend, ref, 1, 2, reference=dict(load=ref, scores_path=outs))  # DP=2
     assert res == ["interrupted", "interrupted"]
-    assert len(list(Path(f"{outs[0]}.parts").glob("step*.pt"))) == 4  # 2 steps x 2 DP ranks
+    assert len(list(Path(f"{outs[0]}.parts").glob("samples*.pt"))) == 4  # 2 steps x 2 DP ranks
     assert run_distributed(_score, 2, blend, ref, 1, None, reference=dict(load=ref, scores_path=outs)) == ["done", "done"]
     for p, o in zip(blend[1::2], outs):
         assert Path(f"{o}.bin").read_bytes() == clean[p]

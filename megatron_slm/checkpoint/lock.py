@@ -10,6 +10,9 @@ process) it is taken over with a warning. The lock records the Slurm job id (``S
 requeued job keeps its id but may land on any node, and Slurm runs one instance of a job at a time, so a lock of
 the same job id from another host is taken over too. Any other lock from another host is refused with the way to
 remove it.
+
+``SaveLock.acquire(..., lock=, flag=, recover=False)`` applies the same to another output, e.g. one lock per
+score sidecar of ``slm score-reference`` (``<sidecar>.lock``, beside and not inside any ``--save``).
 """
 
 from __future__ import annotations
@@ -60,22 +63,23 @@ def _read_holder(path: Path) -> dict:
     return {}
 
 
-def _in_use(root: Path, holder: dict) -> CheckpointError:
+def _in_use(root: Path, holder: dict, path: Path, flag: str) -> CheckpointError:
     job = f" (Slurm job {holder['slurm_job_id']})" if holder.get("slurm_job_id") else ""
     return CheckpointError(
         f"{root} is in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')}{job} since "
-        f"{holder.get('since', '?')} (another run writes there); use another --save, or delete {root / LOCK} "
+        f"{holder.get('since', '?')} (another run writes there); use another {flag}, or delete {path} "
         "if that run is gone"
     )
 
 
-def _take(root: Path) -> str:
-    """Create ``root/.lock`` (rank 0); returns its token. Raises CheckpointError when refused."""
+def _take(root: Path, path: Path | None = None, flag: str = "--save") -> str:
+    """Create the lock file ``path`` (default ``root/.lock``) of ``root`` (rank 0); returns its token. Raises
+    CheckpointError when refused; ``flag`` is the option that names ``root`` (in the messages)."""
+    path = root / LOCK if path is None else path
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CheckpointError(f"cannot write to --save {root} ({_reason(exc)}); choose a writable directory") from None
-    path = root / LOCK
+        raise CheckpointError(f"cannot write to {flag} {root} ({_reason(exc)}); choose a writable directory") from None
     host, pid, job = socket.gethostname(), os.getpid(), os.environ.get("SLURM_JOB_ID") or None
     token = uuid.uuid4().hex
     text = json.dumps({"host": host, "pid": pid, "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": token,
@@ -98,9 +102,9 @@ def _take(root: Path) -> str:
                                 f"{holder.get('since', '?')}), which is no longer running")
                 path.unlink(missing_ok=True)
                 continue
-            raise _in_use(root, holder) from None
+            raise _in_use(root, holder, path, flag) from None
         except OSError as exc:
-            raise CheckpointError(f"cannot write to --save {root} ({_reason(exc)}); choose a writable directory") from None
+            raise CheckpointError(f"cannot write to {flag} {root} ({_reason(exc)}); choose a writable directory") from None
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
@@ -108,9 +112,9 @@ def _take(root: Path) -> str:
                 os.fsync(f.fileno())
         except OSError as exc:
             path.unlink(missing_ok=True)
-            raise CheckpointError(f"cannot write to --save {root} ({_reason(exc)}); choose a writable directory") from None
+            raise CheckpointError(f"cannot write to {flag} {root} ({_reason(exc)}); choose a writable directory") from None
         return token
-    raise _in_use(root, _read_holder(path))
+    raise _in_use(root, _read_holder(path), path, flag)
 
 
 class SaveLock:
@@ -120,25 +124,29 @@ class SaveLock:
         self.path, self.token = path, token
 
     @classmethod
-    def acquire(cls, save: str | None) -> "SaveLock":
+    def acquire(cls, save: str | None, lock: str | None = None, flag: str = "--save",
+                recover: bool = True) -> "SaveLock":
+        """Lock ``save`` with the file ``lock`` (default ``<save>/.lock``); ``flag`` names ``save`` in the
+        messages; ``recover``: finish interrupted checkpoint saves in ``save`` (a ``--save`` directory)."""
         if not save:
             return cls()
         root = Path(save)
+        path = root / LOCK if lock is None else Path(lock)
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         decision = None
         if rank0:
             try:
-                token = _take(root)
+                token = _take(root, path, flag)
                 decision = ("ok", token)
             except CheckpointError as exc:
                 decision = ("error", str(exc))
-            if decision[0] == "ok":
+            if decision[0] == "ok" and recover:
                 try:  # under the lock: finish what interrupted saves left behind
-                    from megatron_slm.checkpoint.files import recover
+                    from megatron_slm.checkpoint.files import recover as finish_saves
 
-                    recover(root)
+                    finish_saves(root)
                 except Exception as exc:  # noqa: BLE001
-                    (root / LOCK).unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
                     decision = ("error", f"cannot clean up interrupted checkpoints in --save {root} "
                                          f"({type(exc).__name__}: {exc}); choose a writable directory")
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -147,10 +155,10 @@ class SaveLock:
             decision = box[0]
         if decision[0] == "error":
             raise CheckpointError(decision[1])
-        lock = cls(root / LOCK, decision[1]) if rank0 else cls()
+        held = cls(path, decision[1]) if rank0 else cls()
         if rank0:
-            atexit.register(lock.release)
-        return lock
+            atexit.register(held.release)
+        return held
 
     def release(self) -> None:
         """Remove the lock if it is still ours (idempotent)."""

@@ -72,11 +72,14 @@ def write_sidecar(scores_prefix: str, token_prefix: str, flat_values: np.ndarray
         if i + 1 in doc_starts:
             builder.end_document()
     builder.finalize(f"{tmp}.idx")
-    for suffix in (".bin", ".idx"):
-        Path(f"{tmp}{suffix}").replace(f"{scores_prefix}{suffix}")
     meta = dict(manifest, format=FORMAT, dtype=dtype, **token_fingerprint(token_prefix),
-                scores_idx_sha256=file_sha256(f"{scores_prefix}.idx"))
-    Path(f"{scores_prefix}.json").write_text(json.dumps(meta, indent=2))
+                scores_idx_sha256=file_sha256(f"{tmp}.idx"))
+    Path(f"{tmp}.json").write_text(json.dumps(meta, indent=2))
+    # The manifest goes first and comes back last: a reader (or a kill) in between finds no sidecar, never a
+    # new .bin under an old manifest.
+    Path(f"{scores_prefix}.json").unlink(missing_ok=True)
+    for suffix in (".bin", ".idx", ".json"):
+        Path(f"{tmp}{suffix}").replace(f"{scores_prefix}{suffix}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,6 +131,26 @@ def scoring_flags(cfg, train_iters: int | None = None, fingerprints: list[dict] 
                   for w, fp in zip(norm, fingerprints)],
         "megatron_core_version": mcore,
     }
+
+
+# What a resumed scoring run must share exactly with the parts it resumes: each decides some sample's window
+# (train_iters too: with global_batch_size it sets each dataset's epochs, and so its shuffle).
+RESUME_FLAGS = (("data_path", "--data-path"), ("valid_data_path", "--valid-data-path"), ("split", "--split"),
+                ("seq_length", "--seq-length"), ("seed", "--seed"), ("global_batch_size", "--global-batch-size"),
+                ("train_iters", "--train-iters"), ("megatron_core_version", "megatron-core version"))
+
+
+def scoring_flag_differences(recorded: dict, run: dict) -> list[tuple[str, str, str]]:
+    """``(flag, recorded value, run value)`` for each flag of RESUME_FLAGS on which two scoring_flags records
+    differ, and for the blend's token files (by content) when the paths agree."""
+    fmt = lambda v: " ".join(map(str, v)) if isinstance(v, list) else "none" if v is None else str(v)  # noqa: E731
+    out = [(flag, fmt(recorded.get(key)), fmt(run.get(key))) for key, flag in RESUME_FLAGS
+           if recorded.get(key) != run.get(key)]
+    if recorded.get("data_path") == run.get("data_path"):
+        why = _blend_difference(recorded.get("blend") or [], run["blend"])
+        if why:
+            out.append(("--data-path", fmt(recorded["data_path"]), f"{fmt(run['data_path'])}, but {why}"))
+    return out
 
 
 def _blend_difference(scored: list, run: list) -> str | None:

@@ -33,14 +33,18 @@ def recompute_settings(train) -> dict:
 
 
 def transformer_config(m: ModelConfig, par: ParallelConfig, params_dtype: torch.dtype = torch.float32,
-                       recompute: dict | None = None, vp_size: int | None = None):
+                       recompute: dict | None = None, vp_size: int | None = None, initialize: bool = True):
     """``recompute``: ``recompute_settings(train)`` for the policy; None (no recomputation) for everything else.
-    ``vp_size``: model chunks per pipeline rank of an interleaved pipeline (config.virtual_pipeline_size), or None."""
+    ``vp_size``: model chunks per pipeline rank of an interleaved pipeline (config.virtual_pipeline_size), or None.
+    ``initialize=False``: the weights will be loaded; megatron-core's init fills zeros instead of drawing (it still
+    sets each parameter's tensor-parallel attributes, which the optimizer and checkpoints read)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
+    no_draw = {} if initialize else dict(init_method=torch.nn.init.zeros_, output_layer_init_method=torch.nn.init.zeros_)
     return TransformerConfig(
         **(recompute or {}),
+        **no_draw,
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -103,30 +107,33 @@ def _layer_spec(meta: bool = False):
 
 
 def build_model_chunks(m: ModelConfig, par: ParallelConfig, seed: int, params_dtype: torch.dtype = torch.float32,
-                       recompute: dict | None = None, vp_size: int | None = None) -> list:
+                       recompute: dict | None = None, vp_size: int | None = None, initialize: bool = True) -> list:
     """This rank's model chunks: ``vp_size`` GPTModels, one per virtual pipeline stage (the policy's
     config.virtual_pipeline_size, which parallel_state was initialised with; the reference uses the same), else a
     list of one. Chunk i of pipeline rank r holds global layers from (i x PP + r) x layers-per-chunk on."""
     if vp_size is None:
-        return [build_model(m, par, seed, params_dtype, recompute)]
-    return [build_model(m, par, seed, params_dtype, recompute, vp_stage=i, vp_size=vp_size) for i in range(vp_size)]
+        return [build_model(m, par, seed, params_dtype, recompute, initialize=initialize)]
+    return [build_model(m, par, seed, params_dtype, recompute, vp_stage=i, vp_size=vp_size, initialize=initialize)
+            for i in range(vp_size)]
 
 
 def build_model(m: ModelConfig, par: ParallelConfig, seed: int, params_dtype: torch.dtype = torch.float32,
                 recompute: dict | None = None, vp_stage: int | None = None, vp_size: int | None = None,
-                meta: bool = False):
+                meta: bool = False, initialize: bool = True):
     """This rank's stage of the decoder, weights initialised from ``seed`` independently of TP/PP.
 
     ``recompute``: activation recomputation (``recompute_settings``), the policy's only. ``vp_stage``: which
     model chunk (virtual pipeline stage) to build when the pipeline is interleaved (``build_model_chunks``).
     ``meta``: the same model on the meta device, shapes only (no memory, no weights, no init, never on a GPU):
-    what ``slm plan`` counts (planning/plan.py)."""
+    what ``slm plan`` counts (planning/plan.py). ``initialize=False``: the caller loads every weight next (a
+    checkpoint, a transformers directory): no random draw at all, the weights hold zeros until then. Drawing the
+    full tensors of a 7B policy and reference on every rank is minutes of each start and requeue."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     if (vp_size is None) != (vp_stage is None):
         raise ValueError("an interleaved pipeline builds one model per chunk: use build_model_chunks")
-    config = transformer_config(m, par, params_dtype, recompute, vp_size)
+    config = transformer_config(m, par, params_dtype, recompute, vp_size, initialize=initialize and not meta)
     if meta:
         config.use_cpu_initialization = True  # allocate with torch.empty() on the default (meta) device, not a GPU
     with _on_meta() if meta else contextlib.nullcontext():
@@ -148,7 +155,8 @@ def build_model(m: ModelConfig, par: ParallelConfig, seed: int, params_dtype: to
         return model
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
-    layout_invariant_init(model, m, seed)
+    if initialize:
+        layout_invariant_init(model, m, seed)
     return model
 
 

@@ -15,14 +15,13 @@ from megatron_slm.config import ModelConfig, ParallelConfig
 
 
 def build_eval_model(m: ModelConfig, parallel: ParallelConfig | None = None, seed: int = 0):
-    """This rank's stage of ``m`` at ``parallel`` (default TP=1 PP=1), fp32, in eval mode, weights from ``seed``.
-    Leaves the caller's CPU RNG as it was."""
+    """This rank's stage of ``m`` at ``parallel`` (default TP=1 PP=1), fp32, in eval mode, for weights the caller
+    loads next (no random init). Leaves the caller's CPU RNG as it was."""
     from megatron_slm.model.build import build_model
 
-    # megatron-core's own init draws from the global RNG before layout_invariant_init overwrites the weights
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # in case megatron-core's build draws from the global RNG
         torch.manual_seed(0)
-        model = build_model(m, parallel or ParallelConfig(), seed=seed, params_dtype=torch.float32)
+        model = build_model(m, parallel or ParallelConfig(), seed=seed, params_dtype=torch.float32, initialize=False)
     model.eval()
     return model
 

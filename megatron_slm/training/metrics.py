@@ -235,5 +235,11 @@ class MetricsLogger:
             self.tb.close()
             self.tb = None
         if self.wandb is not None:
+            import wandb
+
             self.wandb.finish()
+            # finish() returns before wandb's service process has written the run's records to its .wandb file
+            # (seen in offline mode: the file held only its header, filled in up to seconds later on a busy machine);
+            # a job killed then (a Slurm step ending) would lose them. teardown() waits for the service to flush.
+            wandb.teardown()
             self.wandb = None

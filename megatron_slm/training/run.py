@@ -13,11 +13,12 @@ from pathlib import Path
 import yaml
 
 from megatron_slm.config import Config
-from megatron_slm.errors import DivergenceError
+from megatron_slm.errors import DivergenceError, SLMError
 from megatron_slm.log import get_logger
 from megatron_slm.training.metrics import finite_or_none
 from megatron_slm.training.resolve import ResolvedRun, dataset_sizes, resolve_run
 
+SUMMARY_FILE = "summary.json"  # <save>/summary.json: the whole run's statistics, written on every stop
 CONFIG_FILE = "config.yaml"  # <save>/config.yaml: the resolved config; `slm train --config` it reproduces the run
 
 log = get_logger(__name__)
@@ -111,6 +112,30 @@ def write_resolved_config(cfg: Config) -> Path:
     return path
 
 
+def _write_summary(cfg: Config, summary: dict) -> None:
+    from megatron_slm.checkpoint import write_atomic
+
+    write_atomic(Path(cfg.checkpoint.save) / SUMMARY_FILE, json.dumps(summary, indent=2))
+
+
+def _summary_after_error(cfg: Config, trainer, exc: Exception) -> None:
+    """The summary of a run an error stopped: ``stopped_by: "error"`` and the error, over the steps metrics.jsonl
+    recorded. Written by the last rank alone (it holds the history; no collective after an error)."""
+    import torch.distributed as dist
+
+    if not cfg.checkpoint.save or dist.get_rank() != dist.get_world_size() - 1:
+        return
+    result = {"history": [], "stopped_by": "error", "nonfinite_steps": getattr(trainer, "nonfinite_steps", [])}
+    summary = summarize(cfg, trainer, result)
+    if summary is None:  # no step was recorded
+        return
+    summary["error"] = str(exc)
+    try:
+        _write_summary(cfg, summary)
+    except OSError as write_error:  # e.g. the disk that stopped the run is still full: the error itself matters more
+        log.warning(f"could not write {SUMMARY_FILE} ({write_error})")
+
+
 def run_train(run: ResolvedRun | Config) -> dict:
     """Train one model (called on every rank): ``run`` resolved by ``resolve_run``, or a draft config resolved here.
     Returns the summary on every rank."""
@@ -125,12 +150,14 @@ def run_train(run: ResolvedRun | Config) -> dict:
         write_resolved_config(cfg)
     trainer.resume()
     train_batches, eval_batches = build_data(cfg, run.data, trainer.dp_rank, trainer.dp_size, run.offline_scores)
-    result = trainer.train(train_batches, eval_batches)
+    try:
+        result = trainer.train(train_batches, eval_batches)
+    except SLMError as exc:  # a stop every rank agreed on (a save that failed, non-finite weights at a save)
+        _summary_after_error(cfg, trainer, exc)
+        raise
     summary = broadcast_from_last(summarize(cfg, trainer, result))
     if cfg.checkpoint.save and dist.get_rank() == 0 and summary is not None:  # a rerun with nothing to add keeps it
-        from megatron_slm.checkpoint import write_atomic
-
-        write_atomic(Path(cfg.checkpoint.save) / "summary.json", json.dumps(summary, indent=2))
+        _write_summary(cfg, summary)
     if result.get("stopped_by") == "non-finite":
         steps = result["nonfinite_steps"]
         raise DivergenceError(

@@ -41,7 +41,8 @@ def build_reference(cfg: Config):
     eval mode. A GPTModel, or with --num-layers-per-virtual-pipeline-stage the list of this rank's chunks."""
     dtype = torch.bfloat16 if reference_bf16(cfg) else torch.float32
     chunks = build_model_chunks(cfg.reference.model, cfg.parallel, seed=cfg.train.seed + 1, params_dtype=dtype,
-                                vp_size=virtual_pipeline_size(cfg.parallel, cfg.model.num_layers))  # the policy's
+                                vp_size=virtual_pipeline_size(cfg.parallel, cfg.model.num_layers),  # the policy's
+                                initialize=not cfg.reference.load)  # loaded weights: no random draw first
     ref = chunks[0] if len(chunks) == 1 else chunks
     for c in chunks:
         c.to(dtype)  # megatron's torch norms ignore params_dtype; casting everything as Float16Module would
@@ -160,10 +161,12 @@ class Trainer:
 
         Loaded before DDP/optimizer wrapping so mixed-precision master weights start from it."""
         cfg = self.cfg
+        pretrained = cfg.checkpoint.pretrained_checkpoint
         chunks = build_model_chunks(cfg.model, cfg.parallel, seed=cfg.train.seed, params_dtype=dtype,
                                     recompute=recompute_settings(cfg.train),  # the reference never recomputes
-                                    vp_size=self.vp_size)
-        pretrained = cfg.checkpoint.pretrained_checkpoint
+                                    vp_size=self.vp_size,
+                                    # weights from a checkpoint (resume) or pretrained: no random draw first
+                                    initialize=self.run.resume is None and not pretrained)
         if pretrained and self.run.resume is None:
             checkpoint.load_weights(chunks[0] if len(chunks) == 1 else chunks, pretrained, cfg.model,
                                     expected_vocab=cfg.model.vocab_size)

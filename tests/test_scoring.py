@@ -1,0 +1,227 @@
+"""``slm score-reference`` resumes exactly and refuses what it cannot resume (issue 19, cases 1, 2, 7 and related).
+
+Every case compares with the bytes (``.bin``, ``.idx``, ``.json``) of an uninterrupted 1-rank scoring:
+
+- parts are keyed by global sample, so a run interrupted at one data-parallel size and resumed at another
+  writes the same sidecars;
+- a resume with other data flags (or another reference) is refused, naming each flag with both values;
+- a second run on the same output is refused while the first holds it, and the first completes;
+- a kill in the middle of the merge is repaired by a rerun (without --force);
+- a run that would score a token twice (more than one epoch) is refused before any forward pass;
+- a planted part is loaded with weights_only and refused without running its code.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from dist_helpers import run_distributed
+from test_offline_scores import _reference_ckpt, _score, make_dataset
+
+SUFFIXES = (".bin", ".idx", ".json")
+
+
+def _outs(d, name):
+    return [str(d / f"{name}_a"), str(d / f"{name}_b")]
+
+
+def _bytes(outs):
+    return {(i, s): Path(f"{o}{s}").read_bytes() for i, o in enumerate(outs) for s in SUFFIXES}
+
+
+def _over(ref, outs, **over):
+    return dict(reference=dict(load=ref, scores_path=outs), **over)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """A 0.6/0.4 blend, a reference, and its uninterrupted 1-rank scoring (3 steps of 8 samples): the truth."""
+    d = tmp_path_factory.mktemp("scoring")
+    blend = ["0.6", make_dataset(d / "a", 1), "0.4", make_dataset(d / "b", 2, num_docs=30)]
+    ref = str(d / "ref")
+    run_distributed(_reference_ckpt, 1, blend, ref)
+    outs = _outs(d, "clean")
+    assert run_distributed(_score, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]
+    return d, blend, ref, _bytes(outs)
+
+
+def test_a_resume_at_another_data_parallel_size_is_exact(clean, tmp_path):
+    d, blend, ref, want = clean
+    # DP=2 preempted unevenly: rank 0 after 2 steps, rank 1 after 1 (step 1 is half scored); resumed at DP=1
+    outs = _outs(tmp_path, "dp2to1")
+    assert run_distributed(_score, 2, blend, ref, 1, [2, 1], **_over(ref, outs)) == ["interrupted"] * 2
+    assert run_distributed(_score, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]
+    assert _bytes(outs) == want
+    assert not Path(f"{outs[0]}.parts").exists()
+    # DP=1 preempted after 1 step, resumed at DP=2
+    outs = _outs(tmp_path, "dp1to2")
+    assert run_distributed(_score, 1, blend, ref, 1, 1, **_over(ref, outs)) == ["interrupted"]
+    assert run_distributed(_score, 2, blend, ref, 1, None, **_over(ref, outs)) == ["done", "done"]
+    assert _bytes(outs) == want
+
+
+def test_a_resume_with_other_data_flags_is_refused_naming_each(clean, tmp_path):
+    d, blend, ref, want = clean
+    outs = _outs(tmp_path, "flags")
+    assert run_distributed(_score, 2, blend, ref, 1, 1, **_over(ref, outs)) == ["interrupted"] * 2
+    parts = Path(f"{outs[0]}.parts")
+    before = sorted(p.name for p in parts.iterdir())
+    res = run_distributed(_score, 2, blend, ref, 1, None, **_over(ref, outs, train=dict(seed=6, train_iters=4)))
+    assert res[0] == res[1], res  # the same one error on every rank
+    msg = res[0]
+    assert msg.startswith(f"error: {parts} holds the parts of an interrupted score-reference run (data-parallel "
+                          "size 2) with other flags than this run's"), msg
+    for part in ("--seed: the parts have 5, this run has 6", "--train-iters: the parts have 3, this run has 4",
+                 f"rerun with the parts' flags to resume, or delete {parts} to score from scratch"):
+        assert part in msg, (part, msg)
+    assert "--global-batch-size" not in msg and "--split" not in msg, msg
+    other = ["0.5", blend[1], "0.5", blend[3]]
+    msg = run_distributed(_score, 1, other, ref, 1, None, **_over(ref, outs, data=dict(split="80,20,0")))[0]
+    for part in (f"--data-path: the parts have 0.6 {blend[1]} 0.4 {blend[3]}, this run has 0.5 {blend[1]} 0.5 {blend[3]}",
+                 "--split: the parts have 90,10,0, this run has 80,20,0"):
+        assert part in msg, (part, msg)
+    other_ref = shutil.copytree(ref, tmp_path / "other_ref")  # another reference's scores would mix in
+    msg = run_distributed(_score, 1, blend, str(other_ref), 1, None, **_over(str(other_ref), outs))[0]
+    assert f"--ref-load: the parts have {ref}, this run has {other_ref}" in msg, msg
+    assert sorted(p.name for p in parts.iterdir()) == before  # refused runs touch nothing
+    assert run_distributed(_score, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]  # the parts' flags
+    assert _bytes(outs) == want
+
+
+def _score_paused(data_path, ref, ready, go, **over):
+    """Score, pausing after the first step until ``go`` exists (``ready`` tells the test it is there)."""
+    from megatron_slm.training import passes
+
+    real = passes.score_pass
+
+    def paused(*a, **k):
+        out = real(*a, **k)
+        if not Path(ready).exists():
+            Path(ready).touch()
+            deadline = time.time() + 120
+            while not Path(go).exists() and time.time() < deadline:
+                time.sleep(0.05)
+        return out
+
+    passes.score_pass = paused
+    return _score(data_path, ref, 1, None, **over)
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_the_first_completes(clean, tmp_path):
+    d, blend, ref, want = clean
+    outs = _outs(tmp_path, "twice")
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    first = []
+    thread = threading.Thread(target=lambda: first.append(
+        run_distributed(_score_paused, 1, blend, ref, str(ready), str(go), **_over(ref, outs))))
+    thread.start()
+    try:
+        deadline = time.time() + 150
+        while not ready.exists() and thread.is_alive() and time.time() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), "the first run never reached its first step"
+        res = run_distributed(_score, 2, blend, ref, 1, None, **_over(ref, outs))
+        assert res[0] == res[1], res
+        assert res[0].startswith(f"error: {outs[0]} is in use by pid ") and "(another run writes there); use " \
+            f"another --ref-scores-path, or delete {outs[0]}.lock if that run is gone" in res[0], res[0]
+        # another output of the blend alone is locked too
+        res = run_distributed(_score, 1, [blend[3]], ref, 1, None, **_over(ref, [outs[1]]))
+        assert res[0].startswith(f"error: {outs[1]} is in use by pid "), res[0]
+    finally:
+        go.touch()
+        thread.join(timeout=170)
+    assert first == [["done"]]
+    assert _bytes(outs) == want
+    assert not Path(f"{outs[0]}.lock").exists() and not Path(f"{outs[1]}.lock").exists()
+
+
+def _score_killed_in_merge(data_path, ref, **over):
+    """Score; the merge dies after writing the first sidecar (as a kill would)."""
+    from megatron_slm.data import scores
+
+    real, calls = scores.write_sidecar, []
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed in the merge")
+        return real(*a, **k)
+
+    scores.write_sidecar = dies
+    return _score(data_path, ref, 1, None, **over)
+
+
+def test_a_kill_in_the_merge_is_repaired_by_a_rerun(clean, tmp_path):
+    d, blend, ref, want = clean
+    outs = _outs(tmp_path, "merge")
+    assert run_distributed(_score_killed_in_merge, 1, blend, ref, **_over(ref, outs)) == ["interrupted"]
+    assert Path(f"{outs[0]}.json").exists() and not Path(f"{outs[1]}.json").exists()
+    assert Path(f"{outs[0]}.parts").is_dir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a kill -9 leaves its lock behind: a dead pid on this host
+    Path(f"{outs[0]}.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "then"}))
+    # no --force: the existing first sidecar is this run's own, not another run's
+    assert run_distributed(_score, 1, blend, ref, 1, None, force=False, **_over(ref, outs)) == ["done"]
+    assert _bytes(outs) == want
+    assert not Path(f"{outs[0]}.parts").exists() and not Path(f"{outs[0]}.lock").exists()
+    # a finished output without --force is still refused
+    res = run_distributed(_score, 1, blend, ref, 1, None, force=False, **_over(ref, outs))[0]
+    assert res == f"error: score sidecar {outs[0]} already exists; pass --force to overwrite it", res
+
+
+def _score_counting_forwards(data_path, ref, **over):
+    from megatron_slm.training import passes
+
+    real, calls = passes.score_pass, []
+    passes.score_pass = lambda *a, **k: calls.append(1) or real(*a, **k)
+    return _score(data_path, ref, 1, None, **over), len(calls)
+
+
+def test_more_than_one_epoch_is_refused_before_any_forward_pass(clean, tmp_path):
+    d, blend, ref, want = clean
+    outs = _outs(tmp_path, "epochs")
+    res = run_distributed(_score_counting_forwards, 2, blend, ref, **_over(ref, outs, train=dict(train_iters=30)))
+    assert res[0] == res[1], res
+    msg, forwards = res[0]
+    assert forwards == 0, msg
+    assert msg.startswith("error: scoring 30 x 8 = 240 samples goes over more than one epoch of dataset "
+                          f"'{blend[1]}'"), msg
+    assert "a score sidecar keeps one score per token" in msg and "lower --train-iters or --global-batch-size" in msg \
+        and "or add data" in msg, msg
+    assert not list(tmp_path.iterdir()), "a refused run writes nothing"
+
+
+def _score_planted(data_path, ref, **over):
+    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # torch.load's default no longer protects the loader
+    return _score(data_path, ref, 1, None, **over)
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling it runs code: it creates the marker file
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_part_is_refused_without_running_its_code(clean, tmp_path):
+    d, blend, ref, want = clean
+    outs = _outs(tmp_path, "planted")
+    assert run_distributed(_score, 1, blend, ref, 1, 1, **_over(ref, outs)) == ["interrupted"]
+    part = sorted(Path(f"{outs[0]}.parts").glob("*.pt"))[0]
+    marker = tmp_path / "code_ran"
+    torch.save({"scores": _Planted(str(marker))}, part)
+    msg = run_distributed(_score_planted, 1, blend, ref, **_over(ref, outs))[0]
+    assert not marker.exists(), "loading a part ran its code"
+    assert msg.startswith(f"error: score part {part} cannot be read as tensors"), msg
+    assert f"delete {part} and rerun: its samples are scored again" in msg, msg
+    part.unlink()
+    assert run_distributed(_score, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]
+    assert _bytes(outs) == want
