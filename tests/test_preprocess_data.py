@@ -311,3 +311,25 @@ def test_cli_refusals_exit_2_with_one_line(tmp_path, sp_model):
         assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
         assert needle in err, err
     assert not (tmp_path / "x.bin").exists()
+
+
+def test_an_output_that_is_an_input_is_refused_even_with_force(tmp_path, sp_model, hf_json):
+    # issue 19: `preprocess_data.py same.bin --output-prefix same --force` overwrote its own input
+    (tmp_path / "same.bin").write_text("the model selects tokens\n")
+    res = _cli("same.bin", "--tokenizer", sp_model, "--output-prefix", "same", "--force", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("error: output same.bin is the input same.bin") and "--force" in res.stderr
+    assert (tmp_path / "same.bin").read_text() == "the model selects tokens\n"
+    assert not (tmp_path / "same.idx").exists()
+    # the same file through a symlinked folder, and the tokenizer file as an output
+    (tmp_path / "alias").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(PreprocessError, match=r"same\.bin is the input .*same\.bin"):
+        preprocess([tmp_path / "same.bin"], tmp_path / "alias" / "same", sp_model, force=True)
+    tok = tmp_path / "tok.json"
+    tok.write_bytes(hf_json.read_bytes())
+    with pytest.raises(PreprocessError, match=r"tok\.json is the input .*tok\.json"):
+        preprocess([tmp_path / "same.bin"], tmp_path / "tok", tok, force=True)
+    assert tok.read_bytes() == hf_json.read_bytes()
+    assert pp.path_overlap(tmp_path / "d" / "x", [tmp_path / "d"]) == ("lies inside", str(tmp_path / "d"))
+    assert pp.path_overlap(tmp_path / "d", [tmp_path / "d" / "x"]) == ("contains", str(tmp_path / "d" / "x"))
+    assert pp.path_overlap(tmp_path / "d2", [tmp_path / "d", None]) is None  # a shared name prefix is no overlap

@@ -62,7 +62,9 @@ def main(argv=None) -> int:
     ck.add_argument("--select-over", choices=("document", "batch"), default="document",
                     help="top-k over each document, or over all texts together as one batch (default document)")
     ck.add_argument("--seq-length", type=int, default=None, help="window length (default: the models' max positions)")
-    p.add_argument("--tokenizer", help="tokenizer (.model / tokenizer.json); default for dumps: the path they recorded")
+    p.add_argument("--tokenizer", help="tokenizer (.model / tokenizer.json); with checkpoints: the one they were trained "
+                                       "with (its sha256 is checked against theirs); default for dumps: the path "
+                                       "they recorded")
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--title", default=None)
     p.add_argument("--max-sequences", type=int, default=4, help="sequences shown per dump (0 = all)")

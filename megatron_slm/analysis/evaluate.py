@@ -6,7 +6,8 @@ overlap by one token (window i covers tokens [i*S, i*S + S]; inputs are its firs
 so every token after the first is predicted exactly once. As in training (GPTDataset, eod_mask_loss=True) a
 label equal to the EOD token is masked. The first ``eval_samples`` windows are used (default: all). Every
 checkpoint sees the same tokens, so losses compare pairwise. Data-parallel ranks split the windows into
-contiguous parts; sums of loss and token counts are reduced over all ranks.
+contiguous parts; sums of loss and token counts are reduced over all ranks. As in training, every checkpoint
+(the split's base and reference too) must record the tokenizer the data was made with (sha256 fingerprints).
 
 Per-token losses (``window_token_losses``, also used by ``slm dynamics``): the loss of every label of the
 windows, shape [windows, seq_length] in window order, with the loss mask, gathered to every rank or to rank 0
@@ -118,16 +119,26 @@ def check_settings(seq_length: int, micro_batch_size: int, eval_samples: int | N
 
 def load_datasets(data_paths: list[str], sources: list[Path], configs: list, seq_length: int,
                   eval_samples: int | None) -> list[EvalData]:
-    """Each prefix's tokens and window count, refused when a checkpoint's vocabulary or length does not fit."""
+    """Each prefix's tokens and window count, refused when a checkpoint's tokenizer, vocabulary or length does not
+    fit (``sources``: every checkpoint whose losses are computed, the split's base and reference included)."""
+    from megatron_slm.checkpoint.weights import check_tokenizer
     from megatron_slm.data.datasets import read_meta
 
     datasets = []
+    checked = set()  # (checkpoint, data fingerprint): one check (and warning) per pair, not per dataset
     for prefix in data_paths:
         meta = read_meta(prefix)
         for d, m in zip(sources, configs):
             if int(meta["vocab_size"]) != int(m.vocab_size):
                 raise DataError(f"dataset '{prefix}' has vocabulary {meta['vocab_size']} but checkpoint '{d}' has "
                                 f"{m.vocab_size}: evaluate it with a checkpoint of the same tokenizer")
+            fingerprint = meta.get("tokenizer_fingerprint")
+            if (d, fingerprint) not in checked:
+                checked.add((d, fingerprint))
+                check_tokenizer(str(d), f"checkpoint '{d}'", fingerprint,
+                                tokenizer_of=f"the tokenizer of dataset '{prefix}'",
+                                fix="Evaluate it with a checkpoint of that tokenizer, or re-tokenize the data with "
+                                    "the checkpoint's (tools/preprocess_data.py)")
         tokens = dataset_tokens(prefix)
         n = num_windows(len(tokens), seq_length)
         if eval_samples is not None:

@@ -46,11 +46,13 @@ def compute_selection(policy, reference, texts: Sequence[str], tokenizer, k: flo
     with :func:`megatron_slm.slm.top_k_mask` over each document (``scope="document"``: the ``sequence``
     scope applied to the whole document) or over all texts together (``scope="batch"``: as if they formed
     one batch, so documents compete: a domain the reference knows well draws more of the selection).
-    Returns dumps in the trainer's format, plus ``label`` (the policy checkpoint).
+    Returns dumps in the trainer's format, plus ``label`` (the policy checkpoint). Every checkpoint must record
+    ``tokenizer``'s fingerprint (sha256 of its file) when it records any; its vocabulary must be the tokenizer's.
     """
     import torch.distributed as dist
 
     from megatron_slm.analysis.evaluate import resolve_checkpoint
+    from megatron_slm.checkpoint.weights import check_tokenizer
     from megatron_slm.data.tokenizer import load_tokenizer
     from megatron_slm.parallel import distributed
     from megatron_slm.slm import top_k_mask
@@ -61,6 +63,12 @@ def compute_selection(policy, reference, texts: Sequence[str], tokenizer, k: flo
         raise ValueError(f"scope {scope!r}: use 'document' or 'batch'")
     policies = [policy] if isinstance(policy, (str, Path)) else list(policy)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    # before any model is built: losses of the text's ids under another tokenizer's embeddings mean nothing
+    for who, source in [("reference", reference)] + [("policy", p) for p in policies]:
+        check_tokenizer(str(source), f"the {who} checkpoint '{source}'", getattr(tok, "fingerprint", None),
+                        tokenizer_of=f"the tokenizer '{getattr(tok, 'path', tokenizer)}'",
+                        fix="Pass the tokenizer file (--tokenizer) the checkpoint's training data was preprocessed "
+                            "with")
     started = not dist.is_initialized()
     distributed.initialize(1, 1)
     try:

@@ -13,7 +13,10 @@ import torch
 from megatron_slm.checkpoint.agreement import rank
 from megatron_slm.checkpoint.layout import LATEST, MODEL_META, read_json, resolve
 from megatron_slm.checkpoint.sharded import load_sharded, save_sharded
-from megatron_slm.errors import CheckpointError
+from megatron_slm.errors import CheckpointError, DataError
+from megatron_slm.log import get_logger
+
+log = get_logger(__name__)
 
 
 # The fields that decide what a checkpoint's weights compute (their shapes and the model's function):
@@ -68,16 +71,19 @@ def read_model_meta(directory: str) -> dict:
     return read_json(path / MODEL_META)
 
 
-def load_model_weights(model, directory: str, expected_vocab: int | None = None) -> dict:
-    """Load weights saved by ``save_model_weights`` or a training checkpoint (any TP/PP, interleaved or not) into
-    ``model`` (a GPTModel or a list of chunks)."""
-    meta = read_model_meta(directory)
-    vocab = meta["model"].get("vocab_size")
+def _check_vocab(directory: str, vocab: int | None, expected_vocab: int | None) -> None:
     if expected_vocab is not None and vocab != expected_vocab:
         raise CheckpointError(
             f"checkpoint '{directory}' has vocab_size={vocab} but the run expects {expected_vocab}: the policy, the "
             "reference and the tokenizer must share one vocabulary"
         )
+
+
+def load_model_weights(model, directory: str, expected_vocab: int | None = None) -> dict:
+    """Load weights saved by ``save_model_weights`` or a training checkpoint (any TP/PP, interleaved or not) into
+    ``model`` (a GPTModel or a list of chunks)."""
+    meta = read_model_meta(directory)
+    _check_vocab(directory, meta["model"].get("vocab_size"), expected_vocab)
     sharded = model_sharded_state_dict(model)
     loaded = load_sharded(sharded, resolve(directory), "model", meta)
     load_model_state(model, {k: v for k, v in loaded.items() if k in sharded})  # a training checkpoint has more
@@ -132,6 +138,23 @@ def tokenizer_fingerprints(directory: str) -> set:
     return set((read_model_meta(directory).get("tokenizer") or {}).get("fingerprints") or [])
 
 
+def check_tokenizer(source: str, who: str, fingerprint: str | None, tokenizer_of: str = "the data's tokenizer",
+                    fix: str = "Use a checkpoint of the data's tokenizer, or re-tokenize the data with the "
+                               "checkpoint's") -> None:
+    """A checkpoint must have been trained with the tokenizer of the tokens it computes losses on (same vocabulary
+    size is not the same tokenizer): refused when both fingerprints are known and differ, else only a warning.
+    ``fingerprint``: sha256 of that tokenizer's file, named ``tokenizer_of`` in the messages; ``fix``: what to do."""
+    known = tokenizer_fingerprints(source)
+    if not known or fingerprint is None:
+        log.warning(f"{who} records no tokenizer fingerprint (or {tokenizer_of} has none): cannot verify that "
+                    "it was trained with that tokenizer")
+        return
+    if fingerprint not in known:
+        raise DataError(
+            f"{who} was trained with another tokenizer (sha256 {', '.join(sorted(k[:12] for k in known))}) "
+            f"than {tokenizer_of} ({fingerprint[:12]}); its token losses would be about other tokens. {fix}")
+
+
 def weights_vocab(directory: str) -> int | None:
     """The vocabulary size of a weights source: megatron_slm checkpoint or transformers directory."""
     return read_model_config(directory).vocab_size
@@ -150,6 +173,7 @@ def load_weights(model, directory: str, model_cfg, expected_vocab: int | None = 
     if not is_hf_dir(directory):
         load_model_weights(model, directory, expected_vocab)
         return
+    _check_vocab(directory, saved.vocab_size, expected_vocab)  # load_model_weights checks its own
     from megatron_slm.model import hf
 
     with torch.no_grad():

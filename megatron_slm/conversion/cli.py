@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
     a.add_argument("--verify", action="store_true", help="compare logits with transformers (fp32) after converting")
     a.add_argument("--verify-seq-len", type=int, default=64, help="tokens per sequence for --verify")
-    a.add_argument("--force", action="store_true", help="replace an existing output")
+    a.add_argument("--force", action="store_true", help="replace an existing output (never an input)")
     b = sub.add_parser("megatron-to-hf", help="megatron_slm checkpoint (any TP/PP) -> transformers directory")
     b.add_argument("--input", required=True, help="checkpoint directory written by save_model_weights")
     b.add_argument("--output", required=True, help="transformers directory to write")
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "sentencepiece .model, a tokenizer.json or an HF directory holding one; it must be the "
                         "tokenizer the checkpoint records (sha256). Default: the tokenizer files hf-to-megatron kept, "
                         "if any (else only the weights are written, with a warning)")
-    b.add_argument("--force", action="store_true", help="replace an existing output")
+    b.add_argument("--force", action="store_true", help="replace an existing output (never an input)")
     return parser
 
 

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+from megatron_slm.checkpoint.files import OLD, TMP, sibling
 from megatron_slm.conversion.safetensors_io import write_safetensors
 from megatron_slm.conversion.tokenizer_export import (TOKENIZER_DIR, TOKENIZER_FILES, check_tokenizer_fingerprint,
                                                       copy_tokenizer_files, find_tokenizer, write_tokenizer)
+from megatron_slm.data.preprocess import path_overlap
 from megatron_slm.errors import CheckpointError, ConvertError
 from megatron_slm.log import get_logger
 from megatron_slm.model.hf import (
@@ -66,10 +68,16 @@ def single_process():
             distributed.destroy()
 
 
-def _check_output(out_dir: str, force: bool, input_dir: str) -> None:
+def _check_output(out_dir: str, force: bool, inputs: list) -> None:
+    """``inputs``: every path the conversion reads (None: not given). An output that is, contains or lies inside
+    one is refused even with --force: replacing it would delete that input (``--input RUN --output RUN/iter_N``)."""
     out = Path(out_dir)
-    if out.resolve() == Path(input_dir).resolve():
-        raise ConvertError("--output must differ from --input")
+    for path in (out, sibling(out, TMP), sibling(out, OLD)):  # the output and the scratch names its writes use
+        hit = path_overlap(path, inputs)
+        if hit:
+            what = f"--output '{out_dir}'" if path == out else f"'{path}' (written while saving --output '{out_dir}')"
+            raise ConvertError(f"{what} {hit[0]} the input '{hit[1]}': writing it would destroy that input (even "
+                               "with --force); choose an --output outside the inputs")
     if out.exists() and not force:
         if not out.is_dir() or any(out.iterdir()):
             raise ConvertError(f"output '{out_dir}' already exists; choose a new path or pass --force to replace it")
@@ -114,7 +122,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, dtype: str = "fp32", verify: bool 
 
     torch_dtype = _dtype(dtype)
     hf_cfg = read_hf_config(hf_dir)
-    _check_output(out_dir, force, hf_dir)
+    _check_output(out_dir, force, [hf_dir])
     hf = HFWeights(hf_dir)
     m = hf_config_to_model_config(hf_cfg)
     unused = sorted(k for k in set(hf.keys()) - hf_names_used(m)
@@ -190,7 +198,6 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool
     if dtype == "auto":
         dtype = source.get("dtype", "fp32") if source.get("dtype") in DTYPES else "fp32"
     torch_dtype = _dtype(dtype)
-    _check_output(out_dir, force, ckpt_dir)
     try:
         from transformers import LlamaConfig  # noqa: F401
         from safetensors.torch import save_file  # noqa: F401
@@ -198,9 +205,12 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool
         raise ConvertError("megatron-to-hf needs transformers and safetensors: pip install transformers safetensors") from None
     hf_cfg = model_config_to_hf_config(m, source.get("hf_config"), torch_dtype)
     tokenizer = find_tokenizer(path, source, tokenizer_model)
+    # path: the iteration read; the tokenizer may be the HF directory the checkpoint was converted from
+    _check_output(out_dir, force, [ckpt_dir, path, hf_config, tokenizer_model, tokenizer and tokenizer.path])
     if tokenizer is not None:  # before the (long) weight loading
         check_tokenizer_fingerprint(tokenizer, ckpt_dir)
-    out, tmp = Path(out_dir), Path(str(out_dir) + ".tmp")
+    out = Path(out_dir)
+    tmp = sibling(out, TMP)  # the name _check_output checked ("out/" + ".tmp" would lie inside out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

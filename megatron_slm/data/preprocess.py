@@ -94,6 +94,26 @@ def expand_inputs(inputs: Sequence[Union[str, os.PathLike]]) -> List[Path]:
     return files
 
 
+def path_overlap(output: Union[str, os.PathLike],
+                 inputs: Iterable[Union[str, os.PathLike, None]]) -> Optional[Tuple[str, str]]:
+    """``(relation, input)`` when ``output`` is one of ``inputs`` ("is"), contains one ("contains") or lies inside
+    one ("lies inside"), compared as real paths (symlinks resolved), else None; ``None`` inputs are skipped.
+    Writing or replacing such an output destroys that input, so the tools refuse it even with --force (used by
+    preprocessing and the checkpoint converters)."""
+    out = Path(output).resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        real = Path(item).resolve()
+        if out == real:
+            return "is", str(item)
+        if real.is_relative_to(out):
+            return "contains", str(item)
+        if out.is_relative_to(real):
+            return "lies inside", str(item)
+    return None
+
+
 def _format(path: Path) -> Tuple[str, bool]:
     """('json' | 'text', gzipped)."""
     suffixes = [s.lower() for s in path.suffixes]
@@ -278,6 +298,11 @@ def preprocess(inputs: Sequence[Union[str, os.PathLike]], output_prefix: Union[s
                                                                                             eod_token=eod_token)
     prefix = _prefix(output_prefix)
     outputs = {ext: prefix + ext for ext in (".bin", ".idx", ".json")}
+    for out in outputs.values():  # before the --force check: --force must not be suggested for these
+        hit = path_overlap(out, [*files, getattr(tokenizer, "path", None)])
+        if hit:
+            raise PreprocessError(f"output {out} {hit[0]} the input {hit[1]}: writing it would destroy that input "
+                                  "(even with --force); choose an --output-prefix whose .bin/.idx/.json are not inputs")
     existing = [p for ext, p in outputs.items() if ext != ".json" and os.path.exists(p)]
     if existing and not force:
         raise PreprocessError(f"output {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
@@ -377,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="tokenizer processes (default: 2)")
     p.add_argument("--no-append-eod", dest="append_eod", action="store_false",
                    help="do not append the EOD id after each document")
-    p.add_argument("--force", action="store_true", help="overwrite an existing PREFIX.bin/.idx")
+    p.add_argument("--force", action="store_true", help="overwrite an existing PREFIX.bin/.idx (never an input)")
     p.add_argument("--log-every", type=float, default=1.0, help="seconds between progress updates (default: 1)")
     p.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     return p

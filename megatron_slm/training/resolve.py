@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from megatron_slm.config import (Config, TrainConfig, draft_copy, freeze, is_frozen, lr_decay_steps,
                                  reference_in_memory, uses_offline_scores, validate)
-from megatron_slm.errors import CheckpointError, ConfigError, DataError
+from megatron_slm.errors import CheckpointError, ConfigError
 from megatron_slm.log import get_logger
 
 log = get_logger(__name__)
@@ -155,27 +155,11 @@ def _adopt_architecture(cfg: Config, section: tuple, source: str, who: str, flag
             setattr(model, f, getattr(saved, f))
 
 
-def check_tokenizer(source: str, who: str, data_fingerprint: Optional[str]) -> None:
-    """A checkpoint must have been trained with the tokenizer the data was made with (same vocabulary size is
-    not the same tokenizer): refused when both fingerprints are known and differ."""
-    from megatron_slm.checkpoint import tokenizer_fingerprints
-
-    known = tokenizer_fingerprints(source)
-    if not known or data_fingerprint is None:
-        log.warning(f"{who} records no tokenizer fingerprint (or the data none): cannot verify it "
-                    "belongs to the data's tokenizer")
-        return
-    if data_fingerprint not in known:
-        raise DataError(
-            f"{who} was trained with another tokenizer (sha256 {', '.join(sorted(k[:12] for k in known))}) "
-            f"than the data was made with ({data_fingerprint[:12]}); its token losses would be about other tokens. "
-            "Use a checkpoint of the data's tokenizer, or re-tokenize the data with the checkpoint's")
-
-
 def _check_data(cfg: Config, policy_source, policy_flag, reference, require_data: bool, world_size: int,
                 offline_scores: bool):
     """The tokenizer file, the DeepSpeed config, then the data (vocabulary, token ids, split), each checkpoint's
     tokenizer against the data's and the score sidecars. Fills ``vocab_size`` from the data when unset."""
+    from megatron_slm.checkpoint.weights import check_tokenizer
     from megatron_slm.data.datasets import check_split, parse_blend, token_info
 
     fingerprint = None

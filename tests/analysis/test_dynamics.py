@@ -5,7 +5,7 @@
   dynamics`` on them (torchrun, two data-parallel ranks) equals the classification of per-token losses computed
   by transformers on the converted checkpoints (megatron-to-hf), over windows built here from the IndexedDataset;
   shares sum to 1; files written.
-- CLI errors are one ``error:`` line.
+- CLI errors are one ``error:`` line; data of another tokenizer than the checkpoints' (same vocabulary size) is one.
 """
 
 import json
@@ -178,4 +178,17 @@ def test_errors_are_one_line(tmp_path, capsys, case):
     assert out.out == "" and len(lines) == 1 and lines[0].startswith("error:"), out.err
     expected = {"syntax": "expected NAME=CKPT", "one": "at least two checkpoints", "missing": "does not exist"}
     assert expected[case] in lines[0]
+    assert not (tmp_path / "never").exists()
+
+
+def test_data_of_another_tokenizer_is_refused_even_with_the_same_vocab_size(runs, tmp_path, capsys):
+    # the runs' checkpoints record the tokenizer of their data; this data is another sentencepiece model's
+    other = tiny_text_dataset(tmp_path / "other", vocab=128, seed=1)
+    argv = ["dynamics", "--run", f"clm={runs / 'clm'}", "--data-path", str(other / "valid"), "--seq-length", str(SEQ),
+            "--out", str(tmp_path / "never")]
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.strip().splitlines() if ln.strip()]
+    assert out.out == "" and len(lines) == 1 and lines[0].startswith("error:"), out.err
+    assert "was trained with another tokenizer" in lines[0] and str(other / "valid") in lines[0]
     assert not (tmp_path / "never").exists()

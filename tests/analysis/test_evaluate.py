@@ -4,7 +4,8 @@
   own per-token cross-entropy over the same windows (built here from the IndexedDataset, EOD labels masked).
 - Samples are independent of --seed, and paired (every checkpoint counts the same tokens per dataset).
 - TP=2 (two processes under torchrun) reports the TP=1 numbers.
-- Errors are one ``error:`` line.
+- Errors are one ``error:`` line; a checkpoint (also the split's reference) of another tokenizer than the data's
+  is one, even with the same vocabulary size.
 - The learnable / not-learnable split (--split-reference) equals a numpy argsort split of transformers' per-token
   losses of the base and the reference (one process and two data-parallel ranks).
 """
@@ -144,6 +145,40 @@ def test_errors_are_one_line(setup, tmp_path, case):
     r = _slm(args)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+
+
+@pytest.fixture(scope="module")
+def tokenizers(setup):
+    """Datasets of a second sentencepiece tokenizer of the same vocabulary size (another seed), and copies of the
+    transformers model that record (tokenizer.model) the tokenizer of setup's data and the other one."""
+    root = setup["root"]
+    other = tiny_text_dataset(root / "other", vocab=128, seed=1)
+    for name, tok in (("hf_own_tok", root / "data" / "tok.model"), ("hf_other_tok", other / "tok.model")):
+        shutil.copytree(root / "hf", root / name)
+        shutil.copy(tok, root / name / "tokenizer.model")
+    return {"other_valid": str(other / "valid"), "own": str(root / "hf_own_tok"), "other": str(root / "hf_other_tok")}
+
+
+@pytest.mark.parametrize("case", ["data", "split_reference"])
+def test_a_checkpoint_of_another_tokenizer_is_refused_even_with_the_same_vocab_size(setup, tokenizers, capsys, case):
+    from megatron_slm.analysis.evaluate import load_datasets
+    from megatron_slm.checkpoint import read_model_config
+    from megatron_slm.cli import main
+
+    t = tokenizers
+    if case == "data":  # the checkpoint records the tokenizer of setup's data, the data is the other one's
+        argv, foreign = ["--load", t["own"], "--data-path", t["other_valid"]], t["own"]
+    else:  # the data's own checkpoint, but a split reference of the other tokenizer
+        argv = ["--load", t["own"], "--data-path", setup["prefixes"][1], "--split-reference", t["other"]]
+        foreign = t["other"]
+    assert main(["evaluate", *argv, "--seq-length", str(SEQ)]) == 2
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.strip().splitlines() if ln.strip()]
+    assert out.out == "" and len(lines) == 1 and lines[0].startswith("error:"), out.err
+    assert f"checkpoint '{foreign}' was trained with another tokenizer" in lines[0]
+    # the data's own tokenizer passes the same check
+    (data,) = load_datasets(setup["prefixes"][1:], [Path(t["own"])], [read_model_config(t["own"])], SEQ, SAMPLES)
+    assert data.windows == SAMPLES
 
 
 # ----------------------------------------------------------------------------------------------

@@ -258,6 +258,40 @@ def test_cli_errors_are_one_line(tiny, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def _tree(d: Path) -> dict:
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused_even_with_force(tiny, tmp_path, capsys):
+    # issue 19: `megatron-to-hf --input RUN --output RUN/iter_0000006 --force` replaced the checkpoint it read
+    root = tiny["root"]
+    run = tmp_path / "run"
+    shutil.copytree(root / "ck_llama", run / "iter_0000006")
+    (run / "latest_checkpointed_iteration.txt").write_text("6")
+    outer = tmp_path / "outer"
+    shutil.copytree(root / "hf_llama", outer / "hf")
+    (tmp_path / "alias").symlink_to(run, target_is_directory=True)
+    before = {d: _tree(d) for d in (run, outer)}
+    cases = [
+        (["megatron-to-hf", "--input", str(run), "--output", str(run / "iter_0000006")],
+         f"lies inside the input '{run}'"),
+        (["megatron-to-hf", "--input", str(run), "--output", str(tmp_path / "alias" / "iter_0000006")], "lies inside"),
+        (["megatron-to-hf", "--input", str(run / "iter_0000006"), "--output", str(run)], "contains the input"),
+        (["megatron-to-hf", "--input", str(run), "--output", str(run)], "is the input"),
+        (["megatron-to-hf", "--input", str(root / "ck_llama"), "--output", str(outer), "--hf-config",
+          str(outer / "hf")], "contains the input"),
+        (["hf-to-megatron", "--input", str(outer / "hf"), "--output", str(outer / "hf" / "ck")], "lies inside"),
+        (["hf-to-megatron", "--input", str(outer / "hf"), "--output", str(outer)], "contains the input"),
+        (["hf-to-megatron", "--input", str(outer / "hf"), "--output", str(outer / "hf")], "is the input"),
+    ]
+    for argv, needle in cases:
+        rc, err = _cli(argv + ["--force"], capsys)
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert needle in err and "even with --force" in err, (argv, err)
+    assert {d: _tree(d) for d in (run, outer)} == before
+    assert not (outer / "hf" / "ck").exists() and not (run / "iter_0000006.tmp").exists()
+
+
 def _main_captured(argv):
     import contextlib
     import io

@@ -1,6 +1,8 @@
 """What a run refuses before it starts (or on resume), so that its numbers cannot be silently meaningless:
 a checkpoint of another architecture or tokenizer, and a resumed run whose LR schedule flags changed.
-Also: check-config runs the same checks as train."""
+Also: check-config runs the same checks as train; the heatmap tool's checkpoint mode refuses a tokenizer that is
+not the checkpoints' (same vocabulary size), and a transformers directory of another vocabulary is refused as
+a megatron_slm checkpoint is."""
 
 from __future__ import annotations
 
@@ -87,6 +89,31 @@ def test_a_checkpoint_of_another_tokenizer_is_refused_even_with_the_same_vocab_s
     with pytest.raises(DataError, match="policy's checkpoint .*another tokenizer"):
         resolve_run(cfg)
     resolve_run(_cfg(data, model={"preset": "tiny"}, reference={"load": str(data / "hf")}))  # the data's own tokenizer
+
+
+def test_the_heatmap_tool_refuses_a_tokenizer_that_is_not_the_checkpoints(data, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("visualize_selection", REPO / "tools" / "visualize_selection.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    # the reference records the tokenizer given, the policy another one: refused before any model is built
+    rc = tool.main(["--policy", str(data / "hf_other_tok"), "--reference", str(data / "hf"), "--tokenizer",
+                    str(data / "data" / "tok.model"), "--text", "the sum of a prime", "--out", str(tmp_path / "p.html")])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: the policy checkpoint"), err
+    assert "was trained with another tokenizer" in lines[0] and "--tokenizer" in lines[0]
+    assert not (tmp_path / "p.html").exists()
+
+
+def test_a_transformers_directory_of_another_vocabulary_is_refused_on_load(data):
+    from megatron_slm.checkpoint import load_weights, read_model_config
+    from megatron_slm.errors import CheckpointError
+
+    # the tokenizer's vocabulary (64) against the directory's (128); refused before the model is used
+    with pytest.raises(CheckpointError, match="has vocab_size=128 but the run expects 64"):
+        load_weights(None, str(data / "hf"), read_model_config(str(data / "hf")), expected_vocab=64)
 
 
 def _train(root, save, *flags):
