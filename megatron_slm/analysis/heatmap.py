@@ -122,7 +122,17 @@ def load_dumps(paths) -> list[dict]:
     dumps = []
     for path in paths:
         for f in _dump_files(path):
-            d = torch.load(f, map_location="cpu", weights_only=True)
+            try:  # weights_only: a dump from elsewhere cannot run code
+                d = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - refused or damaged: one line, as ValueError
+                from megatron_slm.checkpoint.agreement import describe_failure
+                from megatron_slm.checkpoint.sharded import refusal
+
+                why = refusal(exc)
+                if why:
+                    raise ValueError(f"refused to load {f}: it {why}, and loading it could run code (dumps may come "
+                                     "from anyone, so only plain data is loaded); use a dump you trust") from None
+                raise ValueError(f"{f} cannot be read as a selection dump ({describe_failure(exc)})") from None
             if not isinstance(d, dict) or "sequences" not in d:
                 raise ValueError(f"{f} is not a selection dump (a dict with 'sequences')")
             d.setdefault("source", str(f))

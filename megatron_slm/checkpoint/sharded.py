@@ -3,12 +3,15 @@
 A save writes ``<dir>.tmp``; the ranks agree that every write succeeded (else all raise one CheckpointError and
 the partial ``.tmp`` is removed), the files and directories are fsynced, then it is renamed into place and only
 then ``on_commit`` runs (e.g. replacing ``latest``): a half-written checkpoint is never taken as the latest, also
-after a power loss. A load first checks the files are complete, so damage is one clear error, not a hang."""
+after a power loss. A load first checks the files are complete, so damage is one clear error, not a hang, and
+that every pickle in them is plain data (a checkpoint from elsewhere runs no code), else one CheckpointError."""
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -94,30 +97,145 @@ def save_sharded(sharded_state: dict, final: Path, write_files, on_commit=None) 
     _step(publish if rank0 else None, final)
 
 
+# ----------------------------------------------------------------------------------------------
+# Refusing pickles that would run code. Checkpoints are copied between people and clusters, and a pickle can
+# call any function while it loads. torch DCP reads ``.metadata`` with plain ``pickle.load`` and its non-tensor
+# items (megatron-core's ShardedObjects) with ``torch.load(weights_only=False)``, deep inside megatron-core's
+# dist_checkpointing.load, where we cannot change how: so every load goes through ``check_complete`` here,
+# which reads those files first with loaders that only build plain data, and the libraries' own (unsafe) reads
+# then only see files verified here.
+
+# What torch DCP's ``.metadata`` legitimately holds: its metadata dataclasses and enums, torch.Size, dtypes and
+# layouts. Nothing here runs code when built from a pickle.
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "ChunkStorageMetadata",
+                                              "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
+                                             "BytesIOWriteData", "LoadPlan", "ReadItem", "LoadItemType"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
+    "torch.serialization": {"_get_layout"},  # a layout by name, from torch's own table
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+}
+
+
+class UnsafePickle(pickle.UnpicklingError):
+    """A pickle that names a function or class outside the allowlist: loading it could run code."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        import torch
+
+        if name in _DCP_GLOBALS.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                      torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafePickle(f"GLOBAL {module}.{name} is not allowed")
+
+
+def refusal(exc: BaseException) -> str | None:
+    """Why a pickle was refused as possibly code (this module's unpickler or torch's ``weights_only``), as the
+    rest of a sentence about the file ("... names posix.system, which is not plain data"); None for another
+    failure (a damaged file)."""
+    text = str(exc)
+    if not (isinstance(exc, UnsafePickle) or (isinstance(exc, pickle.UnpicklingError) and "Weights only" in text)):
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"names {found.group(1)}, which is not plain data"
+    detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return f"is not plain data ({(detail.group(1) if detail else text.splitlines()[0]).strip()[:200]})"
+
+
+def refused(file, why: str, fix: str) -> CheckpointError:
+    """The one error for a refused file; ``why`` is :func:`refusal`'s sentence about it."""
+    return CheckpointError(f"refused to load {file}: it {why}, and loading it could run code (a checkpoint may come "
+                           f"from anyone, so only plain data is loaded); {fix}")
+
+
+_FIX = "restore the file from a copy you trust or use another checkpoint (iteration)"
+
+
+def safe_torch_load(file, map_location="meta"):
+    """``torch.load(weights_only=True)``: tensors, containers, plain values and the classes allowlisted with
+    torch (megatron-core registers its own on import). ``map_location="meta"`` (default) reads only the
+    pickle, not the tensor data: a cheap check of a file a library loads afterwards."""
+    import torch
+
+    return torch.load(file, map_location=map_location, weights_only=True)
+
+
+def _read_metadata(path: Path):
+    """torch DCP's index, through the allowlist above (UnsafePickle otherwise)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    with open(path / ".metadata", "rb") as f:
+        metadata = _MetadataUnpickler(f).load()
+    if not isinstance(metadata, Metadata):
+        raise ValueError(f"a {type(metadata).__name__}, not torch DCP metadata")
+    return metadata
+
+
+def _check_objects(path: Path, metadata) -> None:
+    """Each non-tensor item DCP would ``torch.load(weights_only=False)`` (megatron-core's ShardedObjects, e.g.
+    layers' ``_extra_state``), read as DCP reads it and loaded with ``weights_only=True``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    transforms = None
+    for index, info in metadata.storage_data.items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        with open(path / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            stream = io.BytesIO(f.read(info.length))
+        if info.transform_descriptors:  # e.g. compressed: undone as DCP undoes it
+            transforms = transforms or FileSystemReader(str(path)).transforms
+            stream = io.BytesIO(transforms.transform_load_stream(None, info.transform_descriptors, stream).read())
+        try:
+            safe_torch_load(stream)
+        except Exception as exc:  # noqa: BLE001 - refused or damaged: either way not loadable
+            why = refusal(exc)
+            if why is None:
+                raise
+            raise refused(path / info.relative_path, f"holds an item ({index.fqn}) that {why}", _FIX) from None
+
+
 _DAMAGE = (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError)
 _DAMAGE_TEXT = ("PytorchStreamReader", "unexpected EOF", "EOF", "truncated", "corrupt", "invalid load key", "unpickl")
 
 
 def check_complete(path: Path) -> None:
     """Up front, before any rank reads a tensor: torch DCP's index (``.metadata``) and megatron-core's
-    ``common.pt`` exist, and every shard the index names exists and is long enough."""
+    ``common.pt`` exist, every shard the index names exists and is long enough, and every pickle megatron-core
+    or torch will load (the index, ``common.pt``, the shards' non-tensor items) is plain data."""
     def damaged(what):
         return CheckpointError(f"checkpoint '{path}' is damaged or incomplete: {what}; restore the files from a copy "
                                "or use another checkpoint (iteration)")
 
+    common = path / "common.pt"
+    if common.is_file():  # megatron-core loads it for every backend (torch's default weights_only, unless overridden)
+        try:
+            safe_torch_load(common)
+        except Exception as exc:  # noqa: BLE001
+            why = refusal(exc)
+            if why is not None:
+                raise refused(common, why, _FIX) from None
+            raise damaged(f"{common.name} cannot be read ({describe_failure(exc)})") from None
     if read_json(path / "metadata.json").get("sharded_backend") != "torch_dist":  # another dist_checkpointing backend: its own layout, its own errors
         return
     index = path / ".metadata"
-    missing = [f.name for f in (index, path / "common.pt") if not f.is_file()]
+    missing = [f.name for f in (index, common) if not f.is_file()]
     if missing:
         raise damaged(f"{' and '.join(missing)} missing")
     try:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        storage = FileSystemReader(str(path)).read_metadata().storage_data
+        metadata = _read_metadata(path)
         need = {}
-        for info in storage.values():
+        for info in metadata.storage_data.values():
             need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    except UnsafePickle as exc:
+        raise refused(index, refusal(exc), _FIX) from None
     except Exception as exc:  # noqa: BLE001 - unpickling a damaged index fails in many ways
         raise damaged(f"{index.name} cannot be read ({describe_failure(exc)})") from None
     bad = []
@@ -129,6 +247,12 @@ def check_complete(path: Path) -> None:
             bad.append(f"shard {rel} is truncated ({f.stat().st_size} of at least {size} bytes)")
     if bad:
         raise damaged(", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
+    try:
+        _check_objects(path, metadata)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged item
+        raise damaged(f"a non-tensor item cannot be read ({describe_failure(exc)})") from None
 
 
 def _is_damage(exc: BaseException) -> bool:

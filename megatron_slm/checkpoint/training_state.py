@@ -28,7 +28,7 @@ from megatron_slm.checkpoint.agreement import agreed_failures, barrier, describe
 from megatron_slm.checkpoint.files import write_atomic
 from megatron_slm.checkpoint.layout import (LATEST, MODEL_META, TRAINER_STATE, iteration_dir, iteration_dirs,
                                             read_trainer_state, resolve)
-from megatron_slm.checkpoint.sharded import load_sharded, save_sharded
+from megatron_slm.checkpoint.sharded import load_sharded, refusal, refused, save_sharded
 from megatron_slm.checkpoint.weights import model_meta_text, read_model_meta
 from megatron_slm.errors import CheckpointError
 
@@ -150,8 +150,14 @@ def _load_rank_state(path: Path) -> dict:
         if not isinstance(state, dict):
             raise ValueError("not a megatron_slm rank state")
     except Exception as exc:  # noqa: BLE001 - truncated zip, a refused pickle, missing file ...
-        local = [f"{file} is damaged, missing or not plain data ({describe_failure(exc)})"]
+        why = refusal(exc)
+        local = [str(refused(file, why, f"restore the file from a copy you trust, or point {path.parent / LATEST} "
+                                        "at an earlier iteration")) if why else
+                 f"{file} is damaged, missing or not plain data ({describe_failure(exc)})"]
     failures = agreed_failures(bool(local), local)
+    refusals = [f for f in failures if f.startswith("refused to load")]
+    if refusals:  # one rank's refusal says it all (the same error on every rank)
+        raise CheckpointError(refusals[0])
     if failures:
         raise CheckpointError(
             f"checkpoint '{path}' is damaged: {'; '.join(failures)}; "

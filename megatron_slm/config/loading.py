@@ -69,10 +69,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, ar
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
-        try:
+        try:  # safe_load: plain data only (a config from elsewhere with !!python/... tags runs no code)
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]} ({exc.problem_mark})") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}{where}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
         _merge_dict(cfg, data, source=str(path))

@@ -218,10 +218,18 @@ class HFWeights:
 
     def _load_bin(self, file: Path) -> dict:
         if file not in self._bin_cache:
-            try:
+            try:  # weights_only: a directory from elsewhere cannot run code (transformers' own reads do the same)
                 self._bin_cache = {file: torch.load(str(file), map_location="cpu", weights_only=True)}
             except Exception as exc:  # noqa: BLE001
-                raise ConvertError(f"cannot read weights '{file}' ({type(exc).__name__}: {str(exc)[:200]})") from None
+                from megatron_slm.checkpoint.sharded import refusal
+
+                why = refusal(exc)
+                if why:
+                    raise ConvertError(f"refused to load '{file}': it {why}, and loading it could run code (weights "
+                                       "may come from anyone, so only plain data is loaded); get the weights from a "
+                                       "source you trust, preferably as safetensors") from None
+                raise ConvertError(f"cannot read weights '{file}' ({type(exc).__name__}: "
+                                   f"{' '.join(str(exc).split())[:200]})") from None
         return self._bin_cache[file]
 
     def keys(self):

@@ -74,6 +74,49 @@ def load_ds_config(path: str, cfg, dp_size: int) -> dict:
     return ds
 
 
+def _engine_globals() -> list:
+    """The DeepSpeed classes its engine files hold besides what ``weights_only`` allows (found by saving ZeRO 0/1/2
+    checkpoints, fp32 and bf16): plain state, nothing that runs code when built from a pickle."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def verify_engine_files(path: Path) -> None:
+    """Refuse an engine checkpoint holding anything but plain data, on every rank alike, before DeepSpeed reads it.
+
+    DeepSpeed loads its files with ``torch.load(weights_only=False)`` (deepspeed/runtime/checkpoint_engine), which
+    runs whatever code a pickle carries, and checkpoints are copied between people and clusters: so each ``.pt``
+    file of the checkpoint is first unpickled here with ``weights_only=True`` and the allowlist above (its pickle
+    only, not its tensor data), and DeepSpeed's own read then only sees verified files. A file that fails this
+    check in any other way is not handed to DeepSpeed either (its unrestricted read might get further)."""
+    import torch
+
+    from megatron_slm.checkpoint.agreement import agreed_failures, describe_failure
+    from megatron_slm.checkpoint.sharded import refusal, refused, safe_torch_load
+
+    local = []
+    with torch.serialization.safe_globals(_engine_globals()):
+        for file in sorted(path.rglob("*.pt")):
+            try:
+                safe_torch_load(file)
+            except Exception as exc:  # noqa: BLE001 - refused, or damaged
+                why = refusal(exc)
+                local.append(f"{file}\t{why}" if why else f"{file}\t\t{describe_failure(exc)}")
+                break
+    failures = agreed_failures(bool(local), local)
+    if not failures:
+        return
+    file, why, *damage = failures[0].split("\t")
+    if why:
+        raise refused(file, why, "restore the checkpoint from a copy you trust, or point "
+                                 "latest_checkpointed_iteration.txt at an earlier iteration")
+    raise CheckpointError(f"DeepSpeed checkpoint {path} is damaged or incomplete ({file}: {damage[0]}); restore it "
+                          "from a copy, or point latest_checkpointed_iteration.txt at an earlier iteration")
+
+
 class DeepSpeedBackend:
     """Owns the engine; ``train_step`` runs the training pass for one global batch (PP=1)."""
 
@@ -122,6 +165,7 @@ class DeepSpeedBackend:
 
     def load(self, root: str, tag: str) -> dict:
         path = Path(root) / tag
+        verify_engine_files(path)
         try:
             loaded, client_state = self.engine.load_checkpoint(root, tag=tag)
         except Exception as exc:  # noqa: BLE001 - truncated or missing engine files fail deep inside DeepSpeed
