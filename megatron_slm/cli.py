@@ -130,13 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "with and without the distributed optimizer, activations of the micro-batches in flight (with "
                     "the configured recompute), the loss head, the reference's forward-only pass; FITS / DOES NOT FIT "
                     "against --gpu-memory; step time and tokens/s from FLOPs at --assumed-mfu of --peak-tflops "
-                    "(unset here: 989, H100/H200 dense bf16). Formulas: megatron_slm/planning/plan.py.")
+                    "(unset here: 989, H100/H200 dense bf16). With --scoring-tokens, also the offline scoring run "
+                    "(slm score-reference) at this layout: hours, memory per GPU, sidecar, part and merge bytes. "
+                    "Formulas: megatron_slm/planning/plan.py.")
     p_plan.add_argument("--world-size", type=int, required=True, metavar="N",
                         help="GPUs (processes) of the run (required, no default)")
     p_plan.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
                         help="memory per GPU in GiB (default: 80)")
     p_plan.add_argument("--assumed-mfu", type=float, default=0.40, metavar="X",
                         help="model FLOPs utilisation assumed for the speed estimate (default: 0.40)")
+    p_plan.add_argument("--scoring-tokens", type=_count, default=None, metavar="N",
+                        help="tokens of the datasets 'slm score-reference' scores (their num_tokens, e.g. 14e9): adds "
+                             "the offline-scoring section: reference forward time, memory per GPU, sidecar bytes "
+                             "(fp32/bf16), part bytes before the merge, the merge's I/O (default: none, no section)")
+    p_plan.add_argument("--scoring-documents", type=_count, default=None, metavar="N",
+                        help="with --scoring-tokens: documents in those datasets, for the size of the sidecars' .idx "
+                             "(default: one per 1,000 tokens, assumed)")
+    p_plan.add_argument("--scoring-datasets", type=int, default=1, metavar="N",
+                        help="with --scoring-tokens: datasets (--data-path prefixes) scored, one sidecar each; with "
+                             "two or more the parts store an int16 dataset id per sample, else int64 (default: 1)")
+    p_plan.add_argument("--scoring-disk-bandwidth", type=float, default=1.0, metavar="GB/S",
+                        help="with --scoring-tokens: read + write bandwidth of the disk holding the parts and the "
+                             "sidecars, assumed for the merge's time (default: 1.0)")
     _config_arguments(p_plan, "plan")
     p_score = _command(
         sub, "score-reference",
@@ -256,16 +271,50 @@ def _check(args, cfg) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """A count flag: an integer, also written 14_000_000_000 or 14e9."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"not a whole count: {text!r}")
+    return int(value)
+
+
 def _plan(args, cfg) -> int:
-    """Memory and speed plan per GPU (megatron_slm/planning/plan.py); torch is imported here, not for --help."""
-    from megatron_slm.planning.plan import DEFAULT_PEAK_TFLOPS, format_plan, make_plan
+    """Memory and speed plan per GPU (megatron_slm/planning/plan.py), and with --scoring-tokens the plan of
+    offline scoring; torch is imported here, not for --help."""
+    from megatron_slm.planning.plan import (
+        DEFAULT_PEAK_TFLOPS, format_plan, format_scoring_plan, make_plan, make_scoring_plan,
+    )
 
     if not 0 < args.assumed_mfu <= 1 or args.gpu_memory <= 0:
         raise ConfigError(f"--assumed-mfu must be in (0, 1] and --gpu-memory > 0 (got {args.assumed_mfu}, "
                           f"{args.gpu_memory})")
+    peak = cfg.train.peak_tflops or DEFAULT_PEAK_TFLOPS
     plan = make_plan(cfg, args.world_size, gpu_memory_gib=args.gpu_memory, assumed_mfu=args.assumed_mfu,
-                     peak_tflops=cfg.train.peak_tflops or DEFAULT_PEAK_TFLOPS)
+                     peak_tflops=peak)
+    scoring = None
+    if args.scoring_tokens is not None:
+        G, s = cfg.train.global_batch_size, cfg.train.seq_length
+        if args.scoring_tokens < G * s:
+            raise ConfigError(f"--scoring-tokens {args.scoring_tokens:,} holds no global batch of {G} x {s} tokens")
+        if (args.scoring_documents is not None and args.scoring_documents < 1) or args.scoring_datasets < 1 \
+                or args.scoring_disk_bandwidth <= 0:
+            raise ConfigError(f"--scoring-documents, --scoring-datasets and --scoring-disk-bandwidth must be "
+                              f"positive (got {args.scoring_documents}, {args.scoring_datasets}, "
+                              f"{args.scoring_disk_bandwidth})")
+        scoring = make_scoring_plan(cfg, args.world_size, args.scoring_tokens, documents=args.scoring_documents,
+                                    datasets=args.scoring_datasets, assumed_mfu=args.assumed_mfu, peak_tflops=peak,
+                                    disk_gbps=args.scoring_disk_bandwidth, gpu_memory_gib=args.gpu_memory)
     print(format_plan(plan))
+    if scoring is not None:
+        print("\n" + format_scoring_plan(scoring))
     return 0
 
 

@@ -433,8 +433,8 @@ def test_readme_recipe_commands_parse(tmp_path, model):
             validate(load_config(ns.config, args=ns), world_size=world)  # values, layout, batch sizes
     assert sorted(seen) == sorted(
         ["tools/convert_checkpoint.py hf-to-megatron"] + ["tools/preprocess_data.py"] * 5
-        + ["slm plan", "slm check-config", "slm train clm", "slm score-reference", "slm train", "slm train clm",
-           "slm train random", "slm reweight", "slm train clm", "slm evaluate"]
+        + ["slm plan", "slm check-config", "slm train clm", "slm plan", "slm score-reference", "slm train",
+           "slm train clm", "slm train random", "slm reweight", "slm train clm", "slm evaluate"]
         + ["tools/convert_checkpoint.py megatron-to-hf"] * 5), seen
 
     # the alternative layouts of the table's "other layouts" row, on the model's config

@@ -23,6 +23,9 @@ A training step counts, for ``global_batch_size * seq_length`` tokens:
   whole global batch before the training pass.
 
 Activation recomputation is not counted (model FLOPs, not hardware FLOPs), as in Megatron-LM's MFU.
+
+Offline scoring (``slm score-reference``) runs the reference's forward only over each scored token:
+``reference_forward_flops`` (1/3 of the reference's forward + backward), for ``slm plan``'s scoring section.
 """
 
 from __future__ import annotations
@@ -63,3 +66,11 @@ def training_step_flops(cfg, batch_size: int | None = None, seq_length: int | No
     if cfg.slm.loss_mode == "slm" and cfg.slm.selection_scope == "global_batch":
         total += policy_forward
     return float(total)
+
+
+def reference_forward_flops(cfg, tokens: int, seq_length: int | None = None) -> float:
+    """Model FLOPs of ``slm score-reference`` over ``tokens`` tokens (in sequences of ``seq_length``, default
+    ``cfg.train.seq_length``): one forward of the reference (``cfg.reference.model``, which config.resolve gave
+    the policy's unset fields) per token, whatever the reference mode of the training run."""
+    s = cfg.train.seq_length if seq_length is None else seq_length
+    return forward_flops_per_token(cfg.reference.model, s, cfg.parallel.tensor_model_parallel_size) * tokens

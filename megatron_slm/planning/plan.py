@@ -66,6 +66,28 @@ layers, selective = the attention core's), at an assumed MFU of an assumed peak,
 ``(PP - 1) / (M m)``. Tensor- and data-parallel communication are not modelled (they are part of what the MFU
 assumes), so layouts of one size differ only by bubble and recomputation here; prefer the smallest TP x PP
 that fits.
+
+**Offline scoring** (``slm plan --scoring-tokens N``; ``megatron_slm/scoring.py`` and ``data/scores.py``): the
+scoring run's ``--train-iters`` is the largest that scores at most the ``N`` tokens of the datasets, ``T =
+floor(N / (G s))`` (global batch ``G``, sequence ``s``), so it scores ``T G`` samples of ``s`` tokens. Time: the
+reference's forward only (``flops.reference_forward_flops``, 1/3 of its forward + backward) at the assumed MFU of
+the assumed peak, stretched by the forward-only pipeline's bubble ``(PP - 1) / (M m)``. Memory per GPU: the
+reference's weights, the step's micro-batches (+ their fp32 scores on the last stage), the forward-only working
+set above and the runtime reserve. Disk, in bytes:
+
+* sidecars: one per dataset, over every token of its token files (``N``), values ``4 N`` (fp32) or ``2 N``
+  (bf16), plus a megatron-core ``.idx`` of ``34`` header bytes + ``4 + 8`` per sequence (length, pointer) + ``8``
+  per document boundary (``D + 1`` of them); this project's preprocessing writes one sequence per document, so
+  ``42 + 20 D`` per dataset (``D`` its documents; unknown: assumed one per ``ASSUMED_TOKENS_PER_DOCUMENT``);
+* parts: each writer rank (TP rank 0 of the last stage of each DP rank) saves one part per step, ``T x DP`` in
+  all, all on disk until the merge: ``G / DP`` samples of a dataset id (int64 for a single dataset, int16 from a
+  blend), ``s`` int64 label positions and ``s`` fp32 scores (``--dtype`` applies to the sidecars only), inside
+  torch.save's zip container (``PART_CONTAINER_BYTES``, measured);
+* the merge (one process, rank 0) reads every part, fills one fp32 ``<output>.flat.npy`` memmap per dataset
+  (``4 N`` + a 128-byte header, written once and read back once: no page cache assumed), writes the sidecars
+  (values + ``.idx``) and reads the token and sidecar indices for their checksums (four index reads); its time is
+  those bytes at an assumed disk bandwidth. Disk at its peak: the parts, the flat files and the sidecars together
+  (the parts are deleted last). Opening the parts one by one and the per-sample Python loop are not modelled.
 """
 
 from __future__ import annotations
@@ -80,6 +102,7 @@ from dataclasses import dataclass, field
 from megatron_slm.config import (
     Config, ModelConfig, ParallelConfig, data_parallel_size, padded_vocab_size, reference_in_memory, validate,
 )
+from megatron_slm.errors import ConfigError
 
 GiB = float(1 << 30)
 DEFAULT_GPU_MEMORY_GIB = 80.0
@@ -87,6 +110,12 @@ DEFAULT_ASSUMED_MFU = 0.40
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
 RUNTIME_RESERVE_GIB = 3.0  # assumed: CUDA context, NCCL buffers, cuBLAS workspace, allocator fragmentation
 DATA_BYTES_PER_TOKEN = 28  # tokens, labels, position_ids (int64) and loss_mask (fp32) of every micro-batch of the step
+# Offline scoring (slm score-reference; see the module docstring)
+DEFAULT_DISK_GBPS = 1.0  # assumed read + write bandwidth of the disk holding the parts and the sidecars (the merge)
+ASSUMED_TOKENS_PER_DOCUMENT = 1000  # for the sidecars' .idx when the document count is not given
+PART_CONTAINER_BYTES = 2470  # torch.save's zip container around a part's 3 tensors: 2,429-2,509 measured (torch 2.13)
+IDX_HEADER_BYTES = 34  # megatron-core .idx: magic 9, version 8, dtype code 1, sequence count 8, document count 8
+NPY_HEADER_BYTES = 128  # the merge's <output>.flat.npy (numpy format 1.0, 1-D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,6 +519,153 @@ def make_plan(cfg: Config, world_size: int, gpu_memory_gib: float = DEFAULT_GPU_
 
 
 # ----------------------------------------------------------------------------------------------
+# Offline scoring: slm score-reference
+
+
+@dataclass
+class ScoringStage:
+    """Memory of one pipeline rank of the scoring run (bytes)."""
+
+    name: str
+    reference_params: int
+    weights: float
+    data: float  # the step's micro-batches (+ their fp32 scores on the last stage)
+    forward_only: float
+    reserve: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.data + self.forward_only + self.reserve
+
+
+@dataclass
+class ScoringPlan:
+    """``slm score-reference`` over ``corpus_tokens`` tokens (see the module docstring). Bytes unless said
+    otherwise; ``sidecar_*``, ``merge_*``, ``disk_peak`` and ``merge_seconds`` are per sidecar dtype."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    corpus_tokens: int
+    documents: int
+    documents_assumed: bool
+    datasets: int
+    seq_length: int
+    global_batch_size: int
+    num_microbatches: int
+    train_iters: int
+    samples: int
+    scored_tokens: int
+    flops_per_token: float
+    flops: float
+    reference_bf16: bool
+    assumed_mfu: float
+    peak_tflops: float
+    bubble: float
+    step_time: float
+    wall_seconds: float
+    gpu_hours: float
+    stages: list[ScoringStage]
+    gpu_memory: float
+    sidecar_values: dict  # {"fp32": 4 N, "bf16": 2 N}
+    sidecar_index: int
+    num_parts: int
+    samples_per_part: int
+    dataset_id_bytes: int
+    part_bytes: int  # one part file
+    parts_bytes: int  # all of them: the parts directory just before the merge
+    flat_bytes: int  # the merge's fp32 memmaps
+    merge_read: dict
+    merge_write: dict
+    disk_bandwidth: float  # bytes/s
+    model_cfg: ModelConfig
+
+    def sidecar_bytes(self, dtype: str) -> int:
+        return self.sidecar_values[dtype] + self.sidecar_index
+
+    def merge_seconds(self, dtype: str) -> float:
+        return (self.merge_read[dtype] + self.merge_write[dtype]) / self.disk_bandwidth
+
+    def disk_peak(self, dtype: str) -> int:
+        return self.parts_bytes + self.flat_bytes + self.sidecar_bytes(dtype)
+
+    def total_memory(self) -> float:
+        return max(st.total for st in self.stages)
+
+
+def make_scoring_plan(cfg: Config, world_size: int, tokens: int, documents: int | None = None, datasets: int = 1,
+                      assumed_mfu: float = DEFAULT_ASSUMED_MFU, peak_tflops: float | None = DEFAULT_PEAK_TFLOPS,
+                      disk_gbps: float = DEFAULT_DISK_GBPS, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
+                      on_gpu: bool = True) -> ScoringPlan:
+    """The plan of ``slm score-reference`` of ``cfg`` on ``world_size`` GPUs over datasets of ``tokens`` tokens
+    (``documents`` documents, ``datasets`` of them): time, memory per GPU, sidecar, part and merge bytes (see the
+    module docstring)."""
+    from megatron_slm.planning.flops import forward_flops_per_token, reference_forward_flops
+
+    if tokens < 1 or datasets < 1 or (documents is not None and documents < 1) or disk_gbps <= 0:
+        raise ConfigError(f"scoring plan: tokens, datasets, documents and the disk bandwidth must be positive (got "
+                         f"{tokens}, {datasets}, {documents}, {disk_gbps})")
+    validate(cfg, world_size=world_size, check_reference=True)
+    ref_m, par, tr = cfg.reference.model, cfg.parallel, cfg.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    dp = data_parallel_size(world_size, tp, pp)
+    G, s, b = tr.global_batch_size, tr.seq_length, tr.micro_batch_size
+    M = G // (b * dp)
+    chunks = (cfg.model.num_layers // (pp * par.num_layers_per_virtual_pipeline_stage)
+              if par.num_layers_per_virtual_pipeline_stage else 1)
+    iters = tokens // (G * s)
+    if iters < 1:
+        raise ConfigError(f"scoring plan: {tokens:,} tokens hold no global batch of {G} x {s} tokens")
+    samples = iters * G
+    scored = samples * s
+
+    # time: the reference's forward over every scored token, stretched by the forward-only pipeline's bubble
+    per_token = forward_flops_per_token(ref_m, s, tp)
+    flops = reference_forward_flops(cfg, scored)
+    peak = peak_tflops or DEFAULT_PEAK_TFLOPS
+    bubble = (pp - 1) / (M * chunks)
+    step_time = per_token * G * s / (world_size * peak * 1e12 * assumed_mfu) * (1 + bubble)
+    wall = step_time * iters
+
+    # memory per GPU
+    ref_bf16 = on_gpu if cfg.reference.dtype == "auto" else cfg.reference.dtype == "bf16"
+    e_ref = 2 if ref_bf16 else 4
+    reserve = RUNTIME_RESERVE_GIB * GiB if on_gpu else 0.0
+    stages = []
+    for name, p in ([("every rank", 0)] if pp == 1 else [("first stage", 0), ("last stage", pp - 1)]):
+        last = p == pp - 1
+        ref = rank_parameters(ref_m, tp, pp, 0, p)
+        stages.append(ScoringStage(
+            name=f"{name}, PP rank {p}" if pp > 1 else name, reference_params=ref.held, weights=ref.held * e_ref,
+            data=M * b * s * (DATA_BYTES_PER_TOKEN + (4 if last else 0)),
+            forward_only=forward_only_bytes(ref_m, cfg, e_ref, last, on_gpu), reserve=reserve))
+
+    # disk
+    docs = documents if documents is not None else max(1, round(tokens / ASSUMED_TOKENS_PER_DOCUMENT))
+    index = datasets * (IDX_HEADER_BYTES + 8) + 20 * docs  # per dataset 34 + 12 S + 8 (D + 1), S = D
+    values = {"fp32": 4 * tokens, "bf16": 2 * tokens}
+    per_part = G // dp
+    id_bytes = 8 if datasets == 1 else 2  # torch.long zeros without a blend; BlendedDataset's int16 dataset_index
+    part = per_part * (id_bytes + s * (8 + 4)) + PART_CONTAINER_BYTES
+    num_parts = iters * dp
+    parts_bytes = num_parts * part
+    flat = 4 * tokens + NPY_HEADER_BYTES * datasets
+    read = {d: parts_bytes + flat + 4 * index for d in values}
+    write = {d: flat + values[d] + index for d in values}
+    return ScoringPlan(
+        world_size=world_size, tp=tp, pp=pp, dp=dp, corpus_tokens=tokens, documents=docs,
+        documents_assumed=documents is None, datasets=datasets, seq_length=s, global_batch_size=G,
+        num_microbatches=M, train_iters=iters, samples=samples, scored_tokens=scored, flops_per_token=per_token,
+        flops=flops, reference_bf16=ref_bf16, assumed_mfu=assumed_mfu, peak_tflops=peak, bubble=bubble,
+        step_time=step_time, wall_seconds=wall, gpu_hours=wall * world_size / 3600, stages=stages,
+        gpu_memory=gpu_memory_gib * GiB, sidecar_values=values, sidecar_index=index, num_parts=num_parts,
+        samples_per_part=per_part, dataset_id_bytes=id_bytes, part_bytes=part, parts_bytes=parts_bytes,
+        flat_bytes=flat, merge_read=read, merge_write=write, disk_bandwidth=disk_gbps * 1e9, model_cfg=ref_m,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # Output
 
 
@@ -604,4 +780,59 @@ def format_plan(plan: Plan) -> str:
         f"{plan.tokens_per_s_per_gpu * plan.world_size:,.0f} tokens/s in total",
     ]
     lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:,.2f} GB"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.2f} h" if seconds >= 3600 else f"{seconds / 60:,.1f} min"
+
+
+def format_scoring_plan(sp: ScoringPlan) -> str:
+    """The scoring section of ``slm plan``: every number with the assumption it rests on."""
+    G, s = sp.global_batch_size, sp.seq_length
+    rdt = "bf16" if sp.reference_bf16 else "fp32"
+    docs = (f"{sp.documents:,} documents assumed: one per {ASSUMED_TOKENS_PER_DOCUMENT:,} tokens, "
+            f"--scoring-documents" if sp.documents_assumed else f"{sp.documents:,} documents")
+    ids = "int64: one dataset" if sp.datasets == 1 else "int16: a blend"
+    worst = max(sp.stages, key=lambda st: st.total)
+    fits = "FITS" if worst.total <= sp.gpu_memory else "DOES NOT FIT"
+    lines = [
+        f"offline scoring (slm score-reference) of {sp.corpus_tokens:,} tokens ({sp.datasets} dataset"
+        f"{'s' if sp.datasets > 1 else ''}) on {sp.world_size} GPUs, TP={sp.tp} x PP={sp.pp} x DP={sp.dp}:",
+        f"  --train-iters {sp.train_iters:,} = floor({sp.corpus_tokens:,} / ({G} x {s})): {sp.samples:,} samples, "
+        f"{sp.scored_tokens:,} tokens scored",
+        "    (score-reference refuses more than one epoch of a dataset's training split: lower it if --split "
+        "leaves fewer)",
+        f"  reference: {_shape(sp.model_cfg)}, {rdt}",
+        f"  forward only: {sp.flops_per_token:,.0f} FLOPs per token (1/3 of fwd+bwd, seq {s}), {sp.flops:.3g} in all",
+        f"  time: {_hours(sp.wall_seconds)} on {sp.world_size} GPUs = {sp.gpu_hours:,.1f} GPU-hours "
+        f"({sp.step_time:.3f} s per step, pipeline bubble {sp.bubble:.1%})",
+        f"    at an assumed MFU {sp.assumed_mfu:.2f} of an assumed {sp.peak_tflops:g} TFLOP/s per GPU",
+        f"  memory per GPU ({worst.name}): {_g(worst.total)} GiB, {fits} in {sp.gpu_memory / GiB:.0f} GiB: "
+        f"reference weights {_g(worst.weights)}",
+        f"    + the step's {sp.num_microbatches} micro-batches {_g(worst.data)} + forward-only working set "
+        f"{_g(worst.forward_only)}" + (f" + reserve (assumed) {_g(worst.reserve)}" if worst.reserve else ""),
+        f"  sidecars over all {sp.corpus_tokens:,} tokens: fp32 {_gb(sp.sidecar_bytes('fp32'))}, bf16 "
+        f"{_gb(sp.sidecar_bytes('bf16'))} (values 4 / 2 bytes per token + .idx {_gb(sp.sidecar_index)}:",
+        f"    20 bytes per document + 42 per dataset; {docs})",
+        f"  parts before the merge (<output>.parts/, fp32 whatever --dtype): {_gb(sp.parts_bytes)}, written at "
+        f"{sp.parts_bytes / sp.wall_seconds / 1e6:,.1f} MB/s on average:",
+        f"    {sp.num_parts:,} files ({sp.train_iters:,} steps x {sp.dp} DP ranks) of {sp.part_bytes:,} B: "
+        f"~{PART_CONTAINER_BYTES:,} B torch.save container + {sp.samples_per_part} samples x",
+        f"    ({sp.dataset_id_bytes} B dataset id ({ids}) + {s} x (8 B int64 position + 4 B fp32 score))",
+        f"  merge (rank 0, one process; fp32 flat file {_gb(sp.flat_bytes)}) at an assumed "
+        f"{sp.disk_bandwidth / 1e9:g} GB/s (--scoring-disk-bandwidth), no page cache:",
+    ]
+    for d in ("fp32", "bf16"):
+        lines.append(
+            f"    --dtype {d}: reads {_gb(sp.merge_read[d])} (parts, flat file, indices), writes "
+            f"{_gb(sp.merge_write[d])} (flat file, sidecars): {_hours(sp.merge_seconds(d))}")
+    lines.append("    disk at the merge's peak (parts + flat file + sidecars): "
+                 + ", ".join(f"{_gb(sp.disk_peak(d))} ({d})" for d in ("fp32", "bf16")))
+    lines.append(f"  not modelled: opening the {sp.num_parts:,} part files, the merge's per-sample Python loop")
     return "\n".join(lines)
