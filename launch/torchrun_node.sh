@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One node's share of a training run: torchrun for this node's GPUs, plus the stop-signal forwarding.
+# One node's share of a run (slm train or slm score-reference): torchrun for this node's GPUs, plus the
+# stop-signal forwarding.
 #
 # Started once per node by launch/slurm_train.sbatch (as the srun task) and by launch/train_single_node.sh;
 # the launchers set its environment:
@@ -11,6 +12,7 @@
 #   STANDALONE=1    single node: torchrun --standalone instead of MASTER_ADDR/PORT
 #   LOG_DIR         if set: torchrun also writes each rank's stdout/stderr under $LOG_DIR/node<NODE_RANK>/
 # Arguments: the worker command as torchrun takes it, e.g. -m megatron_slm.cli train --config run.yaml ...
+# (score-reference stops the same way: after its step, keeping its score parts, exit 0).
 #
 # Signals. SIGUSR1 or SIGTERM to this script = "checkpoint and stop": it sends SIGUSR1 to every worker (the
 # children of torchrun); the trainer finishes its step, all ranks save a checkpoint and exit 0, torchrun
@@ -78,7 +80,7 @@ forward_stop() {
 on_signal() {
     if [ -z "$stop_signal" ]; then
         stop_signal=$1
-        log "got SIG$1: asking the training processes to checkpoint and stop (SIGUSR1)"
+        log "got SIG$1: asking the workers to save their progress and stop (SIGUSR1)"
     fi
     forward_stop
 }
@@ -105,6 +107,6 @@ done
 wait "$torchrun_pid"
 rc=$?
 if [ -n "$stop_signal" ]; then
-    log "training stopped after SIG$stop_signal (torchrun exit status $rc)"
+    log "the workers stopped after SIG$stop_signal (torchrun exit status $rc)"
 fi
 exit "$rc"

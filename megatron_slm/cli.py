@@ -66,7 +66,7 @@ CONFIG_FLAGS = {
         "parallel": ("tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel",
                      "num_layers_per_virtual_pipeline_stage"),
         "train": ("micro_batch_size", "global_batch_size", "seq_length", "train_iters", "eval_iters", "seed",
-                  "log_interval", "logging_level"),
+                  "log_interval", "logging_level", "exit_duration_in_mins"),
         "data": ALL,
     },
     "evaluate": _EVAL_WINDOWS,
@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "score-reference",
         help="write per-token reference scores for offline SLM (under torchrun, with the training run's data flags)",
         description="Score every training sample with the reference (forward only, TP/PP/DP, resumable) and write "
-                    "one score sidecar per dataset; then train with --reference-mode offline.")
+                    "one score sidecar per dataset; then train with --reference-mode offline. SIGUSR1 / SIGTERM "
+                    "or --exit-duration-in-mins stop it after a step (exit 0, scores kept); rerunning the same "
+                    "command resumes.")
     p_score.add_argument("--dtype", default="fp32", choices=SCORE_DTYPES,
                          help="storage of the scores: fp32 replays online SLM exactly, bf16 halves the disk "
                               "(default: fp32)")
@@ -400,7 +402,7 @@ def _reweight(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    if args.command == "train":  # before the seconds of imports: a stop signal then is kept, not fatal
+    if args.command in ("train", "score-reference"):  # before the seconds of imports: a stop signal then is kept
         from megatron_slm import lifecycle
 
         lifecycle.catch_stop_signals()

@@ -11,6 +11,11 @@ reference): a rerun with other ones is refused. Rank 0 merges the parts into the
 atomically, so a merge killed half-way is simply done again by a rerun), then deletes ``.parts``. One run per
 output at a time (``<output>.lock``, checkpoint.lock.SaveLock). A run whose samples would score a token twice
 (more than one epoch of a dataset) is refused before any forward pass.
+
+Stops like training (a Slurm preemption or time limit): on SIGUSR1/SIGTERM (lifecycle) or past
+--exit-duration-in-mins the ranks agree after a step, keep their parts, record the stop (``.parts/stopped.json``,
+what the launchers' requeue decision reads through ``run_state``) and exit 0 without merging; a rerun resumes. A
+stop signal during the merge waits for it to finish, so a stop never leaves half-written sidecars.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
+import os
 import re
 import shutil
 import time
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_slm import lifecycle
 from megatron_slm.config import SCORE_DTYPES, virtual_pipeline_size
 from megatron_slm.errors import ConfigError, DataError, SLMError
 from megatron_slm.log import get_logger
@@ -35,17 +42,57 @@ log = get_logger(__name__)
 
 PARTS_FORMAT = "megatron_slm.score_parts.v2"
 PARTS_MANIFEST = "scoring.json"
+STOP_RECORD = "stopped.json"
 PART_NAME = re.compile(r"samples(\d{12})-(\d{12})\.pt")
 
 
+def output_prefixes(cfg) -> tuple[list[str], list[str]]:
+    """The --data-path prefixes and the sidecar each is scored into (--ref-scores-path, else <prefix>_refscores)."""
+    from megatron_slm.data.blend import parse_blend
+
+    prefixes = parse_blend(cfg.data.data_path)[0] if cfg.data.data_path else []
+    if cfg.reference.scores_path:
+        outputs = list(cfg.reference.scores_path)
+    else:
+        from megatron_slm.data.scores import default_scores_prefix  # imports megatron-core: only when needed
+
+        outputs = [default_scores_prefix(p) for p in prefixes]
+    if len(outputs) != len(prefixes):
+        raise ConfigError("reference.scores_path must name one sidecar per data_path prefix, in the same order")
+    return prefixes, outputs
+
+
+def run_state(cfg, since: float) -> str:
+    """How the last score-reference run of ``cfg`` ended, for the launchers' requeue decision (training's
+    counterpart: summary.json): "stopped" (by a stop signal or --exit-duration-in-mins after ``since``, an epoch
+    time; its parts are kept for the next run), "finished" (every sidecar written after ``since`` and the parts
+    merged away) or "unknown" (a failure, or nothing ran)."""
+    outputs = output_prefixes(cfg)[1]
+    if not outputs:
+        return "unknown"
+    parts = Path(f"{outputs[0]}.parts")
+
+    def newer(path) -> bool:
+        try:
+            return os.path.getmtime(path) >= since
+        except OSError:
+            return False
+
+    if newer(parts / STOP_RECORD):
+        return "stopped"
+    if not parts.exists() and all(newer(f"{out}.json") for out in outputs):
+        return "finished"
+    return "unknown"
+
+
 def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
-    """Score every training sample with the reference; returns the sidecar prefixes written."""
+    """Score every training sample with the reference; returns the sidecar prefixes written (none when a stop
+    signal or --exit-duration-in-mins stopped it before the merge: rerun to resume)."""
     from megatron.core import parallel_state as ps
 
     from megatron_slm.checkpoint.lock import SaveLock
     from megatron_slm.data.batches import micro_batches, to_device
-    from megatron_slm.data.datasets import build_datasets, dataset_config, parse_blend
-    from megatron_slm.data.scores import default_scores_prefix
+    from megatron_slm.data.datasets import build_datasets, dataset_config
     from megatron_slm.parallel import distributed
     from megatron_slm.training.passes import score_pass
     from megatron_slm.training.resolve import dataset_sizes, resolve_run
@@ -53,12 +100,10 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
 
     if dtype not in SCORE_DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(SCORE_DTYPES)}")
+    lifecycle.catch_stop_signals()  # SIGTERM/SIGUSR1: stop after a step (the CLI installs it before its imports)
     run = resolve_run(cfg, scoring=True)
     cfg, info = run.config, run.data
-    prefixes = parse_blend(cfg.data.data_path)[0] if cfg.data.data_path else []
-    outputs = cfg.reference.scores_path or [default_scores_prefix(p) for p in prefixes]
-    if len(outputs) != len(prefixes):
-        raise ConfigError("reference.scores_path must name one sidecar per data_path prefix, in the same order")
+    prefixes, outputs = output_prefixes(cfg)
     tr, par = cfg.train, cfg.parallel
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed,
                            virtual_pipeline_model_parallel_size=virtual_pipeline_size(par, cfg.model.num_layers))
@@ -84,36 +129,77 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
         todo = [step for step in range(tr.train_iters)
                 if not _covered(covered, starts, step * G + dp_rank * per_rank, step * G + (dp_rank + 1) * per_rank)]
 
-        t0, tokens = time.perf_counter(), 0
-        for i, step in enumerate(todo):
-            mbs = to_device(micro_batches(train, step, G, b, dp_rank, dp_size))
-            scores = score_pass(reference, mbs, cfg.model.vocab_size)
-            if writer:
-                pmbs = micro_batches(positions, step, G, b, dp_rank, dp_size)
-                part = {
-                    "dataset_id": torch.cat([p.get("dataset_id", torch.zeros(p["label_positions"].shape[0], dtype=torch.long)) for p in pmbs]),
-                    "label_positions": torch.cat([p["label_positions"] for p in pmbs]),
-                    "scores": torch.cat(scores).float().cpu(),
-                }
-                first = step * G + dp_rank * per_rank
-                path = parts / f"samples{first:012d}-{first + per_rank:012d}.pt"
-                torch.save(part, f"{path}.tmp")
-                Path(f"{path}.tmp").replace(path)
-            tokens += G * tr.seq_length  # with the other DP ranks' shares: a global batch per step
-            if (i + 1) % max(tr.log_interval, 1) == 0 or i + 1 == len(todo):
-                elapsed = time.perf_counter() - t0
-                eta = (len(todo) - i - 1) * elapsed / (i + 1)
-                log.info(f"[score] step {step + 1:>6}/{tr.train_iters} | {tokens / elapsed:,.0f} tokens/s | ETA {eta:,.0f} s")
+        # After an uneven stop the DP ranks have different steps left, but every rank joins each round's stop
+        # agreement (a collective): all run as many rounds as the rank with the most steps.
+        rounds = int(distributed.max_over_ranks(len(todo)))
+        t0, started, tokens, stopped = time.perf_counter(), time.monotonic(), 0, None
+        for i in range(rounds):
+            if i < len(todo):
+                step = todo[i]
+                mbs = to_device(micro_batches(train, step, G, b, dp_rank, dp_size))
+                scores = score_pass(reference, mbs, cfg.model.vocab_size)
+                if writer:
+                    pmbs = micro_batches(positions, step, G, b, dp_rank, dp_size)
+                    part = {
+                        "dataset_id": torch.cat([p.get("dataset_id", torch.zeros(p["label_positions"].shape[0], dtype=torch.long)) for p in pmbs]),
+                        "label_positions": torch.cat([p["label_positions"] for p in pmbs]),
+                        "scores": torch.cat(scores).float().cpu(),
+                    }
+                    first = step * G + dp_rank * per_rank
+                    path = parts / f"samples{first:012d}-{first + per_rank:012d}.pt"
+                    torch.save(part, f"{path}.tmp")
+                    Path(f"{path}.tmp").replace(path)
+                tokens += G * tr.seq_length  # with the other DP ranks' shares: a global batch per step
+                if (i + 1) % max(tr.log_interval, 1) == 0 or i + 1 == len(todo):
+                    elapsed = time.perf_counter() - t0
+                    eta = (len(todo) - i - 1) * elapsed / (i + 1)
+                    log.info(f"[score] step {step + 1:>6}/{tr.train_iters} | {tokens / elapsed:,.0f} tokens/s | ETA {eta:,.0f} s")
+            # after the step's part is saved: what a stop keeps is every step scored so far
+            stopped = distributed.agreed_stop() or _over_time(tr.exit_duration_in_mins, started)
+            if stopped:
+                break
+        if stopped:
+            total = tr.train_iters * G
+            done = _on_rank0(lambda: _record_stop(parts, stopped, total), f"cannot record the stop in {parts}",
+                             "free space or fix permissions and rerun: the scored parts are kept")
+            log.info(f"[score] stopping on {stopped}: {done} of {total} samples are scored, kept in {parts}; resume "
+                     "by rerunning the same command (at any data-parallel size)")
+            lifecycle.acted_on()
+            return []
         dist.barrier()
+        # A stop signal from here on is only recorded (lifecycle): the merge runs to its end, so a stop never leaves
+        # half-written sidecars (a kill can; a rerun then merges again, to the same bytes).
         _on_rank0(lambda: _merge(parts, prefixes, outputs, dtype, tr.train_iters * G, cfg),
                   "cannot write the score sidecars", f"free space or fix permissions and rerun: the scores in {parts} "
                   "are kept and merged again")
+        if lifecycle.received():
+            log.info(f"[score] {lifecycle.received()} came during the merge, which finished first: nothing to resume")
+            lifecycle.acted_on()
     finally:
         for lock in reversed(locks):
             lock.release()
     elapsed = time.perf_counter() - t0
     log.info(f"[score] wrote {', '.join(outputs)} ({tokens:,} tokens scored in {elapsed:.1f} s, {tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
     return outputs
+
+
+def _over_time(limit_minutes: float | None, started: float) -> str | None:
+    """--exit-duration-in-mins, as training reads it: past the limit on any rank stops every rank."""
+    if limit_minutes is None:
+        return None
+    from megatron_slm.parallel import distributed
+
+    return "exit-duration" if distributed.max_over_ranks((time.monotonic() - started) / 60.0 > limit_minutes) else None
+
+
+def _record_stop(parts: Path, stopped: str, total: int) -> int:
+    """(Rank 0, after the ranks agreed on the stop, so every part is saved.) Record the stop for run_state;
+    returns the samples scored so far."""
+    done = sum(b - a for a, b in _coalesce(_scan_parts(parts)))
+    tmp = parts / f"{STOP_RECORD}.tmp"
+    tmp.write_text(json.dumps({"stopped_by": stopped, "samples_scored": done, "samples": total}))
+    tmp.replace(parts / STOP_RECORD)
+    return done
 
 
 def _on_rank0(fn, what: str, fix: str):

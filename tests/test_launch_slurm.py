@@ -9,6 +9,9 @@ hosts and records `requeue` requests. The batch script itself runs under plain b
 - SIGUSR1 to the batch shell mid-run (what `--signal=B:USR1@N` does): the training checkpoints and stops,
   the script asks for a requeue and exits 0; the "requeued job" (the same script, run again) resumes and
   ends with exactly the uninterrupted run's final loss.
+- The same for `score-reference` (the script's first argument): the scoring stops after a step, keeping its
+  parts, the job requeues, and the requeued job resumes and writes exactly the sidecar of an uninterrupted
+  scoring.
 - shellcheck passes on every script in launch/.
 """
 
@@ -132,7 +135,8 @@ def cluster(tmp_path_factory):
 class Job:
     """One start of the batch script, as Slurm runs it: bash, cwd = submit dir, output appended to logs/."""
 
-    def __init__(self, cluster: Path, name: str, restart_count: int = 0):
+    def __init__(self, cluster: Path, name: str, restart_count: int = 0, args=(), **settings):
+        """``args``: the script's arguments; ``settings``: environment variables to set, or to unset (None)."""
         self.dir = cluster / name
         self.dir.mkdir(exist_ok=True)
         (self.dir / "slurm").mkdir(exist_ok=True)
@@ -147,8 +151,10 @@ class Job:
             MASTER_PORT=str(free_port()), EXTRA_ARGS=f"--tokenizer-model {cluster / 'tok.model'}",
             PYTHON=sys.executable, PYTHONWARNINGS="ignore",
         )
+        env.update(settings)
+        env = {k: v for k, v in env.items() if v is not None}
         with open(self.log, "a") as out:
-            self.proc = subprocess.Popen(["bash", str(SBATCH)], cwd=self.dir, env=env, stdout=out,
+            self.proc = subprocess.Popen(["bash", str(SBATCH), *args], cwd=self.dir, env=env, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def text(self) -> str:
@@ -175,6 +181,22 @@ class Job:
         path = self.dir / "slurm" / "requeue.log"
         return path.read_text().split("\n")[:-1] if path.exists() else []
 
+    def workers_catching_usr1(self) -> int:
+        """How many of this job's worker processes (the `slm` processes under torchrun) catch SIGUSR1 yet."""
+        marker, bit, count = f"FAKE_SLURM_DIR={self.dir / 'slurm'}".encode(), 1 << (signal.SIGUSR1 - 1), 0
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                launcher = b"torch.distributed.run" in argv or any(a.endswith(b"torchrun_node.sh") for a in argv)
+                if (b"megatron_slm.cli" in argv and not launcher
+                        and marker in (proc / "environ").read_bytes().split(b"\0")):
+                    caught = next(line for line in (proc / "status").read_text().splitlines()
+                                  if line.startswith("SigCgt:"))
+                    count += bool(int(caught.split()[1], 16) & bit)
+            except (OSError, StopIteration):
+                pass
+        return count
+
     def cleanup(self) -> None:
         """Kill whatever this job left running: every process that inherited its FAKE_SLURM_DIR (the script,
         srun, and the tasks, torchruns and workers in their own sessions)."""
@@ -188,6 +210,14 @@ class Job:
                     pass
         if self.proc.poll() is None:
             self.proc.wait(10)
+
+
+def _clean_exit(out: str) -> bool:
+    """No process raised and torchrun saw no worker fail. Left out: the traceback a torchrun agent may log when
+    node 0's agent, which hosts the rendezvous store, exits while another is still leaving the exit barrier (a
+    race inside torch's elastic agent; the agents' exit status stays 0)."""
+    agent = "torch/distributed/elastic/agent/server/api.py:"
+    return not any("Traceback" in line and agent not in line for line in out.splitlines()) and "exitcode" not in out
 
 
 @pytest.fixture
@@ -207,7 +237,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, jobs):
     out = first.text()
     assert first.requeues() == [f"requeue {JOB_ID}"], out
     assert "resume by rerunning the same command" in out and "requeueing job" in out
-    assert "Traceback" not in out and "exitcode" not in out, out  # every process exited 0
+    assert _clean_exit(out), out  # every process exited 0
     stopped = first.summary()
     assert stopped["stopped_by"] == "SIGUSR1" and 1 <= stopped["iterations"] < ITERS, (stopped, out)
     latest = int((first.dir / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
@@ -234,7 +264,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, jobs):
 
 
 def test_single_node_launcher_and_input_errors(tmp_path):
-    """train_single_node.sh builds the torchrun command from the environment (a stand-in Python records it);
+    """train_single_node.sh builds the torchrun command (of slm train, or score-reference) from the environment (a
+    stand-in Python records it);
     both launchers refuse missing inputs with one clear line."""
     stub = tmp_path / "python"
     stub.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_OUT"\n')
@@ -254,6 +285,16 @@ def test_single_node_launcher_and_input_errors(tmp_path):
                     "--config", str(tmp_path / "run.yaml"), "--save", str(tmp_path / "runs" / "x"),
                     "--lr", "1e-4", "--train-iters", "5", "--data-path", "my data"]
     assert (Path(log_dir).parent / "launch.txt").is_file()
+    # score-reference as the first argument: that command, with the other flags, and no --save
+    res = subprocess.run(["bash", str(REPO / "launch" / "train_single_node.sh"), "score-reference", "--dtype", "bf16"],
+                         cwd=tmp_path, env=dict(env, SAVE_DIR=""), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    argv = (tmp_path / "argv").read_text().split("\n")[:-1]
+    assert argv[argv.index("megatron_slm.cli") + 1:] == ["score-reference", "--config", str(tmp_path / "run.yaml"),
+                                                         "--lr", "1e-4", "--train-iters", "5", "--dtype", "bf16"]
+    res = subprocess.run(["bash", str(REPO / "launch" / "train_single_node.sh"), "score-reference"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "SAVE_DIR is for slm train" in res.stderr, res.stderr
 
     res = subprocess.run(["bash", str(REPO / "launch" / "train_single_node.sh")], cwd=tmp_path,
                          env=dict(env, CONFIG="missing.yaml"), capture_output=True, text=True, timeout=60)
@@ -285,3 +326,64 @@ def test_shellcheck_launch_scripts():
     res = subprocess.run(["shellcheck", "-x", *[str(p.relative_to(REPO)) for p in LAUNCH_SCRIPTS]],
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _reference(config, tokenizer, out):
+    """Reference weights of the run's model shape (untrained: any weights score)."""
+    from megatron_slm.checkpoint import save_model_weights
+    from megatron_slm.config import load_config
+    from megatron_slm.training.resolve import resolve_run
+    from megatron_slm.training.trainer import Trainer
+
+    cfg = load_config(config, overrides=dict(slm=dict(loss_mode="clm"), data=dict(tokenizer_model=tokenizer)))
+    trainer = Trainer(resolve_run(cfg))
+    save_model_weights(trainer.policy_module, out, trainer.cfg.model)
+
+
+def _score_cli(argv):
+    from megatron_slm import cli
+
+    return cli.main(argv)
+
+
+def test_preempted_scoring_job_requeues_and_resumes_exactly(cluster, jobs):
+    from dist_helpers import run_distributed
+
+    ref = cluster / "ref"
+    if not ref.exists():
+        run_distributed(_reference, 1, str(cluster / "run.yaml"), str(cluster / "tok.model"), str(ref))
+    flags = f"--tokenizer-model {cluster / 'tok.model'} --ref-load {ref}"
+    out = cluster / "scoring" / "corpus_scores"
+    first = jobs(cluster, "scoring", args=["score-reference", "--ref-scores-path", str(out)], SAVE_DIR=None,
+                 EXTRA_ARGS=flags)
+    # The stop signal comes once both workers catch it (their handler is installed before their imports), so
+    # it is honoured after the first step: deterministic, where tiny steps would outrun a signal sent later.
+    end = time.monotonic() + 120
+    while first.workers_catching_usr1() < 2:
+        assert first.proc.poll() is None, f"job exited ({first.proc.returncode}):\n{first.text()}"
+        assert time.monotonic() < end, f"no workers catching SIGUSR1 within 120 s:\n{first.text()}"
+        time.sleep(0.05)
+    os.kill(first.proc.pid, signal.SIGUSR1)  # the batch shell only, as --signal=B:USR1@N does
+    straight = cluster / "straight_scores" / "corpus_scores"  # uninterrupted, one process, meanwhile
+    assert run_distributed(_score_cli, 1, ["score-reference", "--config", str(cluster / "run.yaml"),
+                                           *flags.split(), "--ref-scores-path", str(straight)]) == [0]
+    assert first.finish() == 0, first.text()
+    out_text = first.text()
+    assert first.requeues() == [f"requeue {JOB_ID}"], out_text
+    assert "stopping on SIGUSR1" in out_text and "resume by rerunning the same command" in out_text, out_text
+    assert "(run state: stopped)" in out_text and "it resumes from the score parts it kept" in out_text, out_text
+    assert _clean_exit(out_text), out_text
+    stop = json.loads((Path(f"{out}.parts") / "stopped.json").read_text())
+    assert stop["stopped_by"] == "SIGUSR1" and 4 <= stop["samples_scored"] < stop["samples"] == 4 * ITERS, stop
+    assert not Path(f"{out}.json").exists()
+
+    requeued = jobs(cluster, "scoring", restart_count=1, args=["score-reference", "--ref-scores-path", str(out)],
+                    SAVE_DIR=None, EXTRA_ARGS=flags)
+    assert requeued.finish() == 0, requeued.text()
+    out_text = requeued.text()
+    assert f"resuming: {stop['samples_scored']} of {4 * ITERS} samples already scored" in out_text, out_text
+    assert "(run state: finished)" in out_text, out_text
+    assert requeued.requeues() == [f"requeue {JOB_ID}"]  # no new request
+    assert not Path(f"{out}.parts").exists()
+    for suffix in (".bin", ".idx", ".json"):
+        assert Path(f"{out}{suffix}").read_bytes() == Path(f"{straight}{suffix}").read_bytes(), suffix

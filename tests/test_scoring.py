@@ -1,4 +1,5 @@
-"""``slm score-reference`` resumes exactly and refuses what it cannot resume (issue 19, cases 1, 2, 7 and related).
+"""``slm score-reference`` resumes exactly, stops cleanly and refuses what it cannot resume (issue 19, cases 1, 2, 7
+and related; issue 20: stops).
 
 Every case compares with the bytes (``.bin``, ``.idx``, ``.json``) of an uninterrupted 1-rank scoring:
 
@@ -8,7 +9,10 @@ Every case compares with the bytes (``.bin``, ``.idx``, ``.json``) of an uninter
 - a second run on the same output is refused while the first holds it, and the first completes;
 - a kill in the middle of the merge is repaired by a rerun (without --force);
 - a run that would score a token twice (more than one epoch) is refused before any forward pass;
-- a planted part is loaded with weights_only and refused without running its code.
+- a planted part is loaded with weights_only and refused without running its code;
+- a stop signal reaching one rank, or --exit-duration-in-mins, ends every rank after the same step, without a
+  merge, and records the stop for the launchers (scoring.run_state); a rerun resumes exactly;
+- a stop signal during the merge waits for the merge to finish.
 """
 
 import json
@@ -52,14 +56,40 @@ def clean(tmp_path_factory):
     return d, blend, ref, _bytes(outs)
 
 
+def _score_killed_unevenly(data_path, ref, steps, **over):
+    """Score; each rank is killed (as by SIGKILL) right after saving its ``steps[rank]``-th part. The ranks die
+    at different steps, so none reaches a stop agreement after its last part (a dead rank would never join it)."""
+    import torch.distributed as dist
+
+    from megatron_slm.parallel import distributed
+
+    saved = []
+
+    def killed():
+        saved.append(1)
+        if len(saved) == steps[dist.get_rank()]:
+            raise KeyboardInterrupt("killed")
+        return None
+
+    distributed.agreed_stop = killed
+    return _score(data_path, ref, 1, None, **over)
+
+
 def test_a_resume_at_another_data_parallel_size_is_exact(clean, tmp_path):
     d, blend, ref, want = clean
-    # DP=2 preempted unevenly: rank 0 after 2 steps, rank 1 after 1 (step 1 is half scored); resumed at DP=1
+    # DP=2 killed unevenly: rank 0 after 2 steps, rank 1 after 1 (step 1 is half scored); resumed at DP=1
     outs = _outs(tmp_path, "dp2to1")
-    assert run_distributed(_score, 2, blend, ref, 1, [2, 1], **_over(ref, outs)) == ["interrupted"] * 2
+    assert run_distributed(_score_killed_unevenly, 2, blend, ref, [2, 1], **_over(ref, outs)) == ["interrupted"] * 2
+    assert len(list(Path(f"{outs[0]}.parts").glob("*.pt"))) == 3
     assert run_distributed(_score, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]
     assert _bytes(outs) == want
     assert not Path(f"{outs[0]}.parts").exists()
+    # the same, resumed at DP=2: the ranks have different steps left (rank 0: one, rank 1: two), and the one with
+    # fewer joins every round's stop agreement until the other is done
+    outs = _outs(tmp_path, "dp2to2")
+    assert run_distributed(_score_killed_unevenly, 2, blend, ref, [2, 1], **_over(ref, outs)) == ["interrupted"] * 2
+    assert run_distributed(_score_stopped, 2, blend, ref, **_over(ref, outs)) == [("done", 1, None), ("done", 2, None)]
+    assert _bytes(outs) == want
     # DP=1 preempted after 1 step, resumed at DP=2
     outs = _outs(tmp_path, "dp1to2")
     assert run_distributed(_score, 1, blend, ref, 1, 1, **_over(ref, outs)) == ["interrupted"]
@@ -225,3 +255,93 @@ def test_a_planted_part_is_refused_without_running_its_code(clean, tmp_path):
     part.unlink()
     assert run_distributed(_score, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]
     assert _bytes(outs) == want
+
+
+# ----------------------------------------------------------------------------------------------
+# Stops (issue 20): a stop signal or --exit-duration-in-mins ends the run after a step, agreed on every rank
+
+
+def _score_stopped(data_path, ref, signal_at=None, late_clock_after=None, **over):
+    """Score; with ``signal_at`` = (rank, n) that rank sends itself SIGUSR1 during its n-th forward pass, with
+    ``late_clock_after`` = n rank 0's clock jumps an hour after its n-th. Returns (result, forward passes,
+    the stop signal left unhandled)."""
+    import signal
+
+    import torch.distributed as dist
+
+    from megatron_slm import lifecycle
+    from megatron_slm.training import passes
+
+    real, calls, real_clock = passes.score_pass, [], time.monotonic
+
+    def counted(*a, **k):
+        calls.append(1)
+        if signal_at == (dist.get_rank(), len(calls)):
+            os.kill(os.getpid(), signal.SIGUSR1)  # recorded by the handler score_reference installed
+        if late_clock_after == len(calls) and dist.get_rank() == 0:
+            time.monotonic = lambda: real_clock() + 3600.0
+        return real(*a, **k)
+
+    passes.score_pass = counted
+    return _score(data_path, ref, 1, None, **over), len(calls), lifecycle.received()
+
+
+def _stop_record(outs):
+    return json.loads((Path(f"{outs[0]}.parts") / "stopped.json").read_text())
+
+
+def test_a_stop_ends_every_rank_after_the_same_step_and_a_rerun_resumes_exactly(clean, tmp_path):
+    from megatron_slm import scoring
+    from test_offline_scores import make_cfg
+
+    d, blend, ref, want = clean
+    outs = _outs(tmp_path, "stopped")
+    cfg = make_cfg(blend, **_over(ref, outs))
+    since = time.time()
+    # DP=2: only rank 1 gets the signal, in its second step; both ranks stop after that step, without merging
+    res = run_distributed(_score_stopped, 2, blend, ref, signal_at=(1, 2), **_over(ref, outs))
+    assert res == [("done", 2, None)] * 2, res
+    assert not any(Path(f"{o}{s}").exists() for o in outs for s in SUFFIXES)
+    assert _stop_record(outs) == {"stopped_by": "SIGUSR1", "samples_scored": 16, "samples": 24}
+    assert scoring.run_state(cfg, since) == "stopped"
+    assert scoring.run_state(cfg, time.time() + 60) == "unknown"  # a stop before this start does not count
+    # resumed at DP=1 under --exit-duration-in-mins: rank 0's clock runs out after the first step left
+    res = run_distributed(_score_stopped, 1, blend, ref, late_clock_after=1,
+                          **_over(ref, outs, train=dict(exit_duration_in_mins=30.0)))
+    assert res == [("done", 1, None)], res
+    assert _stop_record(outs) == {"stopped_by": "exit-duration", "samples_scored": 24, "samples": 24}
+    assert not Path(f"{outs[0]}.json").exists()
+    # everything is scored: the next run only merges
+    assert run_distributed(_score_stopped, 2, blend, ref, **_over(ref, outs)) == [("done", 0, None)] * 2
+    assert _bytes(outs) == want
+    assert scoring.run_state(cfg, since) == "finished" and not Path(f"{outs[0]}.parts").exists()
+
+
+def _score_signalled_in_merge(data_path, ref, **over):
+    """Score; SIGUSR1 and SIGTERM arrive while the merge writes the first sidecar."""
+    import signal
+
+    from megatron_slm import lifecycle
+    from megatron_slm.data import scores
+
+    real = scores.write_sidecar
+
+    def signalled(*a, **k):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            os.kill(os.getpid(), sig)
+        return real(*a, **k)
+
+    scores.write_sidecar = signalled
+    return _score(data_path, ref, 1, None, **over), lifecycle.received()
+
+
+def test_a_stop_signal_during_the_merge_waits_for_it_to_finish(clean, tmp_path):
+    from megatron_slm import scoring
+    from test_offline_scores import make_cfg
+
+    d, blend, ref, want = clean
+    outs = _outs(tmp_path, "merge_signal")
+    since = time.time()
+    assert run_distributed(_score_signalled_in_merge, 1, blend, ref, **_over(ref, outs)) == [("done", None)]
+    assert _bytes(outs) == want and not Path(f"{outs[0]}.parts").exists()
+    assert scoring.run_state(make_cfg(blend, **_over(ref, outs)), since) == "finished"

@@ -2,7 +2,8 @@
 
 - ``files``: durable writes (atomic replace, fsync, commit of a complete ``.tmp``, recovery);
 - ``agreement``: one outcome on every rank for a step that may fail on some;
-- ``sharded``: dist_checkpointing save/load with those guarantees and up-front damage checks;
+- ``sharded``: dist_checkpointing save/load with those guarantees and up-front damage checks (and the async save:
+  the shards written by a background thread, committed by ``AsyncSave.finish`` at a step boundary);
 - ``layout``: where checkpoints lie (``iter_NNNNNNN``, ``latest``) and their JSON files;
 - ``weights``: model weights and ``slm_model.json`` (also transformers directories as a source);
 - ``training_state``: training checkpoints as a mapping of named stateful parts;

@@ -3,7 +3,7 @@
 A save writes ``<dir>.tmp``; the ranks agree that every write succeeded (else all raise one CheckpointError and
 the partial ``.tmp`` is removed), the files and directories are fsynced, then it is renamed into place and only
 then ``on_commit`` runs (e.g. replacing ``latest``): a half-written checkpoint is never taken as the latest, also
-after a power loss. A load first checks the files are complete, so damage is one clear error, not a hang, and
+after a power loss (with ``async_save`` the same steps, the shards written by a background thread). A load first checks the files are complete, so damage is one clear error, not a hang, and
 that every pickle in them is plain data (a checkpoint from elsewhere runs no code), else one CheckpointError."""
 
 from __future__ import annotations
@@ -67,14 +67,29 @@ def _step(fn, final: Path) -> None:
         raise _save_failed(final, failures)
 
 
-def save_sharded(sharded_state: dict, final: Path, write_files, on_commit=None) -> None:
+def _commit_steps(tmp: Path, final: Path, on_commit) -> None:
+    def publish():
+        commit(tmp, final)
+        if on_commit is not None:
+            on_commit()
+
+    # One process per node flushes every file (each node's page cache holds what its ranks wrote).
+    _step((lambda: fsync_tree(tmp)) if int(os.environ.get("LOCAL_RANK", rank())) == 0 else None, final)
+    _step(publish if rank() == 0 else None, final)
+
+
+def save_sharded(sharded_state: dict, final: Path, write_files, on_commit=None, *, async_save: bool = False,
+                 after_commit=None):
     """dist_checkpointing.save into ``final.tmp``, extra files via ``write_files(tmp)`` (every rank), agree,
     fsync, rename into place, then ``on_commit()`` (rank 0; e.g. replace ``latest``). One CheckpointError on
-    every rank if any step fails anywhere; the partial ``.tmp`` is removed and nothing else changes."""
+    every rank if any step fails anywhere; the partial ``.tmp`` is removed and nothing else changes.
+
+    ``async_save``: returns an :class:`AsyncSave` once the shards are copied to host memory; its ``finish()``
+    (every rank, at the same point) commits as above and then runs ``after_commit()``."""
     from megatron.core import dist_checkpointing
 
     tmp = sibling(final, TMP)
-    rank0 = rank() == 0
+    request = None
 
     def prepare():
         recover_iteration(final)
@@ -82,19 +97,111 @@ def save_sharded(sharded_state: dict, final: Path, write_files, on_commit=None) 
         tmp.mkdir(parents=True)
 
     def write():
-        dist_checkpointing.save(sharded_state, str(tmp))
+        nonlocal request
+        if async_save:
+            _host_copy(sharded_state)
+            request = dist_checkpointing.save(sharded_state, str(tmp), async_sharded_save=True)
+        else:
+            dist_checkpointing.save(sharded_state, str(tmp))
         write_files(tmp)
 
-    def publish():
-        commit(tmp, final)
-        if on_commit is not None:
-            on_commit()
-
-    _step(prepare if rank0 else None, final)
+    _step(prepare if rank() == 0 else None, final)
     _step(write, final)
-    # One process per node flushes every file (each node's page cache holds what its ranks wrote).
-    _step((lambda: fsync_tree(tmp)) if int(os.environ.get("LOCAL_RANK", rank())) == 0 else None, final)
-    _step(publish if rank0 else None, final)
+    if async_save:
+        return AsyncSave(request, final, on_commit, after_commit)
+    _commit_steps(tmp, final, on_commit)
+    if after_commit is not None:
+        after_commit()
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Async save (--async-save). The caller blocks for what needs the ranks together or the live tensors: planning
+# (megatron-core's collectives), common.pt, the small files, and a copy of every shard to host memory; a
+# background thread then writes the shards. The rest (gathering the write results into .metadata, agreement,
+# fsync, commit, on_commit) is ``AsyncSave.finish``, which the training loop calls at a synchronization point in
+# its own thread, as Megatron-LM's maybe_finalize_async_save: the background thread runs no collective, so
+# nothing races the training's collectives on a process group, and no second group is needed. The thread writes
+# with megatron-core's own per-bucket writer (fsync included) instead of its forking writer, which would fork
+# from a thread while the training runs torch ops (OpenMP pools are not fork-safe); the same on CPU and CUDA.
+
+def _host_copy(sharded_state: dict) -> None:
+    """Replace every shard's tensor by a copy in host memory (a D2H copy on a GPU, a clone on the CPU), in
+    place: the training may change the live tensors while the background thread writes."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    def visit(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+        elif isinstance(x, (ShardedTensor, ShardedTensorFactory)) and x.data is not None:
+            x.data = x.data.detach().to("cpu", copy=True)
+
+    visit(sharded_state)
+
+
+def _write_buckets(request, buckets) -> None:
+    """The background thread: write this rank's buckets as megatron-core's writer processes would, and hand
+    the results (or the first exception) to the results queue its finalize step reads."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    transforms = request.async_fn.args[0]  # partial(write_preloaded_data_multiproc, transform_list, use_msc)
+    results_queue = request.async_fn_args[2]
+    results: dict | Exception = {}
+    try:
+        for i, bucket in enumerate(buckets):
+            local, count = queue.Queue(), queue.Queue()
+            count.put(i)
+            FileSystemWriterAsync.write_preloaded_data(transforms, local_proc_idx=i, write_bucket=bucket,
+                                                       results_queue=local, count_queue=count, use_fsync=True)
+            idx, out = local.get_nowait()
+            if isinstance(out, Exception):
+                results = out
+                break
+            results[idx] = out
+    except Exception as exc:  # noqa: BLE001 - reported by finish, on every rank
+        results = exc
+    results_queue.put(results)
+
+
+class AsyncSave:
+    """A save whose shards are being written in the background; ``finish()`` (collective) commits it."""
+
+    def __init__(self, request, final: Path, on_commit, after_commit):
+        import threading
+
+        self.final, self._request, self._on_commit, self._after_commit = final, request, on_commit, after_commit
+        buckets = request.preload_fn() if request.preload_fn else None  # host copies already: no copy here
+        self._thread = None
+        if request.async_fn is not None:
+            self._thread = threading.Thread(target=_write_buckets, args=(request, buckets), daemon=True,
+                                             name=f"async-save-{final.name}")
+            self._thread.start()
+
+    def done(self) -> bool:
+        """Whether this rank's background write has ended (local; ``finish`` after every rank's has)."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def finish(self) -> Path:
+        """Wait for this rank's write, then on every rank: .metadata, agreement, fsync, commit, ``on_commit``."""
+        if self._thread is not None:
+            self._thread.join()
+        final, tmp = self.final, sibling(self.final, TMP)
+
+        def finalize():
+            for fn in self._request.finalize_fns:
+                fn()
+
+        _step(finalize, final)
+        _commit_steps(tmp, final, self._on_commit)
+        if self._after_commit is not None:
+            self._after_commit()
+        return final
 
 
 # ----------------------------------------------------------------------------------------------

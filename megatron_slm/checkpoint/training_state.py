@@ -79,10 +79,15 @@ def _split(parts: dict) -> dict:
 
 
 def save_training_checkpoint(parts: dict, root: str, iteration: int, *, model_config, config: dict,
-                             tokenizer_fingerprints=(), keep_last: int = 2) -> Path:
+                             tokenizer_fingerprints=(), keep_last: int = 2, async_save: bool = False):
     """Save every part as iteration ``iteration`` of the run at ``root`` (collective): atomic, then ``latest`` is
     replaced, then iterations beyond ``keep_last`` are deleted. ``model_config`` goes into slm_model.json, the
-    resolved ``config`` (a dict) into trainer_state.json."""
+    resolved ``config`` (a dict) into trainer_state.json. Returns the iteration directory.
+
+    ``async_save``: returns a ``sharded.AsyncSave`` as soon as the state is copied to host memory (the parts'
+    JSON and per-rank state are taken then too); every rank calls its ``finish()`` at the same point, which
+    commits, replaces ``latest``, prunes and returns the directory. A part that writes its own files (DeepSpeed)
+    is saved synchronously: ``finish()`` then only returns the directory."""
     final = iteration_dir(root, iteration)
     kinds = _split(parts)
 
@@ -102,13 +107,31 @@ def save_training_checkpoint(parts: dict, root: str, iteration: int, *, model_co
     sharded = {}
     for name, part in kinds["sharded"].items():
         sharded[name] = part.sharded_state_dict(is_loading=False)
-    save_sharded(sharded, final, write, on_commit=lambda: write_atomic(Path(root) / LATEST, str(iteration)))
-    if rank() == 0:
-        done = [p for p in iteration_dirs(root) if p != final]
-        for old in done[:-(keep_last - 1)] if keep_last > 1 else (done if keep_last == 1 else []):
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    def prune():
+        if rank() == 0:
+            done = [p for p in iteration_dirs(root) if p != final]
+            for old in done[:-(keep_last - 1)] if keep_last > 1 else (done if keep_last == 1 else []):
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+
+    pending = save_sharded(sharded, final, write, on_commit=lambda: write_atomic(Path(root) / LATEST, str(iteration)),
+                           async_save=async_save and not kinds["files"], after_commit=prune)
+    if async_save:
+        return pending if pending is not None else _Done(final)
     return final
+
+
+class _Done:
+    """A save that was synchronous after all, behind the AsyncSave interface."""
+
+    def __init__(self, final: Path):
+        self.final = final
+
+    def done(self) -> bool:
+        return True
+
+    def finish(self) -> Path:
+        return self.final
 
 
 def load_training_checkpoint(parts: dict, directory: str | Path) -> int:

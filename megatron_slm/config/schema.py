@@ -215,6 +215,9 @@ class CheckpointConfig(_Section):
     load: Optional[str] = _opt(None, "resume from this training checkpoint instead of --save (must hold one)")
     save_interval: int = _opt(0, "steps between checkpoints (0: only at the end and on SIGTERM/SIGUSR1)")
     keep_last: int = _opt(2, "complete checkpoints kept under --save")
+    async_save: bool = _opt(
+        False, "write checkpoints in the background: training waits only for the copy to host memory; "
+               "latest_checkpointed_iteration.txt names one once it is complete and flushed")
     override_opt_param_scheduler: bool = _opt(
         False, "on resume, run the LR/WD schedule of this run's flags (--lr, --min-lr, --lr-warmup-iters, "
                "--train-iters, --weight-decay) instead of refusing when they differ from the checkpoint's")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from megatron_slm import lifecycle
 from megatron_slm.config import data_parallel_size
 from megatron_slm.parallel import cpu_shims
 
@@ -60,6 +62,21 @@ def world_size() -> int:
 
 def is_last_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest ``value`` of all ranks, the same on every rank (one all-reduce; every rank must call it)."""
+    box = torch.tensor([float(value)], device=device())  # NCCL reduces device tensors only
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return box.item()
+
+
+def agreed_stop() -> str | None:
+    """The stop signal (lifecycle.received) any rank received, the same name on every rank: a signal may reach
+    the ranks at different steps, so all act on the largest signal number seen by any. Every rank must call it."""
+    name = lifecycle.received()
+    number = int(max_over_ranks(signal.Signals[name].value if name else 0))
+    return signal.Signals(number).name if number else None
 
 
 def free_port() -> int:

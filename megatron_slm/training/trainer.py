@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -378,25 +377,40 @@ class Trainer:
         return flag.item() == 0
 
     def save_checkpoint(self, root: str | None = None) -> None:
-        """A training checkpoint of this iteration under ``root`` (default: --save; nothing without one)."""
+        """A training checkpoint of this iteration under ``root`` (default: --save; nothing without one). With
+        --async-save it returns once the state is in host memory; a previous async save is finished first."""
         root = root or self.cfg.checkpoint.save
         if root and not self._params_finite():
             raise DivergenceError(f"the policy's weights hold NaN/inf at iteration {self.iteration}; refusing to save "
                                   "them (earlier checkpoints are kept)")
         if root:
+            self.finish_async_save()
             path = checkpoint.save_training_checkpoint(
                 self.checkpoint_parts(), root, self.iteration, model_config=self.cfg.model,
                 config=self.cfg.to_dict(), tokenizer_fingerprints=self.run.tokenizer_fingerprints,
-                keep_last=self.cfg.checkpoint.keep_last)
-            log.info(f"saved checkpoint {path}")
+                keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save)
+            if self.cfg.checkpoint.async_save:
+                self._async_save = path
+                log.info(f"writing checkpoint {path.final} in the background")
+            else:
+                log.info(f"saved checkpoint {path}")
 
-    def _stop_requested(self) -> str | None:
-        """The stop signal any rank received, agreed on every rank (a signal may reach them at different steps)."""
-        name = lifecycle.received()
-        number = torch.tensor([float(signal.Signals[name].value) if name else 0.0],
-                              device=distributed.device())  # NCCL reduces device tensors only
-        dist.all_reduce(number, op=dist.ReduceOp.MAX)
-        return signal.Signals(int(number.item())).name if number.item() else None
+    def finish_async_save(self) -> None:
+        """Wait for the background write of the last --async-save checkpoint and commit it (every rank)."""
+        pending, self._async_save = getattr(self, "_async_save", None), None
+        if pending is not None:
+            log.info(f"saved checkpoint {pending.finish()}")
+
+    def _maybe_finish_async_save(self) -> None:
+        """At a step boundary: commit the pending --async-save checkpoint once every rank's write has ended (as
+        Megatron-LM's maybe_finalize_async_save; one small all-reduce per step while a write is pending)."""
+        pending = getattr(self, "_async_save", None)
+        if pending is None:
+            return
+        ended = torch.tensor([0.0 if pending.done() else 1.0], device=distributed.device())
+        dist.all_reduce(ended, op=dist.ReduceOp.MAX)
+        if ended.item() == 0:
+            self.finish_async_save()
 
     def _exit_requested(self, started: float) -> str | None:
         """--exit-interval / --exit-duration-in-mins, acted on like a stop signal (checkpoint, clean exit); not at
@@ -408,10 +422,7 @@ class Trainer:
         if tr.exit_interval and self.iteration % tr.exit_interval == 0:
             return "exit-interval"
         if tr.exit_duration_in_mins is not None:
-            over = (time.monotonic() - started) / 60.0 > tr.exit_duration_in_mins
-            flag = torch.tensor([float(over)], device=distributed.device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item():
+            if distributed.max_over_ranks((time.monotonic() - started) / 60.0 > tr.exit_duration_in_mins):
                 return "exit-duration"
         return None
 
@@ -468,16 +479,19 @@ class Trainer:
                 skipped_in_a_row = 0
             if eval_batches is not None and tr.eval_interval and self.iteration % tr.eval_interval == 0:
                 self.metrics.eval(self.iteration, self.evaluate_all(eval_batches()))
-            stopped = self._stop_requested() or self._exit_requested(started)
+            self._maybe_finish_async_save()
+            stopped = distributed.agreed_stop() or self._exit_requested(started)
             if stopped:
                 break
             if ck.save_interval and self.iteration % ck.save_interval == 0 and self.iteration < tr.train_iters:
                 self.save_checkpoint()
         result = {"history": history, "stopped_by": stopped, "nonfinite_steps": self.nonfinite_steps}
         if stopped == "non-finite":  # nothing of the diverged state is saved; earlier checkpoints stay
+            self.finish_async_save()
             self.metrics.close()
             return result
         self.save_checkpoint()
+        self.finish_async_save()  # the run ends (or stops on a signal) with its last checkpoint committed
         if stopped:
             log.info(f"stopping at iteration {self.iteration} on {stopped}; resume by rerunning the same command")
             lifecycle.acted_on()
