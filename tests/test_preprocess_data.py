@@ -197,7 +197,7 @@ def test_output_equals_mistral_sentencepiece(tmp_path):
 
 
 def test_workers_1_and_2_are_byte_identical(tmp_path, sp_model, monkeypatch):
-    monkeypatch.setattr(pp, "BATCH_DOCS", 7)  # many small tasks, more than the in-flight window
+    monkeypatch.setattr(pp, "BATCH_BYTES", 300)  # many small tasks, more than the in-flight window
     docs = _documents(13, 150)
     (tmp_path / "d" / "sub").mkdir(parents=True)
     _write_jsonl(tmp_path / "d" / "part1.jsonl", docs[:100])
