@@ -175,13 +175,17 @@ def test_every_format_gives_the_jsonl_bytes(tmp_path, sp_model, corpus, small_ta
         assert meta["inputs"] == [str(source / f"data-0000{i}-of-00003.arrow") for i in range(3)]
 
 
-def test_parquet_row_groups_too_large_for_one_task(tmp_path, sp_model, corpus, small_tasks, monkeypatch):
-    """Row groups above PARQUET_GROUP_BYTES are decoded by the main process a batch at a time, in pieces."""
-    monkeypatch.setattr(pp, "PARQUET_GROUP_BYTES", 100)
-    monkeypatch.setattr(pp, "COLUMN_BATCH_ROWS", 10)
+@pytest.mark.parametrize("kind", ["parquet", "save_to_disk", "arrow_file_format"])
+def test_row_groups_and_batches_too_large_for_one_task(tmp_path, sp_model, corpus, small_tasks, monkeypatch, kind):
+    """Row groups / record batches with more than GROUP_BYTES of text are read by the main process and sent
+    in pieces; smaller ones are one task each, read by the worker (the other test)."""
     docs, truth = corpus
-    source = _write_parquet(docs, tmp_path)
-    tasks = list(pp._tasks([source], "text", False))
+    source = WRITERS[kind](docs, tmp_path)
+    files = pp.expand_inputs([source])
+    assert {t[0] for t in pp._tasks(files, "text", False)} == {"parquet_group" if kind == "parquet" else "arrow_batch"}
+    monkeypatch.setattr(pp, "GROUP_BYTES", 100)
+    monkeypatch.setattr(pp, "COLUMN_BATCH_ROWS", 10)
+    tasks = list(pp._tasks(files, "text", False))
     assert {t[0] for t in tasks} == {"column"} and len(tasks) > len(docs) // 37
     for workers in (1, 2):
         preprocess([source], tmp_path / f"out{workers}", sp_model, workers=workers)
@@ -283,11 +287,12 @@ def test_null_text_is_refused_naming_its_row(tmp_path, sp_model, small_tasks, mo
     with pa.ipc.new_stream(str(tmp_path / "n.arrow"), table.schema) as w:
         for b in table.to_batches(max_chunksize=50):
             w.write_batch(b)
-    for name in ("n.parquet", "n.arrow"):
-        _refused([tmp_path / name], sp_model, tmp_path, rf"{name} row 201 \(from 0\): column 'text' is null")
-    monkeypatch.setattr(pp, "PARQUET_GROUP_BYTES", 100)  # row groups decoded by the main process, in pieces
-    monkeypatch.setattr(pp, "COLUMN_BATCH_ROWS", 10)
-    _refused([tmp_path / "n.parquet"], sp_model, tmp_path, r"n\.parquet row 201 \(from 0\): column 'text' is null")
+    for large in (False, True):
+        if large:  # groups and batches read by the main process, in pieces
+            monkeypatch.setattr(pp, "GROUP_BYTES", 100)
+            monkeypatch.setattr(pp, "COLUMN_BATCH_ROWS", 10)
+        for name in ("n.parquet", "n.arrow"):
+            _refused([tmp_path / name], sp_model, tmp_path, rf"{name} row 201 \(from 0\): column 'text' is null")
 
 
 def test_datasets_directories_that_name_no_single_split_are_refused(tmp_path, sp_model):
