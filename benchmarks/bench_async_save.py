@@ -41,19 +41,44 @@ def _worker(a, base):
     from megatron_slm.config import load_config
     from megatron_slm.training.trainer import Trainer
 
-    cfg = load_config(overrides=dict(
-        model=dict(preset="tiny", vocab_size=a.vocab, num_layers=a.layers, hidden_size=a.hidden,
-                   ffn_hidden_size=a.ffn, num_attention_heads=a.heads, num_query_groups=a.groups),
-        slm=dict(loss_mode="clm"),
-        train=dict(micro_batch_size=a.mbs, global_batch_size=a.gbs, seq_length=a.seq, train_iters=10**6, lr=1e-4,
-                   min_lr=1e-5, lr_warmup_iters=0, log_interval=10**9, seed=7, bf16=False),
-        checkpoint=dict(save=f"{base}/run", keep_last=1),
-    ))
+    cfg = load_config(
+        overrides=dict(
+            model=dict(
+                preset="tiny",
+                vocab_size=a.vocab,
+                num_layers=a.layers,
+                hidden_size=a.hidden,
+                ffn_hidden_size=a.ffn,
+                num_attention_heads=a.heads,
+                num_query_groups=a.groups,
+            ),
+            slm=dict(loss_mode="clm"),
+            train=dict(
+                micro_batch_size=a.mbs,
+                global_batch_size=a.gbs,
+                seq_length=a.seq,
+                train_iters=10**6,
+                lr=1e-4,
+                min_lr=1e-5,
+                lr_warmup_iters=0,
+                log_interval=10**9,
+                seed=7,
+                bf16=False,
+            ),
+            checkpoint=dict(save=f"{base}/run", keep_last=1),
+        )
+    )
     trainer = Trainer(cfg)
     g = torch.Generator().manual_seed(1)
     toks = torch.randint(1, a.vocab, (a.mbs, a.seq + 1), generator=g)
-    mbs = [dict(tokens=toks[:, :-1], labels=toks[:, 1:], loss_mask=torch.ones(a.mbs, a.seq),
-                position_ids=torch.arange(a.seq).expand(a.mbs, a.seq))]
+    mbs = [
+        dict(
+            tokens=toks[:, :-1],
+            labels=toks[:, 1:],
+            loss_mask=torch.ones(a.mbs, a.seq),
+            position_ids=torch.arange(a.seq).expand(a.mbs, a.seq),
+        )
+    ]
     trainer.train_step([{k: v.clone() for k, v in mb.items()} for mb in mbs])
     params = sum(p.numel() for c in trainer.policy_chunks for p in c.parameters())
     samples = {"sync": [], "async": [], "async_total": []}
@@ -62,8 +87,14 @@ def _worker(a, base):
             root = f"{base}/{v}{rep}"
             t0 = time.perf_counter()  # what Trainer.save_checkpoint runs, with either setting of --async-save
             out = checkpoint.save_training_checkpoint(
-                trainer.checkpoint_parts(), root, trainer.iteration, model_config=trainer.cfg.model,
-                config=trainer.cfg.to_dict(), keep_last=1, async_save=v == "async")
+                trainer.checkpoint_parts(),
+                root,
+                trainer.iteration,
+                model_config=trainer.cfg.model,
+                config=trainer.cfg.to_dict(),
+                keep_last=1,
+                async_save=v == "async",
+            )
             blocked = time.perf_counter() - t0
             if v == "async":
                 out.finish()
@@ -85,13 +116,28 @@ def main(argv=None):
         shutil.rmtree(base, ignore_errors=True)
     sync, blocked, total = median(s["sync"]), median(s["async"]), median(s["async_total"])
     print(f"model: {params / 1e9:.3f}B parameters (fp32, Adam), {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}")
-    print(table(["variant", "loop blocked (s)", "save done (s)", "blocked vs sync"], [
-        ["sync", sync, sync, 1.0],
-        ["async", blocked, total, blocked / sync],
-    ]))
+    print(
+        table(
+            ["variant", "loop blocked (s)", "save done (s)", "blocked vs sync"],
+            [
+                ["sync", sync, sync, 1.0],
+                ["async", blocked, total, blocked / sync],
+            ],
+        )
+    )
     print(f"ratio: the loop blocks {sync / blocked:.1f}x less with --async-save ({blocked:.2f} s vs {sync:.2f} s)")
-    emit_json(dict(bench="async_save", params=params, sync_s=sync, async_blocked_s=blocked, async_total_s=total,
-                   blocked_ratio=blocked / sync, samples=s, machine=machine_info()))
+    emit_json(
+        dict(
+            bench="async_save",
+            params=params,
+            sync_s=sync,
+            async_blocked_s=blocked,
+            async_total_s=total,
+            blocked_ratio=blocked / sync,
+            samples=s,
+            machine=machine_info(),
+        )
+    )
 
 
 if __name__ == "__main__":

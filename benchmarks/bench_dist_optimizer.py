@@ -34,14 +34,33 @@ def parse_args(argv=None):
 def make_config(a, variant: str, bf16: bool):
     from megatron_slm.config import load_config
 
-    return load_config(overrides=dict(
-        model=dict(preset="tiny", vocab_size=a.vocab, num_layers=a.layers, hidden_size=a.hidden,
-                   ffn_hidden_size=a.ffn, num_attention_heads=a.heads, num_query_groups=a.heads),
-        parallel=dict(tensor_model_parallel_size=a.tp, use_distributed_optimizer=variant == "distributed"),
-        slm=dict(loss_mode="clm"),
-        train=dict(micro_batch_size=a.mbs, global_batch_size=a.gbs, seq_length=a.seq, train_iters=10**6, lr=1e-4,
-                   min_lr=1e-5, lr_warmup_iters=0, log_interval=10**9, seed=7, bf16=bf16),
-    ))
+    return load_config(
+        overrides=dict(
+            model=dict(
+                preset="tiny",
+                vocab_size=a.vocab,
+                num_layers=a.layers,
+                hidden_size=a.hidden,
+                ffn_hidden_size=a.ffn,
+                num_attention_heads=a.heads,
+                num_query_groups=a.heads,
+            ),
+            parallel=dict(tensor_model_parallel_size=a.tp, use_distributed_optimizer=variant == "distributed"),
+            slm=dict(loss_mode="clm"),
+            train=dict(
+                micro_batch_size=a.mbs,
+                global_batch_size=a.gbs,
+                seq_length=a.seq,
+                train_iters=10**6,
+                lr=1e-4,
+                min_lr=1e-5,
+                lr_warmup_iters=0,
+                log_interval=10**9,
+                seed=7,
+                bf16=bf16,
+            ),
+        )
+    )
 
 
 def batch(a, step: int, dp_rank: int, dp_size: int) -> list[dict]:
@@ -50,17 +69,21 @@ def batch(a, step: int, dp_rank: int, dp_size: int) -> list[dict]:
     g = torch.Generator().manual_seed(100 + step)
     toks = torch.randint(1, a.vocab, (a.gbs, a.seq + 1), generator=g)
     inputs = toks[:, :-1]
-    b = dict(tokens=inputs, labels=toks[:, 1:].contiguous(), loss_mask=torch.ones(a.gbs, a.seq),
-             position_ids=torch.arange(a.seq).expand(a.gbs, a.seq).contiguous())
+    b = dict(
+        tokens=inputs,
+        labels=toks[:, 1:].contiguous(),
+        loss_mask=torch.ones(a.gbs, a.seq),
+        position_ids=torch.arange(a.seq).expand(a.gbs, a.seq).contiguous(),
+    )
     per = a.gbs // dp_size
-    part = {k: v[dp_rank * per:(dp_rank + 1) * per] for k, v in b.items()}
-    return [{k: v[i:i + a.mbs].clone() for k, v in part.items()} for i in range(0, per, a.mbs)]
+    part = {k: v[dp_rank * per : (dp_rank + 1) * per] for k, v in b.items()}
+    return [{k: v[i : i + a.mbs].clone() for k, v in part.items()} for i in range(0, per, a.mbs)]
 
 
 def worker(a) -> dict:
     import torch.distributed as dist
-
     from helpers.memory import optimizer_bytes
+
     from megatron_slm.training.trainer import Trainer
 
     out = {}
@@ -78,7 +101,8 @@ def worker(a) -> dict:
                     times[v].append(time.perf_counter() - start)
                 losses[v].append(m.get("loss_all"))
         out["bf16" if bf16 else "fp32"] = {
-            v: dict(optimizer_bytes(trainers[v]), step_s=median(times[v]), losses=losses[v]) for v in VARIANTS}
+            v: dict(optimizer_bytes(trainers[v]), step_s=median(times[v]), losses=losses[v]) for v in VARIANTS
+        }
         out["params_local"] = sum(p.numel() for p in t0.policy_module.parameters())
         out["dp"] = t0.dp_size
     return out
@@ -99,25 +123,63 @@ def main(argv=None) -> dict:
             all_p, all_d = opt_p + p["grads"], opt_d + d["grads"]
             bytes_only = {v: {k: r[dtype][v][k] for k in ("state", "master", "grads")} for v in VARIANTS}
             per_rank.append(dict(rank=rank, **bytes_only, opt_ratio=opt_d / opt_p, total_ratio=all_d / all_p))
-            rows.append([dtype, rank, mib(p["state"]), mib(d["state"]), mib(p["master"]), mib(d["master"]),
-                         mib(p["grads"]), mib(d["grads"]), opt_d / opt_p, all_d / all_p])
+            rows.append(
+                [
+                    dtype,
+                    rank,
+                    mib(p["state"]),
+                    mib(d["state"]),
+                    mib(p["master"]),
+                    mib(d["master"]),
+                    mib(p["grads"]),
+                    mib(d["grads"]),
+                    opt_d / opt_p,
+                    all_d / all_p,
+                ]
+            )
         last = ranks[-1][dtype]
         result[dtype] = dict(
             per_rank=per_rank,
-            opt_ratio=max(x["opt_ratio"] for x in per_rank), total_ratio=max(x["total_ratio"] for x in per_rank),
+            opt_ratio=max(x["opt_ratio"] for x in per_rank),
+            total_ratio=max(x["total_ratio"] for x in per_rank),
             step_s={v: last[v]["step_s"] for v in VARIANTS},
             max_loss_diff=max(abs(x - y) for x, y in zip(last["plain"]["losses"], last["distributed"]["losses"])),
         )
-    print(f"\noptimizer memory per rank: DP={dp} TP={a.tp} layers={a.layers} hidden={a.hidden} vocab={a.vocab} "
-          f"({ranks[0]['params_local'] / 1e6:.2f}M parameters per rank), MiB")
-    print(table(["dtype", "rank", "state plain", "state dist", "master plain", "master dist", "grads plain",
-                 "grads dist", "(state+master) dist/plain", "(+grads) dist/plain"], rows))
+    print(
+        f"\noptimizer memory per rank: DP={dp} TP={a.tp} layers={a.layers} hidden={a.hidden} vocab={a.vocab} "
+        f"({ranks[0]['params_local'] / 1e6:.2f}M parameters per rank), MiB"
+    )
+    print(
+        table(
+            [
+                "dtype",
+                "rank",
+                "state plain",
+                "state dist",
+                "master plain",
+                "master dist",
+                "grads plain",
+                "grads dist",
+                "(state+master) dist/plain",
+                "(+grads) dist/plain",
+            ],
+            rows,
+        )
+    )
     for dtype in ("fp32", "bf16"):
         r = result[dtype]
-        print(f"{dtype}: step time plain {r['step_s']['plain']:.3f} s, distributed {r['step_s']['distributed']:.3f} s; "
-              f"max |loss difference| over {a.steps + 1} steps {r['max_loss_diff']:.2e}")
-    payload = dict(bench="dist_optimizer", args=vars(a), machine=info, dp=dp, result=result,
-                   wall_s=round(time.perf_counter() - start, 1))
+        print(
+            f"{dtype}: step time plain {r['step_s']['plain']:.3f} s, distributed {r['step_s']['distributed']:.3f} s; "
+            f"max |loss difference| over {a.steps + 1} steps {r['max_loss_diff']:.2e}"
+        )
+    payload = dict(
+        bench="dist_optimizer",
+        args=vars(a),
+        machine=info,
+        dp=dp,
+        result=result,
+        wall_s=round(time.perf_counter() - start, 1),
+    )
     emit_json(payload)
     return payload
 

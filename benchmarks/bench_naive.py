@@ -52,11 +52,18 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=4)
-    p.add_argument("--ref-dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="our reference's dtype (the naive one stays fp32); bf16 is the default on GPU")
-    p.add_argument("--bf16", action="store_true",
-                   help="bf16 compute for both: ours in megatron's bf16 mixed precision (fp32 master weights) with "
-                        "a bf16 reference, the naive one under torch.autocast(bf16) (fp32 weights)")
+    p.add_argument(
+        "--ref-dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="our reference's dtype (the naive one stays fp32); bf16 is the default on GPU",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 compute for both: ours in megatron's bf16 mixed precision (fp32 master weights) with "
+        "a bf16 reference, the naive one under torch.autocast(bf16) (fp32 weights)",
+    )
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--rss-child", choices=("ours", "naive"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -69,9 +76,13 @@ def batch(a, step: int) -> list[dict]:
     toks = torch.randint(3, a.vocab, (a.gbs, a.seq + 1), generator=g)
     toks[torch.rand(a.gbs, a.seq + 1, generator=g) < 0.02] = 2  # EOD: masked from the loss
     inputs = toks[:, :-1]
-    full = dict(tokens=inputs, labels=toks[:, 1:].contiguous(), loss_mask=(inputs != 2).float(),
-                position_ids=torch.arange(a.seq).expand(a.gbs, a.seq).contiguous())
-    return [{k: v[i:i + a.mbs].clone() for k, v in full.items()} for i in range(0, a.gbs, a.mbs)]
+    full = dict(
+        tokens=inputs,
+        labels=toks[:, 1:].contiguous(),
+        loss_mask=(inputs != 2).float(),
+        position_ids=torch.arange(a.seq).expand(a.gbs, a.seq).contiguous(),
+    )
+    return [{k: v[i : i + a.mbs].clone() for k, v in full.items()} for i in range(0, a.gbs, a.mbs)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,16 +94,36 @@ class Ours:
         from megatron_slm.config import load_config
         from megatron_slm.training.trainer import Trainer
 
-        cfg = load_config(overrides=dict(
-            model=dict(preset="tiny", vocab_size=a.vocab, num_layers=a.layers, hidden_size=a.hidden,
-                       ffn_hidden_size=a.ffn, num_attention_heads=a.heads, num_query_groups=a.heads,
-                       max_position_embeddings=max(1024, a.seq)),
-            reference=dict(dtype="bf16" if a.bf16 else a.ref_dtype),
-            slm=dict(loss_mode="slm", reference_mode="online", slm_select_ratio=a.k, selection_scope="micro_batch"),
-            train=dict(micro_batch_size=a.mbs, global_batch_size=a.gbs, seq_length=a.seq, train_iters=10**6,
-                       lr=1e-4, min_lr=1e-5, lr_warmup_iters=0, log_interval=10**9, seed=3, clip_grad=1.0,
-                       weight_decay=0.1, bf16=a.bf16),
-        ))
+        cfg = load_config(
+            overrides=dict(
+                model=dict(
+                    preset="tiny",
+                    vocab_size=a.vocab,
+                    num_layers=a.layers,
+                    hidden_size=a.hidden,
+                    ffn_hidden_size=a.ffn,
+                    num_attention_heads=a.heads,
+                    num_query_groups=a.heads,
+                    max_position_embeddings=max(1024, a.seq),
+                ),
+                reference=dict(dtype="bf16" if a.bf16 else a.ref_dtype),
+                slm=dict(loss_mode="slm", reference_mode="online", slm_select_ratio=a.k, selection_scope="micro_batch"),
+                train=dict(
+                    micro_batch_size=a.mbs,
+                    global_batch_size=a.gbs,
+                    seq_length=a.seq,
+                    train_iters=10**6,
+                    lr=1e-4,
+                    min_lr=1e-5,
+                    lr_warmup_iters=0,
+                    log_interval=10**9,
+                    seed=3,
+                    clip_grad=1.0,
+                    weight_decay=0.1,
+                    bf16=a.bf16,
+                ),
+            )
+        )
         self.trainer = Trainer(cfg)
         from megatron_slm.config import padded_vocab_size
 
@@ -123,10 +154,19 @@ class Naive:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn,
-                          num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
-                          max_position_embeddings=max(1024, a.seq), rms_norm_eps=1e-5, tie_word_embeddings=False,
-                          use_cache=False, attention_dropout=0.0)
+        cfg = LlamaConfig(
+            vocab_size=a.vocab,
+            hidden_size=a.hidden,
+            intermediate_size=a.ffn,
+            num_hidden_layers=a.layers,
+            num_attention_heads=a.heads,
+            num_key_value_heads=a.heads,
+            max_position_embeddings=max(1024, a.seq),
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            use_cache=False,
+            attention_dropout=0.0,
+        )
         cfg._attn_implementation = "sdpa"
         torch.manual_seed(3)
         self.policy = LlamaForCausalLM(cfg).train()
@@ -241,9 +281,13 @@ def rss_child(a) -> None:
         f.write("5")
     impl.step(batch(a, 1))
     hwm_step = _status_kib("VmHWM")
-    out = {"rss_after_imports": rss_imports * 1024, "rss_after_build": rss_built * 1024,
-           "rss_before_step": rss_before * 1024, "step_peak_increase": (hwm_step - rss_before) * 1024,
-           "peak_rss_step": hwm_step * 1024}
+    out = {
+        "rss_after_imports": rss_imports * 1024,
+        "rss_after_build": rss_built * 1024,
+        "rss_before_step": rss_before * 1024,
+        "step_peak_increase": (hwm_step - rss_before) * 1024,
+        "peak_rss_step": hwm_step * 1024,
+    }
     print("RSS_JSON " + json.dumps(out), flush=True)
 
 
@@ -251,17 +295,21 @@ FLAG_OF = {"k": "slm-select-ratio"}  # dests whose flag has another name (add_mo
 
 
 def run_rss(a, which) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", which] + [
-        f"--{FLAG_OF.get(k, k.replace('_', '-'))}={getattr(a, k)}" for k in ("layers", "hidden", "ffn", "heads", "vocab", "seq",
-                                                                           "mbs", "gbs", "k", "threads", "ref_dtype")
-    ] + (["--bf16"] if a.bf16 else [])
+    cmd = (
+        [sys.executable, os.path.abspath(__file__), "--rss-child", which]
+        + [
+            f"--{FLAG_OF.get(k, k.replace('_', '-'))}={getattr(a, k)}"
+            for k in ("layers", "hidden", "ffn", "heads", "vocab", "seq", "mbs", "gbs", "k", "threads", "ref_dtype")
+        ]
+        + (["--bf16"] if a.bf16 else [])
+    )
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(a.threads))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # set in this process by distributed.initialize; the child picks its own port
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RSS_JSON "):
-            return json.loads(line[len("RSS_JSON "):])
+            return json.loads(line[len("RSS_JSON ") :])
     raise RuntimeError(f"RSS subprocess for {which} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
@@ -284,7 +332,7 @@ def main(argv=None) -> dict | None:
     def timed(w, step):
         mbs = batch(a, step)
         c0, t0 = time.process_time(), time.perf_counter()
-        impls[w].step(mbs)
+        impls[w].step(mbs)  # noqa: F821 - deleted only after the timing loop
         return time.perf_counter() - t0, time.process_time() - c0
 
     names = ["ours", "naive"]
@@ -304,45 +352,103 @@ def main(argv=None) -> dict | None:
     speedup = tps["ours"] / tps["naive"]
     paired = median([n / o for o, n in zip(times["ours"], times["naive"])])
     cpu_speedup = cpu["naive"] / cpu["ours"]
-    print(f"\nours vs naive: layers={a.layers} hidden={a.hidden} ffn={a.ffn} heads={a.heads} vocab={a.vocab} seq={a.seq} "
-          f"mbs={a.mbs} gbs={a.gbs} k={a.k} | {'bf16 compute (ours: megatron mixed precision, naive: autocast)' if a.bf16 else 'fp32, our reference ' + a.ref_dtype} | threads={a.threads} | warmup={a.warmup} reps={a.reps} interleaved, medians")
+    print(
+        f"\nours vs naive: layers={a.layers} hidden={a.hidden} ffn={a.ffn} heads={a.heads} vocab={a.vocab} seq={a.seq} "
+        f"mbs={a.mbs} gbs={a.gbs} k={a.k} | {'bf16 compute (ours: megatron mixed precision, naive: autocast)' if a.bf16 else 'fp32, our reference ' + a.ref_dtype} | threads={a.threads} | warmup={a.warmup} reps={a.reps} interleaved, medians"
+    )
     rows = []
     for w in names:
         r = rss.get(w, {})
-        rows.append([w, n_params[w] / 1e6, med[w], tps[w], cpu[w], mib(saved[w]), mib(saved_head[w]),
-                     mib(r.get("step_peak_increase", float("nan"))), mib(r.get("peak_rss_step", float("nan"))),
-                     mib(r.get("rss_after_imports", float("nan")))])
-    print(table(["impl", "policy M params", "step s", "tokens/s", "CPU s", "saved/mb MiB", "loss head MiB", "step peak+ MiB",
-                 "peak RSS MiB", "RSS imports MiB"], rows))
+        rows.append(
+            [
+                w,
+                n_params[w] / 1e6,
+                med[w],
+                tps[w],
+                cpu[w],
+                mib(saved[w]),
+                mib(saved_head[w]),
+                mib(r.get("step_peak_increase", float("nan"))),
+                mib(r.get("peak_rss_step", float("nan"))),
+                mib(r.get("rss_after_imports", float("nan"))),
+            ]
+        )
+    print(
+        table(
+            [
+                "impl",
+                "policy M params",
+                "step s",
+                "tokens/s",
+                "CPU s",
+                "saved/mb MiB",
+                "loss head MiB",
+                "step peak+ MiB",
+                "peak RSS MiB",
+                "RSS imports MiB",
+            ],
+            rows,
+        )
+    )
     mem_ratio = saved["ours"] / saved["naive"]
     mem_ok = mem_ratio < 1.0
     head_ratio = saved_head["ours"] / saved_head["naive"]
-    targets = {"speedup": {"value": speedup, "paired_value": paired, "cpu_time_value": cpu_speedup,
-                           "target_min": SPEED_TARGET, "met": speedup >= SPEED_TARGET},
-               "saved_bytes_ours_over_naive": {"value": mem_ratio, "target_max": 1.0, "met": mem_ok},
-               "saved_bytes_loss_head_ours_over_naive": {"value": head_ratio, "target_max": 1.0, "met": head_ratio < 1.0}}
+    targets = {
+        "speedup": {
+            "value": speedup,
+            "paired_value": paired,
+            "cpu_time_value": cpu_speedup,
+            "target_min": SPEED_TARGET,
+            "met": speedup >= SPEED_TARGET,
+        },
+        "saved_bytes_ours_over_naive": {"value": mem_ratio, "target_max": 1.0, "met": mem_ok},
+        "saved_bytes_loss_head_ours_over_naive": {"value": head_ratio, "target_max": 1.0, "met": head_ratio < 1.0},
+    }
     if rss:
         step_ratio = rss["ours"]["step_peak_increase"] / rss["naive"]["step_peak_increase"]
         abs_ratio = rss["ours"]["peak_rss_step"] / rss["naive"]["peak_rss_step"]
         net = [(rss[w]["peak_rss_step"] - rss[w]["rss_after_imports"]) for w in names]
-        targets["step_peak_rss_increase_ours_over_naive"] = {"value": step_ratio, "target_max": 1.0,
-                                                             "met": step_ratio < 1.0}
+        targets["step_peak_rss_increase_ours_over_naive"] = {
+            "value": step_ratio,
+            "target_max": 1.0,
+            "met": step_ratio < 1.0,
+        }
         targets["peak_rss_ours_over_naive"] = {"value": abs_ratio, "target_max": 1.0, "met": abs_ratio < 1.0}
-        targets["peak_rss_minus_imports_ours_over_naive"] = {"value": net[0] / net[1], "target_max": 1.0,
-                                                             "met": net[0] < net[1]}
-    print(f"target tokens/s ours/naive >= {SPEED_TARGET}: {speedup:.3f} (paired {paired:.3f}, CPU time {cpu_speedup:.3f})"
-          f" -> {verdict(speedup >= SPEED_TARGET)}")
-    print(f"target lower memory: saved-for-backward per micro-batch ours/naive {mem_ratio:.3f} -> {verdict(mem_ok)} "
-          f"(loss head only: {head_ratio:.3f}; the rest is the transformer body)")
-    for key in ("step_peak_rss_increase_ours_over_naive", "peak_rss_ours_over_naive",
-                "peak_rss_minus_imports_ours_over_naive"):
+        targets["peak_rss_minus_imports_ours_over_naive"] = {
+            "value": net[0] / net[1],
+            "target_max": 1.0,
+            "met": net[0] < net[1],
+        }
+    print(
+        f"target tokens/s ours/naive >= {SPEED_TARGET}: {speedup:.3f} (paired {paired:.3f}, CPU time {cpu_speedup:.3f})"
+        f" -> {verdict(speedup >= SPEED_TARGET)}"
+    )
+    print(
+        f"target lower memory: saved-for-backward per micro-batch ours/naive {mem_ratio:.3f} -> {verdict(mem_ok)} "
+        f"(loss head only: {head_ratio:.3f}; the rest is the transformer body)"
+    )
+    for key in (
+        "step_peak_rss_increase_ours_over_naive",
+        "peak_rss_ours_over_naive",
+        "peak_rss_minus_imports_ours_over_naive",
+    ):
         if key in targets:
             print(f"  {key}: {targets[key]['value']:.3f} -> {verdict(targets[key]['met'])}")
-    payload = {"bench": "naive", "args": vars(a), "machine": info, "median_step_s": med, "median_cpu_s": cpu,
-               "tokens_per_s": tps, "saved_bytes_per_microbatch": saved,
-               "saved_bytes_loss_head_per_microbatch": saved_head, "rss": rss, "policy_params": n_params,
-               "targets": targets, "all_step_s": {w: [round(x, 4) for x in times[w]] for w in names},
-               "wall_s": time.perf_counter() - t_start}
+    payload = {
+        "bench": "naive",
+        "args": vars(a),
+        "machine": info,
+        "median_step_s": med,
+        "median_cpu_s": cpu,
+        "tokens_per_s": tps,
+        "saved_bytes_per_microbatch": saved,
+        "saved_bytes_loss_head_per_microbatch": saved_head,
+        "rss": rss,
+        "policy_params": n_params,
+        "targets": targets,
+        "all_step_s": {w: [round(x, 4) for x in times[w]] for w in names},
+        "wall_s": time.perf_counter() - t_start,
+    }
     emit_json(payload)
     return payload
 

@@ -16,8 +16,11 @@ import time
 from _common import emit_json, interleaved, machine_info, median, mib, table
 from bench_step_time import make_config, parse_args, synthetic_batch
 
-VARIANTS = {"none": {}, "selective": {"recompute_granularity": "selective"},
-            "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
+VARIANTS = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective"},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
 
 
 def saved_bytes(fn) -> tuple[int, object]:
@@ -66,19 +69,37 @@ def main(argv=None) -> dict:
 
     samples = interleaved(names, step, a.warmup, a.reps)
     distributed.destroy()
-    med = {n: {"step_s": median([s[0] for s in samples[n]]), "saved_bytes_per_microbatch": samples[n][-1][1]}
-           for n in names}
+    med = {
+        n: {"step_s": median([s[0] for s in samples[n]]), "saved_bytes_per_microbatch": samples[n][-1][1]}
+        for n in names
+    }
     base = med["none"]
-    print(f"\nrecompute: layers={a.layers} hidden={a.hidden} ffn={a.ffn} seq={a.seq} mbs={a.mbs} gbs={a.gbs} | "
-          f"SLM online reference, TP=1 PP=1 | warmup={a.warmup} reps={a.reps} interleaved, medians")
-    rows = [[n, m["step_s"], m["step_s"] / base["step_s"], mib(m["saved_bytes_per_microbatch"]),
-             m["saved_bytes_per_microbatch"] / base["saved_bytes_per_microbatch"]] for n, m in med.items()]
+    print(
+        f"\nrecompute: layers={a.layers} hidden={a.hidden} ffn={a.ffn} seq={a.seq} mbs={a.mbs} gbs={a.gbs} | "
+        f"SLM online reference, TP=1 PP=1 | warmup={a.warmup} reps={a.reps} interleaved, medians"
+    )
+    rows = [
+        [
+            n,
+            m["step_s"],
+            m["step_s"] / base["step_s"],
+            mib(m["saved_bytes_per_microbatch"]),
+            m["saved_bytes_per_microbatch"] / base["saved_bytes_per_microbatch"],
+        ]
+        for n, m in med.items()
+    ]
     print(table(["recompute", "step s", "x none", "saved MiB/micro-batch", "x none"], rows))
-    payload = {"bench": "recompute", "args": vars(a), "machine": machine_info(), "medians": med,
-               "step_time_over_none": {n: med[n]["step_s"] / base["step_s"] for n in names},
-               "saved_bytes_over_none": {n: med[n]["saved_bytes_per_microbatch"] / base["saved_bytes_per_microbatch"]
-                                         for n in names},
-               "wall_s": time.perf_counter() - start}
+    payload = {
+        "bench": "recompute",
+        "args": vars(a),
+        "machine": machine_info(),
+        "medians": med,
+        "step_time_over_none": {n: med[n]["step_s"] / base["step_s"] for n in names},
+        "saved_bytes_over_none": {
+            n: med[n]["saved_bytes_per_microbatch"] / base["saved_bytes_per_microbatch"] for n in names
+        },
+        "wall_s": time.perf_counter() - start,
+    }
     emit_json(payload)
     return payload
 

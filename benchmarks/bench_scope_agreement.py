@@ -37,8 +37,11 @@ SCOPES = ("sequence", "micro_batch", "micro_batch_no_dp", "threshold", "random")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", help="a demo corpus directory (build_demo_corpus output); built there and kept if it has "
-                                  "no corpus.json; default: built in a temporary directory")
+    p.add_argument(
+        "--data",
+        help="a demo corpus directory (build_demo_corpus output); built there and kept if it has "
+        "no corpus.json; default: built in a temporary directory",
+    )
     p.add_argument("--max-math-chars", type=int, default=700_000, help="corpus cap when building")
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer size when building")
     p.add_argument("--seq", type=int, default=256)
@@ -72,7 +75,7 @@ class Stream:
         import torch
 
         starts = torch.randint(0, len(self.tokens) - seq - 1, (n,), generator=gen)
-        return torch.stack([torch.from_numpy(self.tokens[s:s + seq + 1]) for s in starts.tolist()])
+        return torch.stack([torch.from_numpy(self.tokens[s : s + seq + 1]) for s in starts.tolist()])
 
 
 def micro_batches(seqs, domain, eod: int, mbs: int) -> list[dict]:
@@ -80,9 +83,14 @@ def micro_batches(seqs, domain, eod: int, mbs: int) -> list[dict]:
 
     inputs, labels = seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
     b, s = inputs.shape
-    full = dict(tokens=inputs, labels=labels, loss_mask=(labels != eod).float(),
-                position_ids=torch.arange(s).expand(b, s).contiguous(), domain=domain)
-    return [{k: v[i:i + mbs] for k, v in full.items()} for i in range(0, b, mbs)]
+    full = dict(
+        tokens=inputs,
+        labels=labels,
+        loss_mask=(labels != eod).float(),
+        position_ids=torch.arange(s).expand(b, s).contiguous(),
+        domain=domain,
+    )
+    return [{k: v[i : i + mbs] for k, v in full.items()} for i in range(0, b, mbs)]
 
 
 def blend_batch(streams, n, seq, gen, math_weight=0.55):
@@ -99,14 +107,35 @@ def make_trainer(a, vocab: int, seed: int, lr: float):
     from megatron_slm.config import load_config
     from megatron_slm.training.trainer import Trainer
 
-    return Trainer(load_config(overrides=dict(
-        model=dict(preset="tiny", vocab_size=vocab, num_layers=a.layers, hidden_size=a.hidden,
-                   ffn_hidden_size=3 * a.hidden, num_attention_heads=4, num_query_groups=2,
-                   max_position_embeddings=max(1024, a.seq)),
-        slm=dict(loss_mode="clm"),
-        train=dict(micro_batch_size=a.mbs, global_batch_size=a.train_gbs, seq_length=a.seq, train_iters=10**6,
-                   lr=lr, min_lr=lr / 10, lr_warmup_iters=5, log_interval=10**9, seed=seed, weight_decay=0.1),
-    )))
+    return Trainer(
+        load_config(
+            overrides=dict(
+                model=dict(
+                    preset="tiny",
+                    vocab_size=vocab,
+                    num_layers=a.layers,
+                    hidden_size=a.hidden,
+                    ffn_hidden_size=3 * a.hidden,
+                    num_attention_heads=4,
+                    num_query_groups=2,
+                    max_position_embeddings=max(1024, a.seq),
+                ),
+                slm=dict(loss_mode="clm"),
+                train=dict(
+                    micro_batch_size=a.mbs,
+                    global_batch_size=a.train_gbs,
+                    seq_length=a.seq,
+                    train_iters=10**6,
+                    lr=lr,
+                    min_lr=lr / 10,
+                    lr_warmup_iters=5,
+                    log_interval=10**9,
+                    seed=seed,
+                    weight_decay=0.1,
+                ),
+            )
+        )
+    )
 
 
 def train(trainer, iters, batch_fn, eod, mbs) -> list[float]:
@@ -179,9 +208,16 @@ def main(argv=None) -> dict:
     # Reference: CLM on the clean math split. Policy: CLM on the blend, other seed (or at init).
     ref = make_trainer(a, vocab, seed=1, lr=2e-3)
     g_ref = torch.Generator().manual_seed(11)
-    ref_losses = train(ref, a.ref_iters,
-                       lambda i: (streams["math_ref_train"].windows(a.train_gbs, a.seq, g_ref),
-                                  torch.ones(a.train_gbs, a.seq, dtype=torch.long)), eod, a.mbs)
+    ref_losses = train(
+        ref,
+        a.ref_iters,
+        lambda i: (
+            streams["math_ref_train"].windows(a.train_gbs, a.seq, g_ref),
+            torch.ones(a.train_gbs, a.seq, dtype=torch.long),
+        ),
+        eod,
+        a.mbs,
+    )
     policy = make_trainer(a, vocab, seed=2, lr=2e-3)
     g_pol = torch.Generator().manual_seed(12)
     pol_losses = train(policy, a.policy_iters, lambda i: blend_batch(streams, a.train_gbs, a.seq, g_pol), eod, a.mbs)
@@ -215,24 +251,39 @@ def main(argv=None) -> dict:
     results = {}
     for s in ("global",) + SCOPES:
         st = stats[s]
-        results[s] = {"agreement": st["agree"] / n_valid, "overlap_with_global": st["overlap"] / max(n_global_sel, 1),
-                      "selected_fraction": st["selected"] / n_valid,
-                      "math_share_of_selected": st["math_selected"] / max(st["selected"], 1)}
-    print(f"\nscope agreement with the exact global-batch top-k: k={a.k}, {a.batches} global batches of {a.gbs} x {a.seq} "
-          f"tokens, micro-batches of {a.mbs}, DP={a.dp} simulated; reference {a.ref_iters} CLM steps on math "
-          f"(loss {ref_losses[0]:.2f} -> {ref_losses[-1]:.2f}), policy {a.policy_iters} CLM steps on the blend"
-          + (f" (loss {pol_losses[0]:.2f} -> {pol_losses[-1]:.2f})" if pol_losses else " (at init)"))
-    rows = [[s, r["agreement"], r["overlap_with_global"], r["selected_fraction"], r["math_share_of_selected"]]
-            for s, r in results.items()]
+        results[s] = {
+            "agreement": st["agree"] / n_valid,
+            "overlap_with_global": st["overlap"] / max(n_global_sel, 1),
+            "selected_fraction": st["selected"] / n_valid,
+            "math_share_of_selected": st["math_selected"] / max(st["selected"], 1),
+        }
+    print(
+        f"\nscope agreement with the exact global-batch top-k: k={a.k}, {a.batches} global batches of {a.gbs} x {a.seq} "
+        f"tokens, micro-batches of {a.mbs}, DP={a.dp} simulated; reference {a.ref_iters} CLM steps on math "
+        f"(loss {ref_losses[0]:.2f} -> {ref_losses[-1]:.2f}), policy {a.policy_iters} CLM steps on the blend"
+        + (f" (loss {pol_losses[0]:.2f} -> {pol_losses[-1]:.2f})" if pol_losses else " (at init)")
+    )
+    rows = [
+        [s, r["agreement"], r["overlap_with_global"], r["selected_fraction"], r["math_share_of_selected"]]
+        for s, r in results.items()
+    ]
     print(table(["scope", "agreement", "overlap", "selected frac", "math share of selected"], rows))
-    print(f"chance agreement at k={a.k}: {a.k ** 2 + (1 - a.k) ** 2:.3f}; valid tokens compared: {n_valid}; "
-          f"seconds: data {t_data:.0f}, training {t_train:.0f}, total {time.perf_counter() - t_start:.0f}")
-    payload = {"bench": "scope_agreement", "args": vars(a), "machine": info, "results": results,
-               "valid_tokens": n_valid, "chance_agreement": a.k ** 2 + (1 - a.k) ** 2,
-               "reference_clm_loss": [ref_losses[0], ref_losses[-1]] if ref_losses else None,
-               "policy_clm_loss": [pol_losses[0], pol_losses[-1]] if pol_losses else None,
-               "corpus": {k: corpus[k] for k in ("files", "vocab_size", "math_fraction_of_policy_data")},
-               "seconds": {"data": t_data, "train": t_train, "total": time.perf_counter() - t_start}}
+    print(
+        f"chance agreement at k={a.k}: {a.k**2 + (1 - a.k) ** 2:.3f}; valid tokens compared: {n_valid}; "
+        f"seconds: data {t_data:.0f}, training {t_train:.0f}, total {time.perf_counter() - t_start:.0f}"
+    )
+    payload = {
+        "bench": "scope_agreement",
+        "args": vars(a),
+        "machine": info,
+        "results": results,
+        "valid_tokens": n_valid,
+        "chance_agreement": a.k**2 + (1 - a.k) ** 2,
+        "reference_clm_loss": [ref_losses[0], ref_losses[-1]] if ref_losses else None,
+        "policy_clm_loss": [pol_losses[0], pol_losses[-1]] if pol_losses else None,
+        "corpus": {k: corpus[k] for k in ("files", "vocab_size", "math_fraction_of_policy_data")},
+        "seconds": {"data": t_data, "train": t_train, "total": time.perf_counter() - t_start},
+    }
     from megatron_slm.parallel import distributed
 
     distributed.destroy()

@@ -91,12 +91,11 @@ def _reset_peak() -> bool:
 def worker(a) -> dict | None:
     import torch
     import torch.distributed as dist
+    import torch.nn.functional as F
+    from helpers.selective_ce import selective_cross_entropy
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    import torch.nn.functional as F
-
-    from helpers.selective_ce import selective_cross_entropy
     from megatron_slm.loss.vocab_parallel_ce import (
         head_logits,
         selective_head_cross_entropy,
@@ -111,7 +110,7 @@ def worker(a) -> dict | None:
     part = a.vocab // a.tp
     g = torch.Generator().manual_seed(0)
     full = torch.randn(a.tokens, a.vocab, generator=g) * 2.0  # same full logits on every rank
-    base32 = full[:, tp_rank * part:(tp_rank + 1) * part].contiguous()
+    base32 = full[:, tp_rank * part : (tp_rank + 1) * part].contiguous()
     del full
     labels = torch.randint(0, a.vocab, (a.tokens,), generator=g)
     valid = torch.ones(a.tokens, dtype=torch.bool)
@@ -124,7 +123,9 @@ def worker(a) -> dict | None:
     names = variants(a)
     if a.hidden:
         hidden0 = torch.randn(a.tokens, a.hidden, generator=g).to(dev)
-        weight0 = (torch.randn(a.vocab, a.hidden, generator=g) * a.hidden ** -0.5)[tp_rank * part:(tp_rank + 1) * part].to(dev)
+        weight0 = (torch.randn(a.vocab, a.hidden, generator=g) * a.hidden**-0.5)[
+            tp_rank * part : (tp_rank + 1) * part
+        ].to(dev)
     leaves = {}
 
     def run(variant, logits):
@@ -137,13 +138,15 @@ def worker(a) -> dict | None:
             h, w = leaves["head"]
             z = head_logits(h, w)
             tl, lse = vocab_parallel_token_loss(z, labels, vocab_size=a.vocab)
-            loss = selective_head_cross_entropy(h, w, labels, sel[variant], vocab_size=a.vocab, logits=z,
-                                                token_loss=tl, logsumexp=lse).sum()
+            loss = selective_head_cross_entropy(
+                h, w, labels, sel[variant], vocab_size=a.vocab, logits=z, token_loss=tl, logsumexp=lse
+            ).sum()
             del z
         else:
             tl, lse = vocab_parallel_token_loss(logits, labels, vocab_size=a.vocab)
-            loss = selective_cross_entropy(logits, labels, sel[variant], vocab_size=a.vocab, token_loss=tl,
-                                           logsumexp=lse).sum()
+            loss = selective_cross_entropy(
+                logits, labels, sel[variant], vocab_size=a.vocab, token_loss=tl, logsumexp=lse
+            ).sum()
         return loss
 
     def saved_bytes(variant, base):
@@ -198,7 +201,9 @@ def worker(a) -> dict | None:
     l1 = vocab_parallel_cross_entropy(x1, labels[:64])
     l1.sum().backward()
     tl, lse = vocab_parallel_token_loss(x2, labels[:64], vocab_size=a.vocab)
-    selective_cross_entropy(x2, labels[:64], valid[:64], vocab_size=a.vocab, token_loss=tl, logsumexp=lse).sum().backward()
+    selective_cross_entropy(
+        x2, labels[:64], valid[:64], vocab_size=a.vocab, token_loss=tl, logsumexp=lse
+    ).sum().backward()
     torch.testing.assert_close(tl, l1.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
     if a.hidden:  # the fused head at k=1 gives the dense head's gradients
@@ -219,10 +224,16 @@ def worker(a) -> dict | None:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
         base = base32.to(dtype)
         mem = {v: saved_bytes(v, base) for v in names}
-        samples = interleaved(names, lambda v, _step: one(v, base), a.warmup, a.reps)
+        samples = interleaved(names, lambda v, _step, base=base: one(v, base), a.warmup, a.reps)
         times, cpus, peaks, faults = ({v: [x[j] for x in samples[v]] for v in names} for j in range(4))
-        out[dname] = {"times": times, "cpu": cpus, "peak_rss_bytes": peaks, "saved_bytes": mem, "faults": faults,
-                      "logits_bytes": base.numel() * base.element_size()}
+        out[dname] = {
+            "times": times,
+            "cpu": cpus,
+            "peak_rss_bytes": peaks,
+            "saved_bytes": mem,
+            "faults": faults,
+            "logits_bytes": base.numel() * base.element_size(),
+        }
         del base
     return out if dist.get_rank() == 0 else None
 
@@ -244,8 +255,10 @@ def main(argv=None) -> dict:
     else:
         res = run_ranks(worker, a.tp, a, threads=a.threads)[0]
 
-    print(f"\nselective CE: N={a.tokens} tokens x V={a.vocab} (shard {a.vocab // a.tp} per rank, TP={a.tp}), k={a.k}, "
-          f"threads/proc={a.threads}, warmup={a.warmup} reps={a.reps} interleaved, medians")
+    print(
+        f"\nselective CE: N={a.tokens} tokens x V={a.vocab} (shard {a.vocab // a.tp} per rank, TP={a.tp}), k={a.k}, "
+        f"threads/proc={a.threads}, warmup={a.warmup} reps={a.reps} interleaved, medians"
+    )
     results, targets, rows = {}, {}, []
     names = variants(a)
     for dname, r in res.items():
@@ -258,40 +271,90 @@ def main(argv=None) -> dict:
         saved = r["saved_bytes"]
         for v in names:
             b = base_of[v]
-            rows.append([dname, v, med[v] * 1e3, med[v] / med[b], paired[v],
-                         cpu[v] / cpu[b], mib(saved[v]), saved[v] / saved[b], mib(peak[v]), faults[v] / 1e3])
+            rows.append(
+                [
+                    dname,
+                    v,
+                    med[v] * 1e3,
+                    med[v] / med[b],
+                    paired[v],
+                    cpu[v] / cpu[b],
+                    mib(saved[v]),
+                    saved[v] / saved[b],
+                    mib(peak[v]),
+                    faults[v] / 1e3,
+                ]
+            )
         t_ratio = med["slm"] / med["megatron"]
         m_ratio = saved["slm"] / saved["megatron"]
         targets[dname] = {
-            "time_slm_over_megatron": {"value": t_ratio, "paired_value": paired["slm"],
-                                       "cpu_time_value": cpu["slm"] / cpu["megatron"], "target_max": TIME_TARGET,
-                                       "met": t_ratio <= TIME_TARGET},
-            "saved_bytes_slm_over_megatron": {"value": m_ratio, "target_max": a.k + MEM_SLACK,
-                                              "met": m_ratio <= a.k + MEM_SLACK},
+            "time_slm_over_megatron": {
+                "value": t_ratio,
+                "paired_value": paired["slm"],
+                "cpu_time_value": cpu["slm"] / cpu["megatron"],
+                "target_max": TIME_TARGET,
+                "met": t_ratio <= TIME_TARGET,
+            },
+            "saved_bytes_slm_over_megatron": {
+                "value": m_ratio,
+                "target_max": a.k + MEM_SLACK,
+                "met": m_ratio <= a.k + MEM_SLACK,
+            },
         }
         if a.hidden:
             targets[dname]["time_head_slm_over_head_megatron"] = {
                 "value": med["head_slm"] / med["head_megatron"],
                 "cpu_time_value": cpu["head_slm"] / cpu["head_megatron"],
-                "saved_bytes_value": saved["head_slm"] / saved["head_megatron"]}
-        results[dname] = {"median_s": med, "median_cpu_s": cpu, "paired_ratio_over_megatron": paired,
-                          "minor_page_faults": faults,
-                          "saved_bytes": saved,
-                          "peak_rss_increase_bytes": peak, "logits_bytes_per_rank": r["logits_bytes"],
-                          "all_s": {v: [round(x, 5) for x in r["times"][v]] for v in names}}
-    print(table(["dtype", "variant", "fwd+bwd ms", "x base", "x base paired", "x base CPU", "saved MiB",
-                 "saved x base", "peak mem+ MiB", "page faults k"], rows))
+                "saved_bytes_value": saved["head_slm"] / saved["head_megatron"],
+            }
+        results[dname] = {
+            "median_s": med,
+            "median_cpu_s": cpu,
+            "paired_ratio_over_megatron": paired,
+            "minor_page_faults": faults,
+            "saved_bytes": saved,
+            "peak_rss_increase_bytes": peak,
+            "logits_bytes_per_rank": r["logits_bytes"],
+            "all_s": {v: [round(x, 5) for x in r["times"][v]] for v in names},
+        }
+    print(
+        table(
+            [
+                "dtype",
+                "variant",
+                "fwd+bwd ms",
+                "x base",
+                "x base paired",
+                "x base CPU",
+                "saved MiB",
+                "saved x base",
+                "peak mem+ MiB",
+                "page faults k",
+            ],
+            rows,
+        )
+    )
     for dname, t in targets.items():
         tt, mm = t["time_slm_over_megatron"], t["saved_bytes_slm_over_megatron"]
-        print(f"[{dname}] target time slm/megatron <= {TIME_TARGET}: {tt['value']:.3f} (paired {tt['paired_value']:.3f},"
-              f" CPU time {tt['cpu_time_value']:.3f}) -> {verdict(tt['met'])};  saved bytes slm/megatron <= "
-              f"{a.k + MEM_SLACK:.2f}: {mm['value']:.3f} -> {verdict(mm['met'])}")
+        print(
+            f"[{dname}] target time slm/megatron <= {TIME_TARGET}: {tt['value']:.3f} (paired {tt['paired_value']:.3f},"
+            f" CPU time {tt['cpu_time_value']:.3f}) -> {verdict(tt['met'])};  saved bytes slm/megatron <= "
+            f"{a.k + MEM_SLACK:.2f}: {mm['value']:.3f} -> {verdict(mm['met'])}"
+        )
         if "time_head_slm_over_head_megatron" in t:
             hh = t["time_head_slm_over_head_megatron"]
-            print(f"[{dname}] with the output layer (H={a.hidden}): head_slm/head_megatron time {hh['value']:.3f} "
-                  f"(CPU time {hh['cpu_time_value']:.3f}), saved bytes {hh['saved_bytes_value']:.3f}")
-    payload = {"bench": "selective_ce", "args": vars(a), "machine": info, "results": results, "targets": targets,
-               "wall_s": time.perf_counter() - t_start}
+            print(
+                f"[{dname}] with the output layer (H={a.hidden}): head_slm/head_megatron time {hh['value']:.3f} "
+                f"(CPU time {hh['cpu_time_value']:.3f}), saved bytes {hh['saved_bytes_value']:.3f}"
+            )
+    payload = {
+        "bench": "selective_ce",
+        "args": vars(a),
+        "machine": info,
+        "results": results,
+        "targets": targets,
+        "wall_s": time.perf_counter() - t_start,
+    }
     emit_json(payload)
     return payload
 

@@ -37,8 +37,9 @@ def worker(a) -> dict:
     from megatron_slm.model.build import build_model
     from megatron_slm.parallel import distributed
 
-    cfg = load_config(overrides=dict(model=dict(preset=a.preset, vocab_size=32000),
-                                     parallel=dict(tensor_model_parallel_size=a.tp)))
+    cfg = load_config(
+        overrides=dict(model=dict(preset=a.preset, vocab_size=32000), parallel=dict(tensor_model_parallel_size=a.tp))
+    )
     distributed.initialize(a.tp, 1, seed=1)
     params = {}
 
@@ -61,12 +62,22 @@ def main(argv=None):
     slowest = {v: [max(r["samples"][v][i] for r in results) for i in range(a.reps)] for v in VARIANTS}
     med = {v: median(slowest[v]) for v in VARIANTS}
     rows = [[v, med[v], med[v] / med[VARIANTS[1]]] for v in VARIANTS]
-    print(f"model build at start, {a.preset} at TP={a.tp} ({results[0]['params'] * a.tp / 1e9:.2f}B parameters), "
-          f"slowest rank, median of {a.reps}:")
+    print(
+        f"model build at start, {a.preset} at TP={a.tp} ({results[0]['params'] * a.tp / 1e9:.2f}B parameters), "
+        f"slowest rank, median of {a.reps}:"
+    )
     print(table(["variant", "seconds", "x no draw"], rows))
     print("a run pays it for the policy (resume or --pretrained-checkpoint) and again for the reference (--ref-load)")
-    emit_json({"bench": "startup", "preset": a.preset, "tp": a.tp, "seconds": med,
-               "ratio": med[VARIANTS[0]] / med[VARIANTS[1]], "machine": machine_info()})
+    emit_json(
+        {
+            "bench": "startup",
+            "preset": a.preset,
+            "tp": a.tp,
+            "seconds": med,
+            "ratio": med[VARIANTS[0]] / med[VARIANTS[1]],
+            "machine": machine_info(),
+        }
+    )
 
 
 if __name__ == "__main__":

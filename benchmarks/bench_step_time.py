@@ -39,7 +39,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(p, vocab=8192, seq=256, gbs=8, groups=True)
     p.add_argument("--slm-select-ratio", dest="k", type=float, default=0.6, help="k: fraction of the tokens selected")
-    p.add_argument("--selection-scope", dest="scope", default="micro_batch", choices=("sequence", "micro_batch", "global_batch", "threshold"), help="selection scope")
+    p.add_argument(
+        "--selection-scope",
+        dest="scope",
+        default="micro_batch",
+        choices=("sequence", "micro_batch", "global_batch", "threshold"),
+        help="selection scope",
+    )
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--nproc", type=int, default=1, help="processes (TP x PP x DP); >1 forks gloo ranks")
@@ -47,10 +53,18 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per variant")
     p.add_argument("--reps", type=int, default=9, help="timed steps per variant (interleaved)")
     p.add_argument("--bf16", action="store_true", help="bf16 policy and reference (GPU runs)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's dense peak TFLOP/s for MFU (default on CUDA: 989 = H100/H200 bf16 dense)")
-    p.add_argument("--ref-dtype", choices=("fp32", "bf16"), default=None,
-                   help="online reference dtype (default: bf16 with --bf16, else fp32)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense peak TFLOP/s for MFU (default on CUDA: 989 = H100/H200 bf16 dense)",
+    )
+    p.add_argument(
+        "--ref-dtype",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="online reference dtype (default: bf16 with --bf16, else fp32)",
+    )
     return p.parse_args(argv)
 
 
@@ -62,16 +76,35 @@ def make_config(a, variant: str):
         slm.update(loss_mode="clm")
     else:
         slm.update(loss_mode="slm", reference_mode="online" if variant == "slm_online" else "offline")
-    return load_config(overrides=dict(
-        model=dict(preset="tiny", vocab_size=a.vocab, num_layers=a.layers, hidden_size=a.hidden,
-                   ffn_hidden_size=a.ffn, num_attention_heads=a.heads, num_query_groups=a.groups,
-                   max_position_embeddings=max(1024, a.seq)),
-        reference=dict(dtype=a.ref_dtype or ("bf16" if a.bf16 else "fp32")),  # the policy's shape
-        parallel=dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp),
-        slm=slm,
-        train=dict(micro_batch_size=a.mbs, global_batch_size=a.gbs, seq_length=a.seq, train_iters=10**6,
-                   lr=1e-4, min_lr=1e-5, lr_warmup_iters=0, log_interval=10**9, seed=7, bf16=bool(a.bf16)),
-    ))
+    return load_config(
+        overrides=dict(
+            model=dict(
+                preset="tiny",
+                vocab_size=a.vocab,
+                num_layers=a.layers,
+                hidden_size=a.hidden,
+                ffn_hidden_size=a.ffn,
+                num_attention_heads=a.heads,
+                num_query_groups=a.groups,
+                max_position_embeddings=max(1024, a.seq),
+            ),
+            reference=dict(dtype=a.ref_dtype or ("bf16" if a.bf16 else "fp32")),  # the policy's shape
+            parallel=dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp),
+            slm=slm,
+            train=dict(
+                micro_batch_size=a.mbs,
+                global_batch_size=a.gbs,
+                seq_length=a.seq,
+                train_iters=10**6,
+                lr=1e-4,
+                min_lr=1e-5,
+                lr_warmup_iters=0,
+                log_interval=10**9,
+                seed=7,
+                bf16=bool(a.bf16),
+            ),
+        )
+    )
 
 
 def train_flops_per_token(a) -> float:
@@ -95,12 +128,16 @@ def synthetic_batch(a, step: int, dp_rank: int, dp_size: int) -> list[dict]:
     toks = torch.randint(3, a.vocab, (a.gbs, a.seq + 1), generator=g)
     toks[torch.rand(a.gbs, a.seq + 1, generator=g) < 0.02] = 2  # EOD
     inputs = toks[:, :-1]
-    batch = dict(tokens=inputs, labels=toks[:, 1:].contiguous(), loss_mask=(inputs != 2).float(),
-                 position_ids=torch.arange(a.seq).expand(a.gbs, a.seq).contiguous(),
-                 ref_loss=torch.rand(a.gbs, a.seq, generator=g) * 8.0)
+    batch = dict(
+        tokens=inputs,
+        labels=toks[:, 1:].contiguous(),
+        loss_mask=(inputs != 2).float(),
+        position_ids=torch.arange(a.seq).expand(a.gbs, a.seq).contiguous(),
+        ref_loss=torch.rand(a.gbs, a.seq, generator=g) * 8.0,
+    )
     per = a.gbs // dp_size
-    part = {k: v[dp_rank * per:(dp_rank + 1) * per] for k, v in batch.items()}
-    return [{k: v[i:i + a.mbs].clone() for k, v in part.items()} for i in range(0, per, a.mbs)]
+    part = {k: v[dp_rank * per : (dp_rank + 1) * per] for k, v in batch.items()}
+    return [{k: v[i : i + a.mbs].clone() for k, v in part.items()} for i in range(0, per, a.mbs)]
 
 
 def worker(a) -> dict | None:
@@ -171,9 +208,14 @@ def main(argv=None) -> dict:
     for v in names:
         s = res["samples"][v]
         total, prep, opt = (median([x[j] for x in s]) for j in range(3))
-        med[v] = {"step_s": total, "ref_or_scoring_pass_s": prep, "optimizer_s": opt,
-                  "training_pass_s": median([x[0] - x[1] - x[2] for x in s]),
-                  "cpu_s": median([x[3] for x in s]), "all_step_s": [round(x[0], 5) for x in s]}
+        med[v] = {
+            "step_s": total,
+            "ref_or_scoring_pass_s": prep,
+            "optimizer_s": opt,
+            "training_pass_s": median([x[0] - x[1] - x[2] for x in s]),
+            "cpu_s": median([x[3] for x in s]),
+            "all_step_s": [round(x[0], 5) for x in s],
+        }
     clm = med["clm"]["step_s"]
     tokens = a.gbs * a.seq
     ratios = {v: med[v]["step_s"] / clm for v in names}
@@ -183,42 +225,92 @@ def main(argv=None) -> dict:
     # load. With several processes on 2 cores the ranks also wait for each other, which wall time includes.
     cpu_ratios = {v: med[v]["cpu_s"] / med["clm"]["cpu_s"] for v in names}
 
-    print(f"\nstep time: layers={a.layers} hidden={a.hidden} ffn={a.ffn} heads={a.heads}/{a.groups} vocab={a.vocab} "
-          f"seq={a.seq} mbs={a.mbs} gbs={a.gbs} k={a.k} scope={a.scope} | TP={a.tp} PP={a.pp} DP={res['dp']} "
-          f"nproc={a.nproc} threads/proc={a.threads} | {res['params_per_replica'] / 1e6:.2f}M params/replica | "
-          f"warmup={a.warmup} reps={a.reps} interleaved, medians")
+    print(
+        f"\nstep time: layers={a.layers} hidden={a.hidden} ffn={a.ffn} heads={a.heads}/{a.groups} vocab={a.vocab} "
+        f"seq={a.seq} mbs={a.mbs} gbs={a.gbs} k={a.k} scope={a.scope} | TP={a.tp} PP={a.pp} DP={res['dp']} "
+        f"nproc={a.nproc} threads/proc={a.threads} | {res['params_per_replica'] / 1e6:.2f}M params/replica | "
+        f"warmup={a.warmup} reps={a.reps} interleaved, medians"
+    )
     rows = []
     for v in names:
         m = med[v]
-        rows.append([v, m["step_s"], m["ref_or_scoring_pass_s"], m["training_pass_s"], m["optimizer_s"],
-                     tokens / m["step_s"], ratios[v], paired[v], m["cpu_s"], cpu_ratios[v]])
-    print(table(["variant", "step s", "ref pass s", "train pass s", "optim s", "tokens/s", "x CLM",
-                 "x CLM paired", "CPU s", "x CLM CPU"], rows))
+        rows.append(
+            [
+                v,
+                m["step_s"],
+                m["ref_or_scoring_pass_s"],
+                m["training_pass_s"],
+                m["optimizer_s"],
+                tokens / m["step_s"],
+                ratios[v],
+                paired[v],
+                m["cpu_s"],
+                cpu_ratios[v],
+            ]
+        )
+    print(
+        table(
+            [
+                "variant",
+                "step s",
+                "ref pass s",
+                "train pass s",
+                "optim s",
+                "tokens/s",
+                "x CLM",
+                "x CLM paired",
+                "CPU s",
+                "x CLM CPU",
+            ],
+            rows,
+        )
+    )
     targets = {}
     for v, limit in TARGETS.items():
         ok = ratios[v] <= limit
-        targets[f"{v}_over_clm"] = {"value": ratios[v], "paired_value": paired[v], "cpu_time_value": cpu_ratios[v],
-                                     "target_max": limit, "met": ok}
-        print(f"target {v}/CLM <= {limit:.2f}: {ratios[v]:.3f} wall (paired {paired[v]:.3f}, CPU time "
-              f"{cpu_ratios[v]:.3f}) -> {verdict(ok)}")
+        targets[f"{v}_over_clm"] = {
+            "value": ratios[v],
+            "paired_value": paired[v],
+            "cpu_time_value": cpu_ratios[v],
+            "target_max": limit,
+            "met": ok,
+        }
+        print(
+            f"target {v}/CLM <= {limit:.2f}: {ratios[v]:.3f} wall (paired {paired[v]:.3f}, CPU time "
+            f"{cpu_ratios[v]:.3f}) -> {verdict(ok)}"
+        )
     peak = a.peak_tflops or (989.0 if torch.cuda.is_available() else None)
     flops = train_flops_per_token(a) * tokens
     mfu = {}
     for v in names:
         tflops = flops / med[v]["step_s"] / 1e12 / a.nproc  # per device
         mfu[v] = {"model_tflops_per_device": tflops, "mfu": tflops / peak if peak else None}
-    print("model TFLOP/s per device (6N + attention per token, the reference not counted): " + ", ".join(
-        f"{v} {m['model_tflops_per_device']:.3g}" + (f" (MFU {m['mfu']:.1%} of {peak:g})" if peak else "")
-        for v, m in mfu.items()))
+    print(
+        "model TFLOP/s per device (6N + attention per token, the reference not counted): "
+        + ", ".join(
+            f"{v} {m['model_tflops_per_device']:.3g}" + (f" (MFU {m['mfu']:.1%} of {peak:g})" if peak else "")
+            for v, m in mfu.items()
+        )
+    )
     print(f"SLM online tokens/s = {1 / ratios['slm_online']:.3f} x CLM's")
     ref_share = med["slm_online"]["ref_or_scoring_pass_s"] / med["clm"]["step_s"]
     print(f"reference pass = {ref_share:.3f} of a CLM step (FLOP model for a same-size reference: 2N/6N = 0.333)")
     payload = {
-        "bench": "step_time", "args": vars(a), "machine": info, "medians": med, "ratios_over_clm": ratios,
+        "bench": "step_time",
+        "args": vars(a),
+        "machine": info,
+        "medians": med,
+        "ratios_over_clm": ratios,
         "paired_ratios_over_clm": paired,
-        "cpu_time_ratios_over_clm": cpu_ratios, "targets": targets, "mfu": mfu, "peak_tflops": peak,
-        "train_flops_per_token": train_flops_per_token(a), "reference_pass_over_clm_step": ref_share,
-        "tokens_per_step": tokens, "params_per_replica": res["params_per_replica"], "dp": res["dp"],
+        "cpu_time_ratios_over_clm": cpu_ratios,
+        "targets": targets,
+        "mfu": mfu,
+        "peak_tflops": peak,
+        "train_flops_per_token": train_flops_per_token(a),
+        "reference_pass_over_clm_step": ref_share,
+        "tokens_per_step": tokens,
+        "params_per_replica": res["params_per_replica"],
+        "dp": res["dp"],
         "wall_s": time.perf_counter() - t_start,
     }
     emit_json(payload)

@@ -28,8 +28,14 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo_tiny.yaml"
 POLICY_BLEND = (("math_train", 0.55), ("general", 0.45))  # the continual-pretraining mix
 BASE_BLEND = (("math_train", 0.25), ("general", 0.75))  # the base's mostly-general pretraining mix
 POLICIES = ("clm", "slm", "random", "clm_reweighted")
-LABELS = {"base": "base", "reference": "reference", "clm": "CLM", "slm": "SLM", "random": "random k%",
-          "clm_reweighted": "CLM, reweighted blend"}
+LABELS = {
+    "base": "base",
+    "reference": "reference",
+    "clm": "CLM",
+    "slm": "SLM",
+    "random": "random k%",
+    "clm_reweighted": "CLM, reweighted blend",
+}
 
 
 def add_arguments(p) -> None:
@@ -38,21 +44,47 @@ def add_arguments(p) -> None:
 
     slm = SLMConfig()
     p.add_argument("--out", default="demo_out", help="working directory (data, checkpoints, logs)")
-    p.add_argument("--base-iters", type=int, default=150,
-                   help="steps of the base model (CLM from scratch on the general + math mix)")
-    p.add_argument("--ref-iters", type=int, default=150,
-                   help="steps tuning the base into the reference on clean math")
+    p.add_argument(
+        "--base-iters",
+        type=int,
+        default=150,
+        help="steps of the base model (CLM from scratch on the general + math mix)",
+    )
+    p.add_argument("--ref-iters", type=int, default=150, help="steps tuning the base into the reference on clean math")
     p.add_argument("--train-iters", type=int, default=100, help="steps of each of the four policies")
-    p.add_argument("--slm-select-ratio", type=float, default=slm.slm_select_ratio,
-                   help="k: fraction of the tokens SLM (and the random control) trains on")
-    p.add_argument("--selection-scope", default=slm.selection_scope, choices=SELECTION_SCOPES,
-                   help="which tokens the top-k ranks together")
-    p.add_argument("--seeds", type=int, nargs="+", default=[4321], metavar="SEED",
-                   help="data-order seeds of the policies; two or more also report the seed-to-seed spread")
-    p.add_argument("--eval-samples", type=int, default=256, metavar="N",
-                   help="held-out windows of 128 tokens per dataset, the first N (0: all)")
-    p.add_argument("--nproc", type=int, default=4,
-                   help="processes per training run (TP x PP x DP; the config's TP x PP = 4 divides it)")
+    p.add_argument(
+        "--slm-select-ratio",
+        type=float,
+        default=slm.slm_select_ratio,
+        help="k: fraction of the tokens SLM (and the random control) trains on",
+    )
+    p.add_argument(
+        "--selection-scope",
+        default=slm.selection_scope,
+        choices=SELECTION_SCOPES,
+        help="which tokens the top-k ranks together",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[4321],
+        metavar="SEED",
+        help="data-order seeds of the policies; two or more also report the seed-to-seed spread",
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=256,
+        metavar="N",
+        help="held-out windows of 128 tokens per dataset, the first N (0: all)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=4,
+        help="processes per training run (TP x PP x DP; the config's TP x PP = 4 divides it)",
+    )
     p.add_argument("--rebuild-data", action="store_true", help="rebuild the corpus even if present")
 
 
@@ -70,8 +102,21 @@ def _run(cmd: list[str], name: str) -> None:
 def _train(run_dir: Path, name: str, nproc: int, flags: list[str]) -> dict:
     from megatron_slm.parallel.distributed import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           "-m", "megatron_slm.cli", "train", "--config", str(DEMO_CONFIG), "--save", str(run_dir), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        "-m",
+        "megatron_slm.cli",
+        "train",
+        "--config",
+        str(DEMO_CONFIG),
+        "--save",
+        str(run_dir),
+        *flags,
+    ]
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resume of an earlier demo
     start = time.perf_counter()
     _run(cmd, name)
@@ -94,15 +139,39 @@ def _evaluate(out: Path, runs: dict[str, Path], datasets: list[Path], eval_sampl
     """{(run name, dataset name): eval.json row} from ``slm evaluate`` over every run's final checkpoint, with the
     learnable / not-learnable split of the tokens by the base's excess loss over the reference."""
     names = list(runs)
-    cmd = [sys.executable, "-m", "megatron_slm.cli", "evaluate", "--config", str(DEMO_CONFIG),
-           "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1", "--micro-batch-size", "16",
-           "--load", *[str(runs[n]) for n in names], "--data-path", *map(str, datasets), "--out", str(out / "eval"),
-           "--split-reference", str(runs["reference"]), "--split-base", str(runs["base"]), "--split-ratio", str(k)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_slm.cli",
+        "evaluate",
+        "--config",
+        str(DEMO_CONFIG),
+        "--tensor-model-parallel-size",
+        "1",
+        "--pipeline-model-parallel-size",
+        "1",
+        "--micro-batch-size",
+        "16",
+        "--load",
+        *[str(runs[n]) for n in names],
+        "--data-path",
+        *map(str, datasets),
+        "--out",
+        str(out / "eval"),
+        "--split-reference",
+        str(runs["reference"]),
+        "--split-base",
+        str(runs["base"]),
+        "--split-ratio",
+        str(k),
+    ]
     if eval_samples:
         cmd += ["--eval-samples", str(eval_samples)]
     env = dict(_env(), OMP_NUM_THREADS=str(max(1, os.cpu_count() or 1)))
-    print(f"\n=== evaluate: slm evaluate --load {' '.join(names)} --data-path "
-          f"{' '.join(d.name for d in datasets)}", flush=True)
+    print(
+        f"\n=== evaluate: slm evaluate --load {' '.join(names)} --data-path {' '.join(d.name for d in datasets)}",
+        flush=True,
+    )
     if subprocess.run(cmd, env=env).returncode != 0:
         raise SystemExit("demo step 'evaluate' failed; see the log above")
     rows = json.loads((out / "eval" / "eval.json").read_text())["results"]
@@ -115,8 +184,8 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def main(args) -> int:
-    from megatron_slm.data.demo_corpus import build_demo_corpus
     from megatron_slm.analysis.controls import reweight
+    from megatron_slm.data.demo_corpus import build_demo_corpus
 
     if min(args.base_iters, args.ref_iters, args.train_iters) < 1:
         raise SystemExit("error: --base-iters, --ref-iters and --train-iters must be >= 1")
@@ -132,35 +201,78 @@ def main(args) -> int:
         print(json.dumps(build_demo_corpus(str(data)), indent=2), flush=True)
     common = ["--tokenizer-model", str(data / "tokenizer.model"), "--data-cache-path", str(out / "index_cache")]
 
-    base = _train(out / "base", "base", args.nproc, common + [
-        "--loss-mode", "clm", *_blend(data, BASE_BLEND), "--train-iters", str(args.base_iters),
-        "--seed", "1234"])
-    ref = _train(out / "reference", "reference", args.nproc, common + [
-        "--loss-mode", "clm", "--pretrained-checkpoint", str(out / "base"), "--data-path", str(data / "math_ref_train"),
-        "--train-iters", str(args.ref_iters), "--seed", "1234"])
+    base = _train(
+        out / "base",
+        "base",
+        args.nproc,
+        common
+        + ["--loss-mode", "clm", *_blend(data, BASE_BLEND), "--train-iters", str(args.base_iters), "--seed", "1234"],
+    )
+    ref = _train(
+        out / "reference",
+        "reference",
+        args.nproc,
+        common
+        + [
+            "--loss-mode",
+            "clm",
+            "--pretrained-checkpoint",
+            str(out / "base"),
+            "--data-path",
+            str(data / "math_ref_train"),
+            "--train-iters",
+            str(args.ref_iters),
+            "--seed",
+            "1234",
+        ],
+    )
     runs = {"base": out / "base", "reference": out / "reference"}
     summaries = {"base": base, "reference": ref}
-    slm_flags = ["--loss-mode", "slm", "--ref-load", str(out / "reference"), "--slm-select-ratio",
-                 str(args.slm_select_ratio), "--selection-scope", args.selection_scope]
+    slm_flags = [
+        "--loss-mode",
+        "slm",
+        "--ref-load",
+        str(out / "reference"),
+        "--slm-select-ratio",
+        str(args.slm_select_ratio),
+        "--selection-scope",
+        args.selection_scope,
+    ]
     for seed in args.seeds:
-        policy = common + ["--pretrained-checkpoint", str(out / "base"), "--train-iters", str(args.train_iters),
-                           "--seed", str(seed)]
+        policy = common + [
+            "--pretrained-checkpoint",
+            str(out / "base"),
+            "--train-iters",
+            str(args.train_iters),
+            "--seed",
+            str(seed),
+        ]
         mix = _blend(data, POLICY_BLEND)
         home = out / f"seed{seed}"
         summaries[("slm", seed)] = _train(home / "slm", f"SLM (seed {seed})", args.nproc, policy + mix + slm_flags)
-        summaries[("random", seed)] = _train(home / "random", f"random k% (seed {seed})", args.nproc,
-                                             policy + mix + slm_flags + ["--selection-strategy", "random"])
-        summaries[("clm", seed)] = _train(home / "clm", f"CLM (seed {seed})", args.nproc,
-                                          policy + mix + ["--loss-mode", "clm"])
+        summaries[("random", seed)] = _train(
+            home / "random",
+            f"random k% (seed {seed})",
+            args.nproc,
+            policy + mix + slm_flags + ["--selection-strategy", "random"],
+        )
+        summaries[("clm", seed)] = _train(
+            home / "clm", f"CLM (seed {seed})", args.nproc, policy + mix + ["--loss-mode", "clm"]
+        )
         matched = reweight(str(home / "slm"))
         reweighted = _data_path(matched["matched"], matched["prefixes"])
-        summaries[("clm_reweighted", seed)] = _train(home / "clm_reweighted", f"CLM on the reweighted blend (seed {seed})",
-                                                     args.nproc, policy + reweighted + ["--loss-mode", "clm"])
+        summaries[("clm_reweighted", seed)] = _train(
+            home / "clm_reweighted",
+            f"CLM on the reweighted blend (seed {seed})",
+            args.nproc,
+            policy + reweighted + ["--loss-mode", "clm"],
+        )
         summaries[("matched", seed)] = matched
         runs.update({f"{name}@{seed}": home / name for name in POLICIES})
 
-    losses = _evaluate(out, runs, [data / "math_heldout", data / "general_heldout"], args.eval_samples,
-                       args.slm_select_ratio)
+    losses = _evaluate(
+        out, runs, [data / "math_heldout", data / "general_heldout"], args.eval_samples, args.slm_select_ratio
+    )
     report = _report(args, summaries, losses)
     report["total_wall_s"] = time.perf_counter() - t0
     _print_table(args, report)
@@ -173,11 +285,15 @@ def _report(args, summaries: dict, losses: dict) -> dict:
     """Per model: held-out losses (mean and spread over seeds), trained token mix, selected shares."""
     w_math = dict(POLICY_BLEND)["math_train"] / sum(w for _, w in POLICY_BLEND)
     rows = {}
+
     def measured(runs: list[str]) -> dict:
         row = {}
-        for key, ds, field in (("math", "math_heldout", "loss"), ("general", "general_heldout", "loss"),
-                               ("math_learnable", "math_heldout", "learnable_loss"),
-                               ("math_not_learnable", "math_heldout", "not_learnable_loss")):
+        for key, ds, field in (
+            ("math", "math_heldout", "loss"),
+            ("general", "general_heldout", "loss"),
+            ("math_learnable", "math_heldout", "learnable_loss"),
+            ("math_not_learnable", "math_heldout", "not_learnable_loss"),
+        ):
             values = [losses[(r, ds)][field] for r in runs]
             row[key], row[key + "_spread"] = _mean_spread(values)
             row[key + "_by_seed"] = values
@@ -190,8 +306,11 @@ def _report(args, summaries: dict, losses: dict) -> dict:
         if name in ("slm", "random"):
             fr = [summaries[(name, s)]["selected_fraction_by_dataset"] for s in args.seeds]
             f_m, f_g = (sum(f[i] for f in fr) / len(fr) for i in (0, 1))
-            row.update(selected_math=f_m, selected_general=f_g,
-                       trained_math_share=w_math * f_m / (w_math * f_m + (1 - w_math) * f_g))
+            row.update(
+                selected_math=f_m,
+                selected_general=f_g,
+                trained_math_share=w_math * f_m / (w_math * f_m + (1 - w_math) * f_g),
+            )
         elif name == "clm_reweighted":
             shares = [summaries[("matched", s)]["matched"][0] for s in args.seeds]
             row.update(selected_math=1.0, selected_general=1.0, trained_math_share=sum(shares) / len(shares))
@@ -199,11 +318,19 @@ def _report(args, summaries: dict, losses: dict) -> dict:
             row.update(selected_math=1.0, selected_general=1.0, trained_math_share=w_math)
         rows[name] = row
     s0 = args.seeds[0]
-    slm_t, clm_t = summaries[("slm", s0)]["mean_second_half"]["step_time"], summaries[("clm", s0)]["mean_second_half"]["step_time"]
-    return {"heldout_loss": rows, "k": args.slm_select_ratio, "scope": args.selection_scope, "seeds": args.seeds,
-            "iters": {"base": args.base_iters, "reference": args.ref_iters, "policy": args.train_iters},
-            "parallel": summaries[("slm", s0)]["parallel"],
-            "step_time_s": {"slm_online_ref": slm_t, "clm": clm_t, "ratio": slm_t / clm_t}}
+    slm_t, clm_t = (
+        summaries[("slm", s0)]["mean_second_half"]["step_time"],
+        summaries[("clm", s0)]["mean_second_half"]["step_time"],
+    )
+    return {
+        "heldout_loss": rows,
+        "k": args.slm_select_ratio,
+        "scope": args.selection_scope,
+        "seeds": args.seeds,
+        "iters": {"base": args.base_iters, "reference": args.ref_iters, "policy": args.train_iters},
+        "parallel": summaries[("slm", s0)]["parallel"],
+        "step_time_s": {"slm_online_ref": slm_t, "clm": clm_t, "ratio": slm_t / clm_t},
+    }
 
 
 def _print_table(args, report: dict) -> None:
@@ -218,10 +345,14 @@ def _print_table(args, report: dict) -> None:
         return f"{r[key]:.4f} +-{r[key + '_spread']:.4f}" if many and name in POLICIES else f"{r[key]:.4f}"
 
     print("\n================ SLM demo results (tiny scale) ================")
-    print(f"policies: {args.train_iters} steps each from the base, TP={p['tp']} x PP={p['pp']} x DP={p['dp']}; "
-          f"k={args.slm_select_ratio}, scope={args.selection_scope}; seeds {' '.join(map(str, args.seeds))}")
-    print("held-out loss = mean token cross-entropy (nats) on fixed held-out windows, the same tokens for every model"
-          + ("; +-x = seed spread (max - min)" if many else ""))
+    print(
+        f"policies: {args.train_iters} steps each from the base, TP={p['tp']} x PP={p['pp']} x DP={p['dp']}; "
+        f"k={args.slm_select_ratio}, scope={args.selection_scope}; seeds {' '.join(map(str, args.seeds))}"
+    )
+    print(
+        "held-out loss = mean token cross-entropy (nats) on fixed held-out windows, the same tokens for every model"
+        + ("; +-x = seed spread (max - min)" if many else "")
+    )
     head = f"{'model':<24}{'math':>16}{'general':>16}{'math share trained':>20}{'selected math/general':>24}"
     print(head)
     print("-" * len(head))
@@ -230,8 +361,10 @@ def _print_table(args, report: dict) -> None:
         share = "-" if r["trained_math_share"] is None else f"{r['trained_math_share']:.1%}"
         sel = "-" if r["selected_math"] is None else f"{r['selected_math']:.1%} / {r['selected_general']:.1%}"
         print(f"{label(name):<24}{loss(name, 'math'):>16}{loss(name, 'general'):>16}{share:>20}{sel:>24}")
-    print(f"held-out math split by the base's excess loss over the reference (top {args.slm_select_ratio:.0%} = "
-          "'learnable', what SLM would select at the start; rest = not learnable):")
+    print(
+        f"held-out math split by the base's excess loss over the reference (top {args.slm_select_ratio:.0%} = "
+        "'learnable', what SLM would select at the start; rest = not learnable):"
+    )
     print(f"{'model':<24}{'learnable':>16}{'not learnable':>16}")
     for name in ("base", "reference") + POLICIES:
         print(f"{label(name):<24}{loss(name, 'math_learnable'):>16}{loss(name, 'math_not_learnable'):>16}")

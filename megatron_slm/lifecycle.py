@@ -53,8 +53,9 @@ def exit_with_launcher(poll_s: float = 1.0) -> bool:
         while True:
             time.sleep(poll_s)
             if os.getppid() != parent:
-                sys.stderr.write(f"error: the launcher (pid {parent}) is gone; rank {os.environ.get('RANK', '?')} "
-                                 "exits\n")
+                sys.stderr.write(
+                    f"error: the launcher (pid {parent}) is gone; rank {os.environ.get('RANK', '?')} exits\n"
+                )
                 sys.stderr.flush()
                 os._exit(1)
 

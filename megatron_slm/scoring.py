@@ -105,8 +105,12 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
     cfg, info = run.config, run.data
     prefixes, outputs = output_prefixes(cfg)
     tr, par = cfg.train, cfg.parallel
-    distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed,
-                           virtual_pipeline_model_parallel_size=virtual_pipeline_size(par, cfg.model.num_layers))
+    distributed.initialize(
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+        seed=tr.seed,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(par, cfg.model.num_layers),
+    )
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     ds_cfg = dataset_config(cfg.data, tr.seq_length, tr.seed, info)
     sizes = dataset_sizes(cfg)
@@ -120,14 +124,20 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
         for out in dict.fromkeys(outputs):
             locks.append(SaveLock.acquire(out, lock=f"{out}.lock", flag="--ref-scores-path", recover=False))
         parts = Path(f"{outputs[0]}.parts")
-        covered = _on_rank0(lambda: _open_parts(parts, cfg, outputs, dp_size, force),
-                            f"cannot prepare {parts}", "choose a writable --ref-scores-path")
+        covered = _on_rank0(
+            lambda: _open_parts(parts, cfg, outputs, dp_size, force),
+            f"cannot prepare {parts}",
+            "choose a writable --ref-scores-path",
+        )
         reference = build_reference(cfg)
         writer = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         per_rank = G // dp_size
         starts = [s for s, _ in covered]
-        todo = [step for step in range(tr.train_iters)
-                if not _covered(covered, starts, step * G + dp_rank * per_rank, step * G + (dp_rank + 1) * per_rank)]
+        todo = [
+            step
+            for step in range(tr.train_iters)
+            if not _covered(covered, starts, step * G + dp_rank * per_rank, step * G + (dp_rank + 1) * per_rank)
+        ]
 
         # After an uneven stop the DP ranks have different steps left, but every rank joins each round's stop
         # agreement (a collective): all run as many rounds as the rank with the most steps.
@@ -141,7 +151,12 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
                 if writer:
                     pmbs = micro_batches(positions, step, G, b, dp_rank, dp_size)
                     part = {
-                        "dataset_id": torch.cat([p.get("dataset_id", torch.zeros(p["label_positions"].shape[0], dtype=torch.long)) for p in pmbs]),
+                        "dataset_id": torch.cat(
+                            [
+                                p.get("dataset_id", torch.zeros(p["label_positions"].shape[0], dtype=torch.long))
+                                for p in pmbs
+                            ]
+                        ),
                         "label_positions": torch.cat([p["label_positions"] for p in pmbs]),
                         "scores": torch.cat(scores).float().cpu(),
                     }
@@ -153,25 +168,34 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
                 if (i + 1) % max(tr.log_interval, 1) == 0 or i + 1 == len(todo):
                     elapsed = time.perf_counter() - t0
                     eta = (len(todo) - i - 1) * elapsed / (i + 1)
-                    log.info(f"[score] step {step + 1:>6}/{tr.train_iters} | {tokens / elapsed:,.0f} tokens/s | ETA {eta:,.0f} s")
+                    log.info(
+                        f"[score] step {step + 1:>6}/{tr.train_iters} | {tokens / elapsed:,.0f} tokens/s | ETA {eta:,.0f} s"
+                    )
             # after the step's part is saved: what a stop keeps is every step scored so far
             stopped = distributed.agreed_stop() or _over_time(tr.exit_duration_in_mins, started)
             if stopped:
                 break
         if stopped:
             total = tr.train_iters * G
-            done = _on_rank0(lambda: _record_stop(parts, stopped, total), f"cannot record the stop in {parts}",
-                             "free space or fix permissions and rerun: the scored parts are kept")
-            log.info(f"[score] stopping on {stopped}: {done} of {total} samples are scored, kept in {parts}; resume "
-                     "by rerunning the same command (at any data-parallel size)")
+            done = _on_rank0(
+                lambda: _record_stop(parts, stopped, total),
+                f"cannot record the stop in {parts}",
+                "free space or fix permissions and rerun: the scored parts are kept",
+            )
+            log.info(
+                f"[score] stopping on {stopped}: {done} of {total} samples are scored, kept in {parts}; resume "
+                "by rerunning the same command (at any data-parallel size)"
+            )
             lifecycle.acted_on()
             return []
         dist.barrier()
         # A stop signal from here on is only recorded (lifecycle): the merge runs to its end, so a stop never leaves
         # half-written sidecars (a kill can; a rerun then merges again, to the same bytes).
-        _on_rank0(lambda: _merge(parts, prefixes, outputs, dtype, tr.train_iters * G, cfg),
-                  "cannot write the score sidecars", f"free space or fix permissions and rerun: the scores in {parts} "
-                  "are kept and merged again")
+        _on_rank0(
+            lambda: _merge(parts, prefixes, outputs, dtype, tr.train_iters * G, cfg),
+            "cannot write the score sidecars",
+            f"free space or fix permissions and rerun: the scores in {parts} are kept and merged again",
+        )
         if lifecycle.received():
             log.info(f"[score] {lifecycle.received()} came during the merge, which finished first: nothing to resume")
             lifecycle.acted_on()
@@ -179,7 +203,9 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
         for lock in reversed(locks):
             lock.release()
     elapsed = time.perf_counter() - t0
-    log.info(f"[score] wrote {', '.join(outputs)} ({tokens:,} tokens scored in {elapsed:.1f} s, {tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
+    log.info(
+        f"[score] wrote {', '.join(outputs)} ({tokens:,} tokens scored in {elapsed:.1f} s, {tokens / max(elapsed, 1e-9):,.0f} tokens/s)"
+    )
     return outputs
 
 
@@ -267,8 +293,9 @@ def _open_parts(parts: Path, cfg, outputs, dp_size: int, force: bool) -> list[tu
         except ValueError:
             rec = None
         if not (isinstance(rec, dict) and rec.get("format") == PARTS_FORMAT and isinstance(rec.get("scoring"), dict)):
-            raise DataError(f"{manifest} is not a score-reference parts record (corrupt); delete {parts} to score "
-                            "from scratch")
+            raise DataError(
+                f"{manifest} is not a score-reference parts record (corrupt); delete {parts} to score from scratch"
+            )
         diffs = scoring_flag_differences(rec["scoring"], flags)
         if rec.get("reference_load") != cfg.reference.load:
             diffs.append(("--ref-load", str(rec.get("reference_load")), str(cfg.reference.load)))
@@ -277,21 +304,30 @@ def _open_parts(parts: Path, cfg, outputs, dp_size: int, force: bool) -> list[tu
                 f"{parts} holds the parts of an interrupted score-reference run (data-parallel size "
                 f"{rec.get('data_parallel_size', '?')}) with other flags than this run's, so resuming would mix scores "
                 f"of other windows: {'; '.join(f'{f}: the parts have {a}, this run has {b}' for f, a, b in diffs)}; "
-                f"rerun with the parts' flags to resume, or delete {parts} to score from scratch")
+                f"rerun with the parts' flags to resume, or delete {parts} to score from scratch"
+            )
         covered = _coalesce(_scan_parts(parts))
         done = sum(b - a for a, b in covered)
-        log.info(f"resuming: {done} of {cfg.train.train_iters * cfg.train.global_batch_size} samples already scored "
-                 f"in {parts} (at data-parallel size {rec.get('data_parallel_size', '?')}, now {dp_size})")
+        log.info(
+            f"resuming: {done} of {cfg.train.train_iters * cfg.train.global_batch_size} samples already scored "
+            f"in {parts} (at data-parallel size {rec.get('data_parallel_size', '?')}, now {dp_size})"
+        )
         return covered  # an existing sidecar is this unfinished run's own (e.g. a merge killed half-way)
     if parts.is_dir() and any(parts.glob("*.pt")):
-        raise DataError(f"{parts} holds parts of an older score-reference that did not record its data flags, so "
-                        f"they cannot be resumed safely; delete {parts} to score from scratch")
+        raise DataError(
+            f"{parts} holds parts of an older score-reference that did not record its data flags, so "
+            f"they cannot be resumed safely; delete {parts} to score from scratch"
+        )
     existing = [o for o in outputs if Path(f"{o}.json").exists()]
     if existing and not force:
         raise DataError(f"score sidecar {existing[0]} already exists; pass --force to overwrite it")
     parts.mkdir(parents=True, exist_ok=True)
-    record = {"format": PARTS_FORMAT, "scoring": flags, "reference_load": cfg.reference.load,
-              "data_parallel_size": dp_size}  # the DP size is informative: parts resume at any
+    record = {
+        "format": PARTS_FORMAT,
+        "scoring": flags,
+        "reference_load": cfg.reference.load,
+        "data_parallel_size": dp_size,
+    }  # the DP size is informative: parts resume at any
     tmp = parts / f"{PARTS_MANIFEST}.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(manifest)
@@ -304,12 +340,18 @@ def _load_part(path: Path, rows: int) -> dict:
     try:
         part = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise DataError(f"score part {path} cannot be read as tensors ({type(exc).__name__}): it was not written by "
-                        f"score-reference or is corrupt; {fix}") from None
+        raise DataError(
+            f"score part {path} cannot be read as tensors ({type(exc).__name__}): it was not written by "
+            f"score-reference or is corrupt; {fix}"
+        ) from None
     keys = ("dataset_id", "label_positions", "scores")
-    if not (isinstance(part, dict) and all(isinstance(part.get(k), torch.Tensor) for k in keys)
-            and part["dataset_id"].shape == (rows,) and part["label_positions"].shape == part["scores"].shape
-            and part["scores"].shape[:1] == (rows,)):
+    if not (
+        isinstance(part, dict)
+        and all(isinstance(part.get(k), torch.Tensor) for k in keys)
+        and part["dataset_id"].shape == (rows,)
+        and part["label_positions"].shape == part["scores"].shape
+        and part["scores"].shape[:1] == (rows,)
+    ):
         raise DataError(f"score part {path} does not hold the scores of its {rows} samples (corrupt); {fix}")
     return part
 
@@ -331,8 +373,10 @@ def _merge(parts: Path, prefixes, outputs, dtype, num_samples: int, cfg) -> None
     taken = np.zeros(num_samples, dtype=bool)
     for start, stop, path in found:
         if stop > num_samples or start >= stop:
-            raise DataError(f"score part {path} holds samples {start}..{stop - 1}, but this run scores "
-                            f"{num_samples}; delete it and rerun")
+            raise DataError(
+                f"score part {path} holds samples {start}..{stop - 1}, but this run scores "
+                f"{num_samples}; delete it and rerun"
+            )
         new = np.flatnonzero(~taken[start:stop])
         if not len(new):
             continue
@@ -345,13 +389,17 @@ def _merge(parts: Path, prefixes, outputs, dtype, num_samples: int, cfg) -> None
                 twice[d] += int(np.count_nonzero(~np.isnan(flats[d][idx])))
                 flats[d][idx] = val[keep].numpy()
         except IndexError:
-            raise DataError(f"score part {path} names datasets or token positions that this run's data lacks (corrupt); "
-                            f"delete {path} and rerun: its samples are scored again") from None
+            raise DataError(
+                f"score part {path} names datasets or token positions that this run's data lacks (corrupt); "
+                f"delete {path} and rerun: its samples are scored again"
+            ) from None
         taken[start:stop] = True
     if not taken.all():
         missing = np.flatnonzero(~taken)
-        raise DataError(f"{parts} lacks the scores of {len(missing)} of {num_samples} samples (the first: sample "
-                        f"{missing[0]}): parts were removed during the run; rerun to score them")
+        raise DataError(
+            f"{parts} lacks the scores of {len(missing)} of {num_samples} samples (the first: sample "
+            f"{missing[0]}): parts were removed during the run; rerun to score them"
+        )
     manifest = {
         "reference": {"load": cfg.reference.load, "model": dataclasses.asdict(read_model_config(cfg.reference.load))},
         # the data flags that decide each scored token's window; training compares them (check_scoring_flags)
@@ -430,11 +478,14 @@ def check_one_epoch(train, prefixes, cfg) -> None:
         if twice:
             epoch_tokens = int(np.asarray(ds.dataset.sequence_lengths)[ds.indices].sum())
             per_epoch = (epoch_tokens - int(ds.config.add_extra_token_to_sequence)) // L
-            problems.append(f"dataset '{prefix}' ({len(sample_ids)} of its samples, but its training split holds "
-                            f"{per_epoch}: {twice} tokens would be scored again, in another window)")
+            problems.append(
+                f"dataset '{prefix}' ({len(sample_ids)} of its samples, but its training split holds "
+                f"{per_epoch}: {twice} tokens would be scored again, in another window)"
+            )
     if problems:
         raise DataError(
             f"scoring {T} x {G} = {n} samples goes over more than one epoch of {' and of '.join(problems)}; a score "
             "sidecar keeps one score per token, so offline SLM could not replay online SLM: score (and train) fewer "
             "samples, lower --train-iters or --global-batch-size so that no dataset gives more than one epoch, or add "
-            "data; or train with --reference-mode online")
+            "data; or train with --reference-mode online"
+        )

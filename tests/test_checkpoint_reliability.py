@@ -26,8 +26,8 @@ from test_parallel_training import make_config, my_micro_batches
 
 import megatron_slm.training.trainer  # noqa: F401 - import megatron-core once, before forking ranks
 from megatron_slm import checkpoint
-from megatron_slm.checkpoint import files as checkpoint_files
 from megatron_slm.checkpoint import LATEST, iteration_dir, read_model_meta, resolve
+from megatron_slm.checkpoint import files as checkpoint_files
 from megatron_slm.errors import CheckpointError
 
 DS_CONFIG = "ds_configs/test_zero1_fp32.json"
@@ -56,8 +56,17 @@ def _params(trainer) -> dict:
 
 
 def _complete(path: Path) -> bool:
-    return all((path / f).is_file() for f in ("metadata.json", ".metadata", "common.pt", checkpoint.MODEL_META,
-                                              checkpoint.TRAINER_STATE, "rank_state/rank00000.pt"))
+    return all(
+        (path / f).is_file()
+        for f in (
+            "metadata.json",
+            ".metadata",
+            "common.pt",
+            checkpoint.MODEL_META,
+            checkpoint.TRAINER_STATE,
+            "rank_state/rank00000.pt",
+        )
+    )
 
 
 def _train_and_save(root, steps=2, **ck):
@@ -88,10 +97,40 @@ def data(tmp_path_factory):
 
 
 def _argv(data, save, *extra):
-    return ["train", "--preset", "tiny", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-            "--num-attention-heads", "4", "--num-query-groups", "2", "--micro-batch-size", "2",
-            "--global-batch-size", "4", "--seq-length", "16", "--log-interval", "100", "--eval-iters", "1",
-            "--data-path", data, "--split", "90,10,0", "--train-iters", "2", "--save", str(save), *extra]
+    return [
+        "train",
+        "--preset",
+        "tiny",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--ffn-hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--num-query-groups",
+        "2",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--seq-length",
+        "16",
+        "--log-interval",
+        "100",
+        "--eval-iters",
+        "1",
+        "--data-path",
+        data,
+        "--split",
+        "90,10,0",
+        "--train-iters",
+        "2",
+        "--save",
+        str(save),
+        *extra,
+    ]
 
 
 def _cli(argv, summary_none=False):
@@ -141,17 +180,22 @@ def _crash_window(root):
             if cond(*[str(a) for a in args[:2]]):
                 raise Crash()
             return real(*args, **kwargs)
+
         return fn
 
     scenarios = {
         # atomic swap: crash after the swap, before the previous copy (now in iter_N.tmp) is deleted
-        "after_exchange": dict(rmtree=crash_if(lambda p, *_: p.endswith(".tmp") and final.exists()
-                                               and (final / "new").exists(), real_rmtree)),
+        "after_exchange": dict(
+            rmtree=crash_if(
+                lambda p, *_: p.endswith(".tmp") and final.exists() and (final / "new").exists(), real_rmtree
+            )
+        ),
         # two renames: crash after iter_N -> iter_N.old, before iter_N.tmp -> iter_N
         "after_old_aside": dict(exchange=False, rename=crash_if(lambda a, b: a == f"{final}.tmp", real_rename)),
         # two renames: crash after iter_N.tmp -> iter_N, before iter_N.old is deleted
-        "before_old_deleted": dict(exchange=False, rmtree=crash_if(lambda p, *_: p.endswith(".old") and
-                                                                    (final / "new").exists(), real_rmtree)),
+        "before_old_deleted": dict(
+            exchange=False, rmtree=crash_if(lambda p, *_: p.endswith(".old") and (final / "new").exists(), real_rmtree)
+        ),
         # crash while replacing latest (a new iteration 3 is complete but not yet named)
         "before_latest": dict(replace=crash_if(lambda a, b: b.endswith(LATEST), real_replace)),
     }
@@ -163,10 +207,14 @@ def _crash_window(root):
         trainer.iteration = 3 if name == "before_latest" else 2
         real_torch_save = torch.save
         if name != "before_latest":
-            def mark(obj, f, *a, **k):  # tag the new copy so the scenario can tell the two apart
+
+            def mark(
+                obj, f, *a, real_torch_save=real_torch_save, **k
+            ):  # tag the new copy so the scenario can tell the two apart
                 real_torch_save(obj, f, *a, **k)
                 if isinstance(f, (str, os.PathLike)) and Path(f).parent.name == "rank_state":
                     Path(f).parent.parent.joinpath("new").write_text("1")
+
             torch.save = mark
         patch(**how)
         crashed = False
@@ -212,6 +260,7 @@ def test_two_rename_fallback_rolls_back_when_the_second_rename_fails(tmp_path):
     tmp.mkdir()
     (tmp / "x").write_text("new")
     real_rename, real_exchange = os.rename, checkpoint_files._exchange
+
     def rename(a, b):
         if str(a).endswith(".tmp"):
             raise OSError(errno.EIO, "I/O error")
@@ -267,7 +316,7 @@ def test_files_and_directories_are_fsynced_before_latest_is_replaced(tmp_path):
     rename_done = max(i for i, p in enumerate(before) if p == str(root))  # the parent, after the rename
     assert rename_done > before.index(str(tmp))
     assert str(root / (LATEST + ".tmp")) in before  # latest's new content before it replaces the old
-    assert any(e == ("fsync", str(root)) for e in events[latest_at + 1:])  # and the rename of latest itself
+    assert any(e == ("fsync", str(root)) for e in events[latest_at + 1 :])  # and the rename of latest itself
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,8 +345,10 @@ def test_second_writer_gets_one_error_on_every_rank(data, tmp_path):
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": "2025-01-01 00:00:00 UTC", "token": "x"}
     (save / ".lock").write_text(json.dumps(holder))  # held by this (live) pytest process
     res = run_distributed(_cli, 2, _argv(data, save))
-    want = (f"error: {save} is in use by pid {os.getpid()} on host {holder['host']} since {holder['since']} (another "
-            f"run writes there); use another --save, or delete {save}/.lock if that run is gone")
+    want = (
+        f"error: {save} is in use by pid {os.getpid()} on host {holder['host']} since {holder['since']} (another "
+        f"run writes there); use another --save, or delete {save}/.lock if that run is gone"
+    )
     assert [rc for rc, _ in res] == [2, 2]
     assert _error_lines(res[0][1]) == [want] and _error_lines(res[1][1]) == []  # one line, from rank 0
     assert sorted(p.name for p in save.iterdir()) == [".lock"]  # nothing written; the lock is untouched
@@ -379,8 +430,9 @@ def test_unwritable_save_is_one_error(data, tmp_path):
     save = blocker / "run"
     rc, err = run_distributed(_cli, 1, _argv(data, save))[0]
     assert rc == 2
-    assert _error_lines(err) == [f"error: cannot write to --save {save} (Not a directory: {save}); choose a "
-                                 "writable directory"], err
+    assert _error_lines(err) == [
+        f"error: cannot write to --save {save} (Not a directory: {save}); choose a writable directory"
+    ], err
     if os.geteuid() != 0:  # a read-only directory, where permissions apply
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
@@ -456,8 +508,12 @@ def test_damaged_or_missing_shards_are_damage_not_a_misfit(trained, tmp_path, da
         (it / ".metadata").unlink()
     else:
         (it / ".metadata").write_bytes(b"\x80\x04garbage")
-    named = {"truncated_shard": f"shard {shard.name} is truncated", "missing_shard": f"shard {shard.name} is missing",
-             "missing_index": ".metadata missing", "corrupt_index": ".metadata cannot be read"}[damage]
+    named = {
+        "truncated_shard": f"shard {shard.name} is truncated",
+        "missing_shard": f"shard {shard.name} is missing",
+        "missing_index": ".metadata missing",
+        "corrupt_index": ".metadata cannot be read",
+    }[damage]
     msgs = run_distributed(_resume_error, 2, root)
     assert msgs[0] == msgs[1], msgs
     for msg in msgs + [run_distributed(_load_error, 1, root)[0]]:  # resume and a weights load (--ref-load)
@@ -473,8 +529,10 @@ def test_real_shape_mismatch_still_says_does_not_fit(trained):
 def test_latest_naming_a_missing_iteration(trained, tmp_path):
     root = _copy(trained, tmp_path / "r")
     (root / LATEST).write_text("7")
-    want = (f"{root}/{LATEST} names iteration 7 but {root}/iter_0000007 is missing; restore it or point latest at an "
-            "existing iteration (found: iter_0000002)")
+    want = (
+        f"{root}/{LATEST} names iteration 7 but {root}/iter_0000007 is missing; restore it or point latest at an "
+        "existing iteration (found: iter_0000002)"
+    )
     with pytest.raises(CheckpointError) as exc:
         read_model_meta(str(root))
     assert str(exc.value) == want
@@ -494,6 +552,7 @@ def _disk_full(root, where):
     trainer = Trainer(_cfg(root, 4, save_interval=2))
     real_save = torch.save
     if dist.get_rank() == (1 if where == "rank_state" else 0):  # at DP=2, rank 0 writes every (replicated) shard
+
         def full(obj, f, *args, **kwargs):
             if trainer.iteration == 4:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
@@ -528,8 +587,11 @@ def _run_train_until_the_disk_is_full(data, save):
     from megatron_slm.config import load_config
     from megatron_slm.training.run import run_train
 
-    cfg = load_config(args=build_parser().parse_args(_argv(data, save, "--train-iters", "4", "--save-interval", "2",
-                                                           "--loss-mode", "clm")))
+    cfg = load_config(
+        args=build_parser().parse_args(
+            _argv(data, save, "--train-iters", "4", "--save-interval", "2", "--loss-mode", "clm")
+        )
+    )
     real_save = torch.save
 
     def full(obj, f, *args, **kwargs):  # rank 1's rank_state file of iteration 4
@@ -577,8 +639,8 @@ def test_disk_full_during_a_save_stops_every_rank_and_keeps_latest(tmp_path, whe
 
 def _ds_train(root):
     import torch.distributed as dist
-
     from helpers.gather import gather_full
+
     from megatron_slm.training.trainer import Trainer
 
     renamed = []
@@ -597,6 +659,7 @@ def _ds_train(root):
 
 def _ds_weights(root, out):
     from helpers.gather import gather_full
+
     from megatron_slm.conversion.converters import megatron_to_hf
     from megatron_slm.model.build import build_model
     from megatron_slm.parallel import distributed

@@ -41,7 +41,10 @@ def test_config_flags_have_their_fields_choices_and_boolean_pairs():
         if f.metadata.get("choices"):
             assert tuple(action.choices) == tuple(f.metadata["choices"])
     assert "--no-bf16" in by_dest["cfg__train__bf16"].option_strings
-    assert "--untie-embeddings-and-output-weights" in by_dest["cfg__model__untie_embeddings_and_output_weights"].option_strings
+    assert (
+        "--untie-embeddings-and-output-weights"
+        in by_dest["cfg__model__untie_embeddings_and_output_weights"].option_strings
+    )
     assert "--sequence-parallel" in by_dest["cfg__parallel__sequence_parallel"].option_strings
     text = train.format_help()
     assert "(default: micro_batch)" in text and "{sequence,micro_batch,global_batch,threshold}" in text
@@ -61,8 +64,15 @@ def test_check_config_reports_problems_as_one_error(capsys):
     assert err.count("error:") == 1 and "not divisible by tensor_model_parallel_size=3" in err
 
 
-@pytest.mark.parametrize("argv", [["demo", "--selection-scope", "batch"], ["train", "--loss-mode", "dpo"],
-                                  ["score-reference", "--dtype", "fp8"], ["train", "--ref-dtype", "fp16"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--selection-scope", "batch"],
+        ["train", "--loss-mode", "dpo"],
+        ["score-reference", "--dtype", "fp8"],
+        ["train", "--ref-dtype", "fp16"],
+    ],
+)
 def test_enumerated_options_are_refused_before_any_work(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -70,17 +80,29 @@ def test_enumerated_options_are_refused_before_any_work(argv, capsys):
 
 
 def test_help_answers_without_importing_torch():
-    code = ("import sys\nfrom megatron_slm.cli import main\n"
-            "for argv in ([], ['train'], ['check-config'], ['score-reference'], ['demo']):\n"
-            "    try:\n        main(argv + ['--help'])\n    except SystemExit:\n        pass\n"
-            "assert 'torch' not in sys.modules, 'torch imported for --help'\n")
+    code = (
+        "import sys\nfrom megatron_slm.cli import main\n"
+        "for argv in ([], ['train'], ['check-config'], ['score-reference'], ['demo']):\n"
+        "    try:\n        main(argv + ['--help'])\n    except SystemExit:\n        pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported for --help'\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "--slm-select-ratio" in res.stdout and "--wandb-project" in res.stdout
 
 
-OPTIMIZER_FLAGS = {"--lr", "--min-lr", "--adam-beta1", "--adam-beta2", "--adam-eps", "--weight-decay", "--clip-grad",
-                   "--lr-warmup-iters", "--lr-decay-style", "--lr-decay-iters"}
+OPTIMIZER_FLAGS = {
+    "--lr",
+    "--min-lr",
+    "--adam-beta1",
+    "--adam-beta2",
+    "--adam-eps",
+    "--weight-decay",
+    "--clip-grad",
+    "--lr-warmup-iters",
+    "--lr-decay-style",
+    "--lr-decay-iters",
+}
 
 
 def _flags(sub) -> set:
@@ -130,8 +152,9 @@ def test_evaluate_load_is_its_own_and_a_training_yaml_still_loads(tmp_path):
     and leaves the YAML's checkpoint.load alone."""
     path = tmp_path / "run.yaml"
     path.write_text("train: {lr: 0.001, seq_length: 64}\ncheckpoint: {load: runs/resume}\nslm: {loss_mode: clm}\n")
-    args = build_parser().parse_args(["evaluate", "--config", str(path), "--load", "a", "b", "--data-path", "d",
-                                      "--seq-length", "32"])
+    args = build_parser().parse_args(
+        ["evaluate", "--config", str(path), "--load", "a", "b", "--data-path", "d", "--seq-length", "32"]
+    )
     assert args.eval_load == ["a", "b"]
     cfg = load_config(args.config, args=args)
     assert cfg.train.lr == 0.001 and cfg.train.seq_length == 32 and cfg.checkpoint.load == "runs/resume"
@@ -147,7 +170,7 @@ def _example(sub) -> list[str]:
     assert "\n" not in line, example  # nothing after the example
     assert line.startswith(("slm ", "torchrun ")), line
     argv = shlex.split(line)
-    return argv[1:] if argv[0] == "slm" else argv[argv.index("megatron_slm.cli") + 1:]
+    return argv[1:] if argv[0] == "slm" else argv[argv.index("megatron_slm.cli") + 1 :]
 
 
 def test_every_command_help_ends_with_an_example_that_parses():

@@ -24,23 +24,85 @@ def data(tmp_path_factory):
 
 
 def _slm(args, nproc, timeout=240):
-    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"] if nproc > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "megatron_slm.cli", "train", "--preset", "tiny", "--num-layers", "2", "--hidden-size", "32",
-           "--ffn-hidden-size", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "16",
-           "--log-interval", "1", *args]
+    launcher = (
+        ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
+        if nproc > 1
+        else []
+    )
+    cmd = [
+        sys.executable,
+        *launcher,
+        "-m",
+        "megatron_slm.cli",
+        "train",
+        "--preset",
+        "tiny",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--ffn-hidden-size",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--seq-length",
+        "16",
+        "--log-interval",
+        "1",
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_torchrun_tp2_pp2_reference_then_slm(data, tmp_path):
-    common = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-              "--valid-data-path", str(data / "valid"), "--eval-iters", "1", "--tokenizer-model", str(data / "tok.model")]
-    ref = _slm(common + ["--loss-mode", "clm", "--data-path", str(data / "train"), "--train-iters", "2",
-                         "--save", str(tmp_path / "ref")], nproc=4)
+    common = [
+        "--tensor-model-parallel-size",
+        "2",
+        "--pipeline-model-parallel-size",
+        "2",
+        "--valid-data-path",
+        str(data / "valid"),
+        "--eval-iters",
+        "1",
+        "--tokenizer-model",
+        str(data / "tok.model"),
+    ]
+    ref = _slm(
+        common
+        + [
+            "--loss-mode",
+            "clm",
+            "--data-path",
+            str(data / "train"),
+            "--train-iters",
+            "2",
+            "--save",
+            str(tmp_path / "ref"),
+        ],
+        nproc=4,
+    )
     assert ref.returncode == 0, ref.stdout + ref.stderr
-    slm = _slm(common + ["--data-path", str(data / "train"), "--train-iters", "3", "--ref-load", str(tmp_path / "ref"),
-                         "--selection-scope", "global_batch", "--save", str(tmp_path / "slm"),
-                         "--selection-dump-interval", "2"], nproc=4)
+    slm = _slm(
+        common
+        + [
+            "--data-path",
+            str(data / "train"),
+            "--train-iters",
+            "3",
+            "--ref-load",
+            str(tmp_path / "ref"),
+            "--selection-scope",
+            "global_batch",
+            "--save",
+            str(tmp_path / "slm"),
+            "--selection-dump-interval",
+            "2",
+        ],
+        nproc=4,
+    )
     assert slm.returncode == 0, slm.stdout + slm.stderr
     assert "[slm] step     3/3" in slm.stdout and "held-out loss" in slm.stdout and "ETA" in slm.stdout
     summary = json.loads((tmp_path / "slm" / "summary.json").read_text())
@@ -62,7 +124,10 @@ def test_torchrun_tp2_pp2_reference_then_slm(data, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--tensor-model-parallel-size", "3"], "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
+        (
+            ["--tensor-model-parallel-size", "3"],
+            "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3",
+        ),
         (["--ref-load", "/nonexistent/ckpt"], "checkpoint directory '/nonexistent/ckpt' does not exist"),
         (["--vocab-size", "100"], "tokenized with vocab_size=128 but the model has vocab_size=100"),
         (["--reference-mode", "offline"], "no reference scores for dataset"),

@@ -27,14 +27,24 @@ def test_yaml_then_cli_overrides_and_presets(tmp_path):
 def test_real_presets_resolve():
     cfg = load_config(overrides={"model": {"preset": "mistral-7b"}})
     assert (cfg.model.num_layers, cfg.model.num_query_groups, cfg.model.sliding_window) == (32, 8, 4096)
-    validate(load_config(overrides={"model": {"preset": "tinyllama-1.1b"}, "parallel": {"tensor_model_parallel_size": 4}}))
+    validate(
+        load_config(overrides={"model": {"preset": "tinyllama-1.1b"}, "parallel": {"tensor_model_parallel_size": 4}})
+    )
 
 
 @pytest.mark.parametrize(
     "overrides, world, message",
     [
-        ({"parallel": {"tensor_model_parallel_size": 3}}, None, "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
-        ({"parallel": {"pipeline_model_parallel_size": 3}}, None, "num_layers=4 is not divisible by pipeline_model_parallel_size=3"),
+        (
+            {"parallel": {"tensor_model_parallel_size": 3}},
+            None,
+            "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3",
+        ),
+        (
+            {"parallel": {"pipeline_model_parallel_size": 3}},
+            None,
+            "num_layers=4 is not divisible by pipeline_model_parallel_size=3",
+        ),
         ({"slm": {"slm_select_ratio": 0.0}}, None, "outside (0, 1]"),
         ({"slm": {"slm_select_ratio": 1.2}}, None, "outside (0, 1]"),
         ({"slm": {"selection_scope": "batch"}}, None, "selection_scope='batch'"),
@@ -42,7 +52,11 @@ def test_real_presets_resolve():
         ({"model": {"num_query_groups": 3}}, None, "not a multiple of num_query_groups=3"),
         ({"train": {"global_batch_size": 6}}, 4, "not divisible by micro_batch_size x data-parallel"),
         ({"parallel": {"tensor_model_parallel_size": 2}}, 3, "world size 3 is not divisible by TP x PP = 2 x 1"),
-        ({"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": True}}, None, "sequence_parallel needs TransformerEngine or Apex"),
+        (
+            {"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": True}},
+            None,
+            "sequence_parallel needs TransformerEngine or Apex",
+        ),
         ({"train": {"lr": float("nan")}}, None, "train.lr=nan is not a finite number (--lr)"),
         ({"slm": {"threshold_momentum": float("inf")}}, None, "slm.threshold_momentum=inf is not a finite number"),
     ],

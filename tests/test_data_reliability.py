@@ -68,16 +68,20 @@ def test_sidecars_scored_at_another_seq_length_are_refused(scored):
 
 def test_every_differing_flag_is_named_with_both_values(scored):
     d, blend, ref = scored
-    msg = _refused(["0.5", blend[1], "0.5", blend[3]],
-                   train=dict(seq_length=32, seed=6, train_iters=4), data=dict(split="80,20,0"))
-    for part in ("seed: scored with 5, this run has 6",
-                 f"data blend: scored with --data-path 0.6 {blend[1]} 0.4 {blend[3]}, this run has --data-path "
-                 f"0.5 {blend[1]} 0.5 {blend[3]}",
-                 "split: scored on the first 90% of each dataset's documents (--split 90,10,0), this run trains "
-                 "on the first 80% (--split 80,20,0)",
-                 "train_iters x global_batch_size: this run trains 4 x 8 = 32 samples but the scoring run scored "
-                 "3 x 8 = 24",
-                 "--seed 5", "--split 90,10,0", "--train-iters 3"):
+    msg = _refused(
+        ["0.5", blend[1], "0.5", blend[3]], train=dict(seq_length=32, seed=6, train_iters=4), data=dict(split="80,20,0")
+    )
+    for part in (
+        "seed: scored with 5, this run has 6",
+        f"data blend: scored with --data-path 0.6 {blend[1]} 0.4 {blend[3]}, this run has --data-path "
+        f"0.5 {blend[1]} 0.5 {blend[3]}",
+        "split: scored on the first 90% of each dataset's documents (--split 90,10,0), this run trains "
+        "on the first 80% (--split 80,20,0)",
+        "train_iters x global_batch_size: this run trains 4 x 8 = 32 samples but the scoring run scored 3 x 8 = 24",
+        "--seed 5",
+        "--split 90,10,0",
+        "--train-iters 3",
+    ):
         assert part in msg, (part, msg)
     assert "seq_length" not in msg, msg
     # a separate validation blend: training then uses every document, not the split's first 90%
@@ -85,8 +89,10 @@ def test_every_differing_flag_is_named_with_both_values(scored):
     assert "this run trains on all documents (--valid-data-path set)" in msg, msg
     # one dataset of the blend alone
     msg = _refused([blend[1]], train=dict(seq_length=32))
-    assert f"data blend: scored with --data-path 0.6 {blend[1]} 0.4 {blend[3]}, this run has --data-path {blend[1]} " \
-           "(2 datasets, this run 1)" in msg, msg
+    assert (
+        f"data blend: scored with --data-path 0.6 {blend[1]} 0.4 {blend[3]}, this run has --data-path {blend[1]} "
+        "(2 datasets, this run 1)" in msg
+    ), msg
 
 
 def _replay(data_path, ref, mode, train):
@@ -169,8 +175,10 @@ def test_scores_of_tokens_seen_in_several_windows_are_refused(scored, tmp_path):
     # score-reference now refuses this at start, predicting from the indices alone what the merge counted
     for prefix, out in zip(blend[1::2], outs):
         twice = json.loads(Path(f"{out}.json").read_text())["num_scored_more_than_once"]
-        assert f"dataset '{prefix}' (" in refusal[0] and f": {twice} tokens would be scored again" in refusal[0], \
-            (twice, refusal[0])
+        assert f"dataset '{prefix}' (" in refusal[0] and f": {twice} tokens would be scored again" in refusal[0], (
+            twice,
+            refusal[0],
+        )
     with pytest.raises(DataError) as exc:
         _check(blend, **over)
     msg = str(exc.value)
@@ -203,9 +211,11 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, monkeypatch):
     assert len(scans) == 1
     _corrupt(prefix)
     msg = _refused([prefix], slm=dict(loss_mode="clm"))
-    assert msg == (f"dataset '{prefix}': token id 60000 at position 49 is outside the vocabulary (vocab_size=96); "
-                   "the .bin is corrupt or was tokenized with another tokenizer; rebuild it with "
-                   "tools/preprocess_data.py"), msg
+    assert msg == (
+        f"dataset '{prefix}': token id 60000 at position 49 is outside the vocabulary (vocab_size=96); "
+        "the .bin is corrupt or was tokenized with another tokenizer; rebuild it with "
+        "tools/preprocess_data.py"
+    ), msg
 
 
 def test_preprocess_records_the_id_range_and_a_rewritten_bin_is_rescanned(tmp_path, sp_model, monkeypatch):  # noqa: F811
@@ -224,8 +234,9 @@ def test_preprocess_records_the_id_range_and_a_rewritten_bin_is_rescanned(tmp_pa
     assert not scans  # the range recorded at preprocessing time is trusted while the .bin is unchanged
     _corrupt(prefix)  # same size, .idx and its checksum unchanged
     msg = _refused([prefix], slm=dict(loss_mode="clm"))
-    assert msg.startswith(f"dataset '{prefix}': token id 60000 at position 49 is outside the vocabulary "
-                          f"(vocab_size=300)"), msg
+    assert msg.startswith(
+        f"dataset '{prefix}': token id 60000 at position 49 is outside the vocabulary (vocab_size=300)"
+    ), msg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +244,11 @@ def test_preprocess_records_the_id_range_and_a_rewritten_bin_is_rescanned(tmp_pa
 
 
 def test_lone_surrogate_is_one_error_naming_file_and_line(tmp_path, sp_model, hf_json):  # noqa: F811
-    lines = [json.dumps({"text": "the model"}), json.dumps({"text": "selects tokens"}), json.dumps({"text": "a \ud800 b"})]
+    lines = [
+        json.dumps({"text": "the model"}),
+        json.dumps({"text": "selects tokens"}),
+        json.dumps({"text": "a \ud800 b"}),
+    ]
     (tmp_path / "sur.jsonl").write_text("\n".join(lines) + "\n")
     for tok in (sp_model, hf_json):
         for workers in (1, 2):
@@ -241,7 +256,8 @@ def test_lone_surrogate_is_one_error_naming_file_and_line(tmp_path, sp_model, hf
                 preprocess([tmp_path / "sur.jsonl"], tmp_path / "failed", tok, workers=workers)
             assert str(exc.value) == (
                 f"{tmp_path / 'sur.jsonl'} line 3: the text holds a lone UTF-16 surrogate (\\ud800, character 2), "
-                "which no tokenizer can encode; fix or drop that line"), str(exc.value)
+                "which no tokenizer can encode; fix or drop that line"
+            ), str(exc.value)
     left = [f.name for f in tmp_path.iterdir() if f.name.startswith("failed")]
     assert not left, f"a failed run must leave no output or partial files: {left}"
     p = _cli("sur.jsonl", "--tokenizer", sp_model, "--output-prefix", "x", cwd=tmp_path)

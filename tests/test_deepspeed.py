@@ -25,15 +25,17 @@ def _trainer(tp, ds_config, scope="micro_batch", save=None):
 
 def _curves(tp, configs, scope):
     import torch.distributed as dist
-
     from helpers.gather import gather_full
 
     out = {}
     for name in configs:
         trainer = _trainer(tp, name, scope)
         hist = [trainer.train_step(my_micro_batches(s, 8, trainer.dp_rank, trainer.dp_size)) for s in range(STEPS)]
-        out[name] = dict(loss=[h["loss_selected"] for h in hist], grad_norm=[h["grad_norm"] for h in hist],
-                         params=gather_full(trainer.policy_module))
+        out[name] = dict(
+            loss=[h["loss_selected"] for h in hist],
+            grad_norm=[h["grad_norm"] for h in hist],
+            params=gather_full(trainer.policy_module),
+        )
     return out if dist.get_rank() == dist.get_world_size() - 1 else None
 
 
@@ -45,7 +47,9 @@ def _close(a, b):
 
 
 def test_zero1_and_zero2_match_megatron_optimizer_dp2():
-    res = run_distributed(_curves, 2, 1, [None, "ds_configs/test_zero1_fp32.json", "ds_configs/test_zero2_fp32.json"], "micro_batch")[-1]
+    res = run_distributed(
+        _curves, 2, 1, [None, "ds_configs/test_zero1_fp32.json", "ds_configs/test_zero2_fp32.json"], "micro_batch"
+    )[-1]
     for name in ("ds_configs/test_zero1_fp32.json", "ds_configs/test_zero2_fp32.json"):
         _close(res[None], res[name])
 
@@ -64,7 +68,11 @@ def _resume(save, crash_after):
     while trainer.iteration < 4:
         if trainer.iteration == crash_after:
             break
-        losses.append(trainer.train_step(my_micro_batches(trainer.iteration, 8, trainer.dp_rank, trainer.dp_size))["loss_selected"])
+        losses.append(
+            trainer.train_step(my_micro_batches(trainer.iteration, 8, trainer.dp_rank, trainer.dp_size))[
+                "loss_selected"
+            ]
+        )
         if trainer.iteration == 2:
             trainer.save_checkpoint()
     return losses if dist.get_rank() == dist.get_world_size() - 1 else None

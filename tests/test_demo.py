@@ -22,33 +22,58 @@ PY = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([PY, "-m", "megatron_slm.cli", "demo", "--out", str(out), "--base-iters", "3",
-                           "--ref-iters", "2", "--train-iters", "2", "--eval-samples", "3"],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=str(ROOT))
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "megatron_slm.cli",
+            "demo",
+            "--out",
+            str(out),
+            "--base-iters",
+            "3",
+            "--ref-iters",
+            "2",
+            "--train-iters",
+            "2",
+            "--eval-samples",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=str(ROOT),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
 
 def test_demo_prints_six_rows_from_slm_evaluate(demo):
     out, stdout = demo
-    table = stdout[stdout.index("SLM demo results"):]
+    table = stdout[stdout.index("SLM demo results") :]
     labels = ["base", "reference", "CLM", "SLM k=0.6", "random k% k=0.6", "CLM, reweighted blend"]
-    lines = {label: next(l for l in table.splitlines() if l.startswith(label + " ")) for label in labels}
+    lines = {label: next(line for line in table.splitlines() if line.startswith(label + " ")) for label in labels}
     rows = json.loads((out / "eval" / "eval.json").read_text())["results"]
-    runs = {"base": out / "base", "reference": out / "reference", "CLM": out / "seed4321" / "clm",
-            "SLM k=0.6": out / "seed4321" / "slm", "random k% k=0.6": out / "seed4321" / "random",
-            "CLM, reweighted blend": out / "seed4321" / "clm_reweighted"}
+    runs = {
+        "base": out / "base",
+        "reference": out / "reference",
+        "CLM": out / "seed4321" / "clm",
+        "SLM k=0.6": out / "seed4321" / "slm",
+        "random k% k=0.6": out / "seed4321" / "random",
+        "CLM, reweighted blend": out / "seed4321" / "clm_reweighted",
+    }
     for label, run in runs.items():
         got = {Path(r["dataset"]).name: r["loss"] for r in rows if Path(r["checkpoint"]) == run}
         assert set(got) == {"math_heldout", "general_heldout"}
-        cells = lines[label][len(label):].split()
+        cells = lines[label][len(label) :].split()
         assert float(cells[0]) == pytest.approx(got["math_heldout"], abs=1e-4)
         assert float(cells[1]) == pytest.approx(got["general_heldout"], abs=1e-4)
-    split = table[table.index("learnable   not learnable"):]
+    split = table[table.index("learnable   not learnable") :]
     base_row = next(r for r in rows if Path(r["checkpoint"]) == runs["base"] and "math" in r["dataset"])
     for label, run in runs.items():  # the second table: held-out math, learnable (base vs reference) and the rest
         row = next(r for r in rows if Path(r["checkpoint"]) == run and Path(r["dataset"]).name == "math_heldout")
-        cells = next(l for l in split.splitlines() if l.startswith(label + " "))[len(label):].split()
+        cells = next(line for line in split.splitlines() if line.startswith(label + " "))[len(label) :].split()
         assert float(cells[0]) == pytest.approx(row["learnable_loss"], abs=1e-4)
         assert float(cells[1]) == pytest.approx(row["not_learnable_loss"], abs=1e-4)
         assert row["learnable_tokens"] == base_row["learnable_tokens"]  # paired: one split for every model
@@ -68,7 +93,7 @@ def test_demo_controls_follow_the_slm_run(demo):
     assert rew["data_path"][1::2] == slm["data_path"][1::2] and rew["loss_mode"] == "clm"
     assert random["data_path"] == slm["data_path"] and random["k"] == slm["k"] == 0.6
     share = w[0] * f[0] / (w[0] * f[0] + w[1] * f[1])
-    slm_line = next(l for l in stdout.splitlines() if l.startswith("SLM k=0.6 "))
+    slm_line = next(line for line in stdout.splitlines() if line.startswith("SLM k=0.6 "))
     assert f"{share:.1%}" in slm_line and f"{f[0]:.1%} / {f[1]:.1%}" in slm_line
     for name in ("clm", "slm", "random", "clm_reweighted"):  # every policy continues from the base
         state = json.loads((out / "seed4321" / name / "iter_0000002" / "trainer_state.json").read_text())
@@ -82,15 +107,26 @@ def test_demo_policy_exports_with_its_training_tokenizer(demo, tmp_path):
     the demo table's (slm evaluate)."""
     import sentencepiece as spm
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from helpers.hf_losses import window_token_ce
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _ = demo
     hf = tmp_path / "slm_hf"
-    proc = subprocess.run([PY, str(ROOT / "tools" / "convert_checkpoint.py"), "megatron-to-hf", "--input",
-                           str(out / "seed4321" / "slm"), "--output", str(hf)],
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    proc = subprocess.run(
+        [
+            PY,
+            str(ROOT / "tools" / "convert_checkpoint.py"),
+            "megatron-to-hf",
+            "--input",
+            str(out / "seed4321" / "slm"),
+            "--output",
+            str(hf),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = json.loads((out / "data" / "text" / "math_heldout.jsonl").read_text().splitlines()[0])["text"]
     sp = spm.SentencePieceProcessor(model_file=str(out / "data" / "tokenizer.model"))
@@ -99,6 +135,9 @@ def test_demo_policy_exports_with_its_training_tokenizer(demo, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
     ce, valid = window_token_ce(model, str(out / "data" / "math_heldout"), 128, 3)  # the demo's --eval-samples 3
     rows = json.loads((out / "eval" / "eval.json").read_text())["results"]
-    expected = next(r["loss"] for r in rows if Path(r["checkpoint"]) == out / "seed4321" / "slm"
-                    and Path(r["dataset"]).name == "math_heldout")
+    expected = next(
+        r["loss"]
+        for r in rows
+        if Path(r["checkpoint"]) == out / "seed4321" / "slm" and Path(r["dataset"]).name == "math_heldout"
+    )
     assert ce[valid].mean() == pytest.approx(expected, abs=1e-4)

@@ -112,17 +112,28 @@ def cluster(tmp_path_factory):
     words = "the of a number integer matrix prime sum value function returns list given x y n".split()
     lines = [" ".join(rng.choice(words, size=rng.integers(8, 40))) for _ in range(200)]
     (d / "corpus.txt").write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(d / "tok"), vocab_size=VOCAB,
-                                   model_type="bpe", eos_id=2, bos_id=1, unk_id=0, pad_id=-1, num_threads=1)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(d / "tok"),
+        vocab_size=VOCAB,
+        model_type="bpe",
+        eos_id=2,
+        bos_id=1,
+        unk_id=0,
+        pad_id=-1,
+        num_threads=1,
+    )
     preprocess([d / "corpus.txt"], d / "corpus", d / "tok.model", workers=1, split_lines=True)
-    (d / "run.yaml").write_text(textwrap.dedent(f"""\
+    (d / "run.yaml").write_text(
+        textwrap.dedent(f"""\
         model: {{preset: tiny, num_layers: 2, hidden_size: 32, ffn_hidden_size: 64, num_attention_heads: 4,
                  num_query_groups: 2}}
         slm: {{loss_mode: slm, slm_select_ratio: 0.6, selection_scope: micro_batch}}
         train: {{micro_batch_size: 2, global_batch_size: 4, seq_length: 16, train_iters: {ITERS}, lr: 1.0e-3,
                  min_lr: 1.0e-4, lr_warmup_iters: 2, log_interval: 1}}
-        data: {{data_path: [{d / 'corpus'}], split: "100,0,0"}}
-        """))
+        data: {{data_path: [{d / "corpus"}], split: "100,0,0"}}
+        """)
+    )
     bin_dir = d / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
@@ -142,20 +153,38 @@ class Job:
         (self.dir / "slurm").mkdir(exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
         self.log = self.dir / "logs" / f"slm-test-{JOB_ID}.out"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_", "LOCAL_"))}
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_", "LOCAL_"))
+        }
         env.update(
-            PATH=f"{cluster / 'bin'}{os.pathsep}{os.environ['PATH']}", FAKE_SLURM_DIR=str(self.dir / "slurm"),
-            SLURM_JOB_ID=JOB_ID, SLURM_JOB_NAME="slm-test", SLURM_NNODES="2", SLURM_JOB_NODELIST="node[0-1]",
-            SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_PER_TASK="1", SLURM_RESTART_COUNT=str(restart_count),
-            CONFIG=str(cluster / "run.yaml"), SAVE_DIR=str(self.dir / "ckpt"), GPUS_PER_NODE="1",
-            MASTER_PORT=str(free_port()), EXTRA_ARGS=f"--tokenizer-model {cluster / 'tok.model'}",
-            PYTHON=sys.executable, PYTHONWARNINGS="ignore",
+            PATH=f"{cluster / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            FAKE_SLURM_DIR=str(self.dir / "slurm"),
+            SLURM_JOB_ID=JOB_ID,
+            SLURM_JOB_NAME="slm-test",
+            SLURM_NNODES="2",
+            SLURM_JOB_NODELIST="node[0-1]",
+            SLURM_SUBMIT_DIR=str(REPO),
+            SLURM_CPUS_PER_TASK="1",
+            SLURM_RESTART_COUNT=str(restart_count),
+            CONFIG=str(cluster / "run.yaml"),
+            SAVE_DIR=str(self.dir / "ckpt"),
+            GPUS_PER_NODE="1",
+            MASTER_PORT=str(free_port()),
+            EXTRA_ARGS=f"--tokenizer-model {cluster / 'tok.model'}",
+            PYTHON=sys.executable,
+            PYTHONWARNINGS="ignore",
         )
         env.update(settings)
         env = {k: v for k, v in env.items() if v is not None}
         with open(self.log, "a") as out:
-            self.proc = subprocess.Popen(["bash", str(SBATCH), *args], cwd=self.dir, env=env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                ["bash", str(SBATCH), *args],
+                cwd=self.dir,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -188,10 +217,14 @@ class Job:
             try:
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
                 launcher = b"torch.distributed.run" in argv or any(a.endswith(b"torchrun_node.sh") for a in argv)
-                if (b"megatron_slm.cli" in argv and not launcher
-                        and marker in (proc / "environ").read_bytes().split(b"\0")):
-                    caught = next(line for line in (proc / "status").read_text().splitlines()
-                                  if line.startswith("SigCgt:"))
+                if (
+                    b"megatron_slm.cli" in argv
+                    and not launcher
+                    and marker in (proc / "environ").read_bytes().split(b"\0")
+                ):
+                    caught = next(
+                        line for line in (proc / "status").read_text().splitlines() if line.startswith("SigCgt:")
+                    )
                     count += bool(int(caught.split()[1], 16) & bit)
             except (OSError, StopIteration):
                 pass
@@ -272,42 +305,112 @@ def test_single_node_launcher_and_input_errors(tmp_path):
     stub.chmod(0o755)
     (tmp_path / "run.yaml").write_text("train: {train_iters: 1}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "GPUS_", "LOG_DIR"))}
-    env.update(PYTHON=str(stub), STUB_OUT=str(tmp_path / "argv"), CONFIG="run.yaml", SAVE_DIR="runs/x",
-               EXTRA_ARGS="--lr 1e-4  --train-iters 5", GPUS_PER_NODE="2")
-    res = subprocess.run(["bash", str(REPO / "launch" / "train_single_node.sh"), "--data-path", "my data"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    env.update(
+        PYTHON=str(stub),
+        STUB_OUT=str(tmp_path / "argv"),
+        CONFIG="run.yaml",
+        SAVE_DIR="runs/x",
+        EXTRA_ARGS="--lr 1e-4  --train-iters 5",
+        GPUS_PER_NODE="2",
+    )
+    res = subprocess.run(
+        ["bash", str(REPO / "launch" / "train_single_node.sh"), "--data-path", "my data"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     argv = (tmp_path / "argv").read_text().split("\n")[:-1]
     log_dir = argv[argv.index("--log-dir") + 1]
     assert log_dir.startswith(str(tmp_path / "logs" / "single-node-")) and log_dir.endswith("/node0")
-    assert argv == ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--standalone",
-                    "--log-dir", log_dir, "--tee", "3", "-m", "megatron_slm.cli", "train",
-                    "--config", str(tmp_path / "run.yaml"), "--save", str(tmp_path / "runs" / "x"),
-                    "--lr", "1e-4", "--train-iters", "5", "--data-path", "my data"]
+    assert argv == [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--standalone",
+        "--log-dir",
+        log_dir,
+        "--tee",
+        "3",
+        "-m",
+        "megatron_slm.cli",
+        "train",
+        "--config",
+        str(tmp_path / "run.yaml"),
+        "--save",
+        str(tmp_path / "runs" / "x"),
+        "--lr",
+        "1e-4",
+        "--train-iters",
+        "5",
+        "--data-path",
+        "my data",
+    ]
     assert (Path(log_dir).parent / "launch.txt").is_file()
     # score-reference as the first argument: that command, with the other flags, and no --save
-    res = subprocess.run(["bash", str(REPO / "launch" / "train_single_node.sh"), "score-reference", "--dtype", "bf16"],
-                         cwd=tmp_path, env=dict(env, SAVE_DIR=""), capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["bash", str(REPO / "launch" / "train_single_node.sh"), "score-reference", "--dtype", "bf16"],
+        cwd=tmp_path,
+        env=dict(env, SAVE_DIR=""),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     argv = (tmp_path / "argv").read_text().split("\n")[:-1]
-    assert argv[argv.index("megatron_slm.cli") + 1:] == ["score-reference", "--config", str(tmp_path / "run.yaml"),
-                                                         "--lr", "1e-4", "--train-iters", "5", "--dtype", "bf16"]
-    res = subprocess.run(["bash", str(REPO / "launch" / "train_single_node.sh"), "score-reference"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=60)
+    assert argv[argv.index("megatron_slm.cli") + 1 :] == [
+        "score-reference",
+        "--config",
+        str(tmp_path / "run.yaml"),
+        "--lr",
+        "1e-4",
+        "--train-iters",
+        "5",
+        "--dtype",
+        "bf16",
+    ]
+    res = subprocess.run(
+        ["bash", str(REPO / "launch" / "train_single_node.sh"), "score-reference"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "SAVE_DIR is for slm train" in res.stderr, res.stderr
 
-    res = subprocess.run(["bash", str(REPO / "launch" / "train_single_node.sh")], cwd=tmp_path,
-                         env=dict(env, CONFIG="missing.yaml"), capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["bash", str(REPO / "launch" / "train_single_node.sh")],
+        cwd=tmp_path,
+        env=dict(env, CONFIG="missing.yaml"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "CONFIG=missing.yaml does not exist" in res.stderr, res.stderr
-    res = subprocess.run(["bash", str(SBATCH)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                         env=dict(env, SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(REPO), SAVE_DIR=""))
+    res = subprocess.run(
+        ["bash", str(SBATCH)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(env, SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(REPO), SAVE_DIR=""),
+    )
     assert res.returncode == 2 and "set SAVE_DIR" in res.stderr, res.stderr
 
 
-@pytest.mark.parametrize("name, world_sizes, k, seq", [
-    ("mistral7b_owm_slm_k0.7.yaml", (8, 16, 32, 64), 0.7, 4096),
-    ("tinyllama1b_owm_slm_k0.6.yaml", (8, 16, 32), 0.6, 2048),
-])
+@pytest.mark.parametrize(
+    "name, world_sizes, k, seq",
+    [
+        ("mistral7b_owm_slm_k0.7.yaml", (8, 16, 32, 64), 0.7, 4096),
+        ("tinyllama1b_owm_slm_k0.6.yaml", (8, 16, 32), 0.6, 2048),
+    ],
+)
 def test_example_configs_validate(name, world_sizes, k, seq):
     from megatron_slm.config import load_config, validate
 
@@ -319,12 +422,17 @@ def test_example_configs_validate(name, world_sizes, k, seq):
     assert cfg.train.bf16 and cfg.reference.load and cfg.reference.model.vocab_size == cfg.model.vocab_size
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None,
-                    reason="shellcheck not installed (apt-get install -y shellcheck)")
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install -y shellcheck)"
+)
 def test_shellcheck_launch_scripts():
     assert {p.name for p in LAUNCH_SCRIPTS} >= {"slurm_train.sbatch", "train_single_node.sh", "torchrun_node.sh"}
-    res = subprocess.run(["shellcheck", "-x", *[str(p.relative_to(REPO)) for p in LAUNCH_SCRIPTS]],
-                         cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(
+        ["shellcheck", "-x", *[str(p.relative_to(REPO)) for p in LAUNCH_SCRIPTS]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -354,8 +462,9 @@ def test_preempted_scoring_job_requeues_and_resumes_exactly(cluster, jobs):
         run_distributed(_reference, 1, str(cluster / "run.yaml"), str(cluster / "tok.model"), str(ref))
     flags = f"--tokenizer-model {cluster / 'tok.model'} --ref-load {ref}"
     out = cluster / "scoring" / "corpus_scores"
-    first = jobs(cluster, "scoring", args=["score-reference", "--ref-scores-path", str(out)], SAVE_DIR=None,
-                 EXTRA_ARGS=flags)
+    first = jobs(
+        cluster, "scoring", args=["score-reference", "--ref-scores-path", str(out)], SAVE_DIR=None, EXTRA_ARGS=flags
+    )
     # The stop signal comes once both workers catch it (their handler is installed before their imports), so
     # it is honoured after the first step: deterministic, where tiny steps would outrun a signal sent later.
     end = time.monotonic() + 120
@@ -365,8 +474,11 @@ def test_preempted_scoring_job_requeues_and_resumes_exactly(cluster, jobs):
         time.sleep(0.05)
     os.kill(first.proc.pid, signal.SIGUSR1)  # the batch shell only, as --signal=B:USR1@N does
     straight = cluster / "straight_scores" / "corpus_scores"  # uninterrupted, one process, meanwhile
-    assert run_distributed(_score_cli, 1, ["score-reference", "--config", str(cluster / "run.yaml"),
-                                           *flags.split(), "--ref-scores-path", str(straight)]) == [0]
+    assert run_distributed(
+        _score_cli,
+        1,
+        ["score-reference", "--config", str(cluster / "run.yaml"), *flags.split(), "--ref-scores-path", str(straight)],
+    ) == [0]
     assert first.finish() == 0, first.text()
     out_text = first.text()
     assert first.requeues() == [f"requeue {JOB_ID}"], out_text
@@ -377,8 +489,14 @@ def test_preempted_scoring_job_requeues_and_resumes_exactly(cluster, jobs):
     assert stop["stopped_by"] == "SIGUSR1" and 4 <= stop["samples_scored"] < stop["samples"] == 4 * ITERS, stop
     assert not Path(f"{out}.json").exists()
 
-    requeued = jobs(cluster, "scoring", restart_count=1, args=["score-reference", "--ref-scores-path", str(out)],
-                    SAVE_DIR=None, EXTRA_ARGS=flags)
+    requeued = jobs(
+        cluster,
+        "scoring",
+        restart_count=1,
+        args=["score-reference", "--ref-scores-path", str(out)],
+        SAVE_DIR=None,
+        EXTRA_ARGS=flags,
+    )
     assert requeued.finish() == 0, requeued.text()
     out_text = requeued.text()
     assert f"resuming: {stop['samples_scored']} of {4 * ITERS} samples already scored" in out_text, out_text

@@ -22,16 +22,51 @@ def data(tmp_path_factory):
 
 
 def _cmd(data, save, launcher=()):
-    return [sys.executable, *launcher, "-m", "megatron_slm.cli", "train", "--preset", "tiny", "--num-layers", "2",
-            "--hidden-size", "32", "--ffn-hidden-size", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
-            "--seq-length", "16", "--loss-mode", "clm", "--data-path", str(data / "train"), "--split", "99,1,0",
-            "--log-interval", "1", "--train-iters", "100000", "--save", str(save),
-            "--data-cache-path", str(save.parent / "cache")]
+    return [
+        sys.executable,
+        *launcher,
+        "-m",
+        "megatron_slm.cli",
+        "train",
+        "--preset",
+        "tiny",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--ffn-hidden-size",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--seq-length",
+        "16",
+        "--loss-mode",
+        "clm",
+        "--data-path",
+        str(data / "train"),
+        "--split",
+        "99,1,0",
+        "--log-interval",
+        "1",
+        "--train-iters",
+        "100000",
+        "--save",
+        str(save),
+        "--data-cache-path",
+        str(save.parent / "cache"),
+    ]
 
 
 def test_sigusr1_during_start_up_checkpoints_after_the_first_step(data, tmp_path):
-    proc = subprocess.Popen(_cmd(data, tmp_path / "run"), env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cmd(data, tmp_path / "run"),
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)  # torch and megatron-core are still importing
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=180)
@@ -65,8 +100,13 @@ def test_ranks_exit_when_torchrun_is_killed(data, tmp_path):
     log = tmp_path / "log.txt"
     launcher = ["-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}"]
     with open(log, "w") as out:
-        proc = subprocess.Popen(_cmd(data, tmp_path / "run", launcher), env=dict(os.environ, OMP_NUM_THREADS="1"),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            _cmd(data, tmp_path / "run", launcher),
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     workers = []
     try:
         end = time.monotonic() + 150

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from dist_helpers import run_distributed
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_slm.config import load_config
 from megatron_slm.errors import DataError
@@ -31,18 +31,30 @@ def make_dataset(prefix, seed, num_docs=40, fingerprint="test-tokenizer"):
         doc = np.append(rng.integers(1, VOCAB, size=rng.integers(5, 40)), EOD)
         builder.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)])
     builder.finalize(f"{prefix}.idx")
-    Path(f"{prefix}.json").write_text(json.dumps(
-        {"vocab_size": VOCAB, "eod_token_id": EOD, "tokenizer_fingerprint": fingerprint}))
+    Path(f"{prefix}.json").write_text(
+        json.dumps({"vocab_size": VOCAB, "eod_token_id": EOD, "tokenizer_fingerprint": fingerprint})
+    )
     return str(prefix)
 
 
 def make_cfg(data_path, **over):
     cfg = dict(
-        model=dict(preset="tiny", num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2),
+        model=dict(
+            preset="tiny", num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2
+        ),
         parallel=dict(pipeline_model_parallel_size=1),
         slm=dict(slm_select_ratio=0.6, selection_scope="micro_batch"),
-        train=dict(micro_batch_size=2, global_batch_size=8, seq_length=SEQ, train_iters=3, eval_iters=1, lr=5e-3,
-                   lr_warmup_iters=0, log_interval=100, seed=5),
+        train=dict(
+            micro_batch_size=2,
+            global_batch_size=8,
+            seq_length=SEQ,
+            train_iters=3,
+            eval_iters=1,
+            lr=5e-3,
+            lr_warmup_iters=0,
+            log_interval=100,
+            seed=5,
+        ),
         data=dict(data_path=data_path, split="90,10,0"),
     )
     for section, values in over.items():
@@ -64,8 +76,8 @@ def data(tmp_path_factory):
 def _blend_worker(blend, cache):
     import torch.distributed as dist
 
-    from megatron_slm.training.resolve import resolve_run
     from megatron_slm.data.datasets import build_datasets, dataset_config
+    from megatron_slm.training.resolve import resolve_run
 
     dist.init_process_group("gloo")  # megatron-core's blended index builder asks for a rank
     cfg = make_cfg(blend, train=dict(train_iters=100), data=dict(data_cache_path=cache))
@@ -129,7 +141,7 @@ def _reference_ckpt(data_path, out):
 
 
 def _score(data_path, ref, pp, fail_after=None, force=True, **over):
-    """"done", "interrupted" (the simulated crash) or "error: <message>" (an SLMError, as the CLI prints it).
+    """ "done", "interrupted" (the simulated crash) or "error: <message>" (an SLMError, as the CLI prints it).
     ``fail_after``: crash after that many scored steps; a list gives each rank its own count."""
     import torch.distributed as dist
 
@@ -172,8 +184,14 @@ def _train(data_path, ref, mode):
     out = []
     for step in range(cfg.train.train_iters):
         m = trainer.train_step(batches(step))
-        out.append(dict(loss=m["loss_selected"], ref=m["ref_loss"],
-                        masks=[t["selected"] for t in m["token_details"]], refs=[t["ref_loss"] for t in m["token_details"]]))
+        out.append(
+            dict(
+                loss=m["loss_selected"],
+                ref=m["ref_loss"],
+                masks=[t["selected"] for t in m["token_details"]],
+                refs=[t["ref_loss"] for t in m["token_details"]],
+            )
+        )
     return out
 
 
@@ -205,7 +223,10 @@ def test_scoring_resumes_after_interruption(scored, tmp_path):
     res = run_distributed(_score, 2, blend, ref, 1, 2, reference=dict(load=ref, scores_path=outs))  # DP=2
     assert res == ["interrupted", "interrupted"]
     assert len(list(Path(f"{outs[0]}.parts").glob("samples*.pt"))) == 4  # 2 steps x 2 DP ranks
-    assert run_distributed(_score, 2, blend, ref, 1, None, reference=dict(load=ref, scores_path=outs)) == ["done", "done"]
+    assert run_distributed(_score, 2, blend, ref, 1, None, reference=dict(load=ref, scores_path=outs)) == [
+        "done",
+        "done",
+    ]
     for p, o in zip(blend[1::2], outs):
         assert Path(f"{o}.bin").read_bytes() == clean[p]
         assert json.loads(Path(f"{o}.json").read_text())["num_scored"] > 0
@@ -240,8 +261,13 @@ def test_bad_sidecars_are_refused_before_training(scored, tmp_path):
     with pytest.raises(DataError, match="no reference scores for dataset"):
         resolve_run(cfg())
     with pytest.raises(DataError, match="one per data_path prefix"):
-        resolve_run(make_cfg(["0.6", copies[0], "0.4", copies[1]], slm=dict(reference_mode="offline"),
-                              reference=dict(scores_path=[f"{copies[0]}_refscores"])))
+        resolve_run(
+            make_cfg(
+                ["0.6", copies[0], "0.4", copies[1]],
+                slm=dict(reference_mode="offline"),
+                reference=dict(scores_path=[f"{copies[0]}_refscores"]),
+            )
+        )
 
 
 def _train_too_long(data_path, ref):

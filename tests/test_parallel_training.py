@@ -19,17 +19,38 @@ VOCAB, EOD, SEQ, MBS = 96, 0, 16, 2  # vocab 96 pads to 128: padded logits must 
 
 
 def make_config(tp=1, pp=1, gbs=8, tied=False, **slm):
-    return load_config(overrides=dict(
-        model=dict(preset="tiny", vocab_size=VOCAB, num_layers=4, hidden_size=32, ffn_hidden_size=64,
-                   num_attention_heads=4, num_query_groups=2, untie_embeddings_and_output_weights=not tied),
-        reference=dict(model=dict(num_layers=2, hidden_size=48, ffn_hidden_size=96), dtype="fp32"),  # another shape
-        parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-        slm=dict(dict(slm_select_ratio=0.6, selection_scope="micro_batch"), **slm),
-        # adam_eps well above round-off: Adam's first step is lr * sign(g) for |g| << eps, which would turn
-        # 1e-9 reduction-order noise in near-zero gradients into lr-sized weight differences between layouts.
-        train=dict(micro_batch_size=MBS, global_batch_size=gbs, seq_length=SEQ, train_iters=10, lr=1e-2,
-                   lr_warmup_iters=0, log_interval=1000, seed=11, adam_eps=1e-4, clip_grad=1.0, bf16=False),
-    ))
+    return load_config(
+        overrides=dict(
+            model=dict(
+                preset="tiny",
+                vocab_size=VOCAB,
+                num_layers=4,
+                hidden_size=32,
+                ffn_hidden_size=64,
+                num_attention_heads=4,
+                num_query_groups=2,
+                untie_embeddings_and_output_weights=not tied,
+            ),
+            reference=dict(model=dict(num_layers=2, hidden_size=48, ffn_hidden_size=96), dtype="fp32"),  # another shape
+            parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+            slm=dict(dict(slm_select_ratio=0.6, selection_scope="micro_batch"), **slm),
+            # adam_eps well above round-off: Adam's first step is lr * sign(g) for |g| << eps, which would turn
+            # 1e-9 reduction-order noise in near-zero gradients into lr-sized weight differences between layouts.
+            train=dict(
+                micro_batch_size=MBS,
+                global_batch_size=gbs,
+                seq_length=SEQ,
+                train_iters=10,
+                lr=1e-2,
+                lr_warmup_iters=0,
+                log_interval=1000,
+                seed=11,
+                adam_eps=1e-4,
+                clip_grad=1.0,
+                bf16=False,
+            ),
+        )
+    )
 
 
 def global_batch(step, gbs):
@@ -37,15 +58,19 @@ def global_batch(step, gbs):
     toks = torch.randint(1, VOCAB, (gbs, SEQ + 1), generator=g)
     toks[torch.rand(gbs, SEQ + 1, generator=g) < 0.08] = EOD
     inputs = toks[:, :-1]
-    return dict(tokens=inputs, labels=toks[:, 1:], loss_mask=(inputs != EOD).float(),
-                position_ids=torch.arange(SEQ).expand(gbs, SEQ))
+    return dict(
+        tokens=inputs,
+        labels=toks[:, 1:],
+        loss_mask=(inputs != EOD).float(),
+        position_ids=torch.arange(SEQ).expand(gbs, SEQ),
+    )
 
 
 def my_micro_batches(step, gbs, dp_rank, dp_size):
     b = global_batch(step, gbs)
     per = gbs // dp_size
-    part = {k: v[dp_rank * per:(dp_rank + 1) * per] for k, v in b.items()}
-    return [{k: v[i:i + MBS].clone() for k, v in part.items()} for i in range(0, per, MBS)]
+    part = {k: v[dp_rank * per : (dp_rank + 1) * per] for k, v in b.items()}
+    return [{k: v[i : i + MBS].clone() for k, v in part.items()} for i in range(0, per, MBS)]
 
 
 def run_steps(trainer, steps, gbs):
@@ -67,8 +92,8 @@ def _scalars(history):
 
 def _layout_worker(tp, pp, tied=False):
     import torch.distributed as dist
-
     from helpers.gather import gather_full
+
     from megatron_slm.training.trainer import Trainer
 
     trainer = Trainer(make_config(tp, pp, tied=tied))
@@ -102,7 +127,6 @@ def _optimizer_state_params(optimizer):
 def _manual_grads(trainer):
     """Plain autograd of the SLM loss for step 0 on one process: torch CE, python top-k, sum/num_selected."""
     import torch.nn.functional as F
-
     from test_slm import plain_top_k
 
     model, ref = trainer.policy_module, trainer.reference
@@ -117,20 +141,26 @@ def _manual_grads(trainer):
             ref_logits = ref(mb["tokens"], mb["position_ids"], attention_mask=None)[..., :VOCAB]
         ce = F.cross_entropy(logits.reshape(-1, VOCAB), mb["labels"].reshape(-1), reduction="none")
         ref_ce = F.cross_entropy(ref_logits.reshape(-1, VOCAB).float(), mb["labels"].reshape(-1), reduction="none")
-        sel = torch.tensor(plain_top_k((ce.detach() - ref_ce).tolist(), (mb["loss_mask"] > 0).reshape(-1).tolist(), 0.6))
+        sel = torch.tensor(
+            plain_top_k((ce.detach() - ref_ce).tolist(), (mb["loss_mask"] > 0).reshape(-1).tolist(), 0.6)
+        )
         losses.append((ce * sel).sum())
         counts += int(sel.sum())
     grads = torch.autograd.grad(sum(losses) / counts, params)
     from megatron_slm.model.build import global_param_name
 
-    return {global_param_name(model, n): g[:VOCAB] if "embedding" in n or "output_layer" in n else g
-            for (n, _), g in zip(model.named_parameters(), grads)}
+    return {
+        global_param_name(model, n): g[:VOCAB] if "embedding" in n or "output_layer" in n else g
+        for (n, _), g in zip(model.named_parameters(), grads)
+    }
 
 
 @pytest.fixture(scope="module")
 def layout_results():
-    return {layout: run_distributed(_layout_worker, layout[0] * layout[1], *layout)[-1]
-            for layout in [(1, 1), (2, 1), (1, 2), (2, 2)]}
+    return {
+        layout: run_distributed(_layout_worker, layout[0] * layout[1], *layout)[-1]
+        for layout in [(1, 1), (2, 1), (1, 2), (2, 2)]
+    }
 
 
 def _assert_close_dicts(a, b, rtol=1e-4):
@@ -138,7 +168,7 @@ def _assert_close_dicts(a, b, rtol=1e-4):
     assert a.keys() == b.keys()
     for k in a:
         atol = rtol * float(a[k].abs().max()) + 1e-8
-        torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("layout", [(2, 1), (1, 2), (2, 2)])
@@ -207,6 +237,7 @@ SCOPES = ("sequence", "micro_batch", "global_batch", "threshold")
 
 def _scopes_worker():
     from helpers.gather import gather_full
+
     from megatron_slm.training.trainer import Trainer
 
     out = {}
@@ -236,11 +267,16 @@ def _gathered(scope_results, scope):
         per_rank = []
         for r in (0, 1):
             mbs = my_micro_batches(step, 8, r, 2)
-            per_rank.append([
-                ((d["token_loss"] - d["ref_loss"]).flatten().tolist(), (mb["loss_mask"] > 0).flatten().tolist(),
-                 d["selected"].flatten().tolist())
-                for d, mb in zip(scope_results[r][scope][step], mbs)
-            ])
+            per_rank.append(
+                [
+                    (
+                        (d["token_loss"] - d["ref_loss"]).flatten().tolist(),
+                        (mb["loss_mask"] > 0).flatten().tolist(),
+                        d["selected"].flatten().tolist(),
+                    )
+                    for d, mb in zip(scope_results[r][scope][step], mbs)
+                ]
+            )
         steps.append(per_rank)
     return steps
 
@@ -258,7 +294,7 @@ def test_selection_scope_matches_plain_implementation(scope_results, scope):
     for per_rank in _gathered(scope_results, scope):
         n_mb = len(per_rank[0])
         for r in (0, 1):
-            for excess, valid, selected in per_rank[r]:
+            for _excess, valid, selected in per_rank[r]:
                 assert not any(s and not v for s, v in zip(selected, valid)), "a masked token was selected"
         if scope == "sequence":
             for r in (0, 1):

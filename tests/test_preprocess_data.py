@@ -3,6 +3,7 @@
 The truths are computed without the code under test: token ids come from sentencepiece / tokenizers used
 directly, the output is read back with megatron-core's IndexedDataset, hashes with hashlib.
 """
+
 import hashlib
 import importlib.util
 import io
@@ -24,9 +25,11 @@ from megatron_slm.data.tokenizer import TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "preprocess_data.py"
-WORDS = ("the model selects tokens whose excess loss is high; a reference model scores every token of "
-         "the corpus and only the top fraction enters the training loss. Rho one uses math text: "
-         "integral sum prime 12 345 6789 x^2 + y^2 = z^2, café naïve über — “quotes” 数学").split()
+WORDS = (
+    "the model selects tokens whose excess loss is high; a reference model scores every token of "
+    "the corpus and only the top fraction enters the training loss. Rho one uses math text: "
+    "integral sum prime 12 345 6789 x^2 + y^2 = z^2, café naïve über — “quotes” 数学"
+).split()
 
 
 def _text(rng: random.Random, n_words: int) -> str:
@@ -61,9 +64,15 @@ def sp_model(tmp_path_factory) -> Path:
     rng = random.Random(0)
     lines = [_text(rng, 12) for _ in range(400)]
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=300,
-                                   model_type="bpe", character_coverage=1.0, num_threads=1,
-                                   minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=300,
+        model_type="bpe",
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
     path = tmp_path_factory.mktemp("sp") / "tiny.model"
     path.write_bytes(buf.getvalue())
     return path
@@ -89,8 +98,7 @@ def hf_json(tmp_path_factory) -> Path:
     tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     rng = random.Random(1)
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<pad>", "<s>", "</s>"],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<pad>", "<s>", "</s>"], show_progress=False)
     tok.train_from_iterator([_text(rng, 12) for _ in range(200)], trainer=trainer)
     path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
     tok.save(str(path))
@@ -240,9 +248,17 @@ def test_gpt_dataset_reads_the_output_with_this_tokenizer(tmp_path, sp_model):
     _, ds = _read(tmp_path / "one")
     stream = sp.encode(text) + [sp.eos_id()]
     L = 8
-    cfg = GPTDatasetConfig(random_seed=1, sequence_length=L, blend=None, split="1,0,0",
-                           tokenizer=load_tokenizer(sp_model), reset_position_ids=False,
-                           reset_attention_mask=False, eod_mask_loss=False, path_to_cache=str(tmp_path / "cache"))
+    cfg = GPTDatasetConfig(
+        random_seed=1,
+        sequence_length=L,
+        blend=None,
+        split="1,0,0",
+        tokenizer=load_tokenizer(sp_model),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=str(tmp_path / "cache"),
+    )
     gpt = GPTDataset(ds, str(tmp_path / "one"), np.arange(1, dtype=np.int32), None, Split.train, cfg)
     assert len(gpt) == (len(stream) - 1) // L
     windows = set()
@@ -250,7 +266,7 @@ def test_gpt_dataset_reads_the_output_with_this_tokenizer(tmp_path, sp_model):
         s = gpt[i]
         assert s["tokens"][1:].tolist() == s["labels"][:-1].tolist() and bool(s["loss_mask"].all())
         windows.add(tuple(s["tokens"].tolist() + s["labels"][-1:].tolist()))
-    assert windows == {tuple(stream[k * L: k * L + L + 1]) for k in range(len(gpt))}
+    assert windows == {tuple(stream[k * L : k * L + L + 1]) for k in range(len(gpt))}
 
 
 # ------------------------------------------------------------------------------------------------- refusals
@@ -266,9 +282,11 @@ def test_refusals(tmp_path, sp_model):
     assert not list(tmp_path.glob("e.*"))
 
     good = [json.dumps({"text": "the model"}) for _ in range(20)]
-    cases = {"bad.jsonl": (good + ["{not json"], r"bad\.jsonl line 21 is not valid JSON"),
-             "nokey.jsonl": (good[:3] + [json.dumps({"body": "x"})], r"nokey\.jsonl line 4 has no key 'text'"),
-             "list.jsonl": (["[1, 2]"], r"list\.jsonl line 1 is a JSON list")}
+    cases = {
+        "bad.jsonl": (good + ["{not json"], r"bad\.jsonl line 21 is not valid JSON"),
+        "nokey.jsonl": (good[:3] + [json.dumps({"body": "x"})], r"nokey\.jsonl line 4 has no key 'text'"),
+        "list.jsonl": (["[1, 2]"], r"list\.jsonl line 1 is a JSON list"),
+    }
     for name, (lines, pattern) in cases.items():
         (tmp_path / name).write_text("\n".join(lines) + "\n")
         for workers in (1, 2):
@@ -290,8 +308,9 @@ def test_refusals(tmp_path, sp_model):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_refusals_exit_2_with_one_line(tmp_path, sp_model):
@@ -299,12 +318,18 @@ def test_cli_refusals_exit_2_with_one_line(tmp_path, sp_model):
     (tmp_path / "junk.model").write_bytes(b"\x00\x01not a model" * 50)
     (tmp_path / "out.bin").write_bytes(b"")
     (tmp_path / "out.idx").write_bytes(b"")
-    cases = [(["a.jsonl", "--tokenizer", "junk.model", "--output-prefix", "x"], "junk.model"),
-             (["--tokenizer", str(sp_model), "--output-prefix", "x"], "no inputs"),
-             (["a.jsonl", "missing.txt", "--tokenizer", str(sp_model), "--output-prefix", "x"], "missing.txt"),
-             (["a.jsonl", "--tokenizer", str(sp_model), "--output-prefix", "out"], "--force")]
-    procs = [subprocess.Popen([sys.executable, str(TOOL), *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for args, _ in cases]
+    cases = [
+        (["a.jsonl", "--tokenizer", "junk.model", "--output-prefix", "x"], "junk.model"),
+        (["--tokenizer", str(sp_model), "--output-prefix", "x"], "no inputs"),
+        (["a.jsonl", "missing.txt", "--tokenizer", str(sp_model), "--output-prefix", "x"], "missing.txt"),
+        (["a.jsonl", "--tokenizer", str(sp_model), "--output-prefix", "out"], "--force"),
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(TOOL), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for args, _ in cases
+    ]
     for p, (args, needle) in zip(procs, cases):
         out, err = p.communicate(timeout=60)
         assert p.returncode == 2, (args, err)

@@ -71,12 +71,14 @@ def _documents(seed: int = 0) -> dict:
 
     def math_doc():
         a, b = (int(v) for v in rng.integers(2, 40, size=2))
-        parts = [f"Let $x = {a}$ and $y = {b}$. Then $x + y = {a + b}$ and $xy = {a * b}$.",
-                 f"The derivative of $x^{a}$ is ${a} x^{{{a - 1}}}$.",
-                 f"If ${a} \\mid n$ and ${b} \\mid n$ then $\\operatorname{{lcm}}({a}, {b}) \\mid n$.",
-                 f"Solving ${a}x + {b} = 0$ gives $x = -{b}/{a}$.",
-                 "Proof. By induction on $n$, the sum of the first $n$ odd numbers is $n^2$.",
-                 f"Theorem. Every integer $n > 1$ has a prime factor; for $n = {a * b}$ take ${min(a, b)}$'s."]
+        parts = [
+            f"Let $x = {a}$ and $y = {b}$. Then $x + y = {a + b}$ and $xy = {a * b}$.",
+            f"The derivative of $x^{a}$ is ${a} x^{{{a - 1}}}$.",
+            f"If ${a} \\mid n$ and ${b} \\mid n$ then $\\operatorname{{lcm}}({a}, {b}) \\mid n$.",
+            f"Solving ${a}x + {b} = 0$ gives $x = -{b}/{a}$.",
+            "Proof. By induction on $n$, the sum of the first $n$ odd numbers is $n^2$.",
+            f"Theorem. Every integer $n > 1$ has a prime factor; for $n = {a * b}$ take ${min(a, b)}$'s.",
+        ]
         return " ".join(rng.choice(parts, size=int(rng.integers(2, 6))))
 
     words = "the city river market people walked morning news weather music garden friends story house road".split()
@@ -84,9 +86,13 @@ def _documents(seed: int = 0) -> dict:
     def general_doc():
         return " ".join(rng.choice(words, size=int(rng.integers(10, 50)))).capitalize() + "."
 
-    return {"owm": [math_doc() for _ in range(400)], "general": [general_doc() for _ in range(300)],
-            "math_curated": [math_doc() for _ in range(300)], "math_heldout": [math_doc() for _ in range(40)],
-            "general_heldout": [general_doc() for _ in range(40)]}
+    return {
+        "owm": [math_doc() for _ in range(400)],
+        "general": [general_doc() for _ in range(300)],
+        "math_curated": [math_doc() for _ in range(300)],
+        "math_heldout": [math_doc() for _ in range(40)],
+        "general_heldout": [general_doc() for _ in range(40)],
+    }
 
 
 def _make_inputs(work: Path) -> dict:
@@ -102,21 +108,50 @@ def _make_inputs(work: Path) -> dict:
     base = work / BASE
     train_tokenizer(docs["owm"] + docs["general"] + docs["math_curated"], base / "tokenizer.model", VOCAB, 0)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                   num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
-                                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                                   bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(base))
 
     run = yaml.safe_load(LAUNCH_CONFIG.read_text())
     assert run["model"] == {"preset": "tinyllama-1.1b"} and run["reference"]["model"] == {"preset": "tinyllama-1.1b"}
     # the preset's shape, shrunk to the stand-in's (the reference takes the policy's: same model)
-    run["model"] = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
-                        vocab_size=VOCAB, max_position_embeddings=64, untie_embeddings_and_output_weights=True)
+    run["model"] = dict(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        untie_embeddings_and_output_weights=True,
+    )
     run["reference"]["model"] = {}
     run["reference"]["dtype"] = "auto"  # fp32 on CPU
-    run["train"].update(micro_batch_size=MBS, global_batch_size=GBS, seq_length=SEQ, train_iters=ITERS, lr=2e-3,
-                        min_lr=2e-4, lr_warmup_iters=2, bf16=False, log_interval=5, eval_interval=0, eval_iters=2)
+    run["train"].update(
+        micro_batch_size=MBS,
+        global_batch_size=GBS,
+        seq_length=SEQ,
+        train_iters=ITERS,
+        lr=2e-3,
+        min_lr=2e-4,
+        lr_warmup_iters=2,
+        bf16=False,
+        log_interval=5,
+        eval_interval=0,
+        eval_iters=2,
+    )
     run["checkpoint"].update(save_interval=0)
     (work / "run.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
     return docs
@@ -136,8 +171,9 @@ def _start(name: str, args: list, work: Path, env: dict | None = None) -> tuple:
     """Start one command (a Python script/module unless it starts with bash); its output goes to logs/NAME.log."""
     cmd = args if args[0] == "bash" else [PY, *args]
     log = open(work / "logs" / f"{name}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=work, env=env or _env(), stdout=log, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: _kill ends torchrun's workers too
+    proc = subprocess.Popen(
+        cmd, cwd=work, env=env or _env(), stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )  # its own process group: _kill ends torchrun's workers too
     log.close()
     return name, proc, time.monotonic()
 
@@ -229,12 +265,29 @@ def test_recipe_end_to_end(tmp_path):
         print(f"[{time.monotonic() - t0:5.1f} s, commands' CPU {cpu.ru_utime + cpu.ru_stime:5.1f} s] {what}")
 
     # 3 (slm plan of the real launch config) + 1 (convert the base) + 2 (tokenize with the base's tokenizer)
-    jobs = {"plan": _slm("plan", "--config", str(LAUNCH_CONFIG), "--world-size", "8"),
-            "convert": [str(ROOT / "tools/convert_checkpoint.py"), "hf-to-megatron", "--input", BASE,
-                        "--output", f"ckpt/{M}-base", "--verify"]}
+    jobs = {
+        "plan": _slm("plan", "--config", str(LAUNCH_CONFIG), "--world-size", "8"),
+        "convert": [
+            str(ROOT / "tools/convert_checkpoint.py"),
+            "hf-to-megatron",
+            "--input",
+            BASE,
+            "--output",
+            f"ckpt/{M}-base",
+            "--verify",
+        ],
+    }
     for name in DATASETS:
-        jobs[f"preprocess-{name}"] = [str(ROOT / "tools/preprocess_data.py"), f"corpus/{name}/", "--output-prefix",
-                                      f"data/{M}/{name}", "--tokenizer", tok, "--workers", "1"]
+        jobs[f"preprocess-{name}"] = [
+            str(ROOT / "tools/preprocess_data.py"),
+            f"corpus/{name}/",
+            "--output-prefix",
+            f"data/{M}/{name}",
+            "--tokenizer",
+            tok,
+            "--workers",
+            "1",
+        ]
     out = _together(jobs, work)
     lap("plan, convert, preprocess")
     assert "FITS: TP=1 x PP=1 x DP=8" in out["plan"], out["plan"]
@@ -248,22 +301,63 @@ def test_recipe_end_to_end(tmp_path):
 
     # 4: the reference = the base continually trained with CLM on the curated math; alongside it control 1 of
     # step 6, CLM on the SLM runs' data (it needs no reference)
-    ref_args = ["--loss-mode", "clm", "--pretrained-checkpoint", f"ckpt/{M}-base", "--data-path",
-                f"data/{M}/math_curated", "--train-iters", str(REF_ITERS), "--lr", "1e-3", "--min-lr", "1e-4"]
+    ref_args = [
+        "--loss-mode",
+        "clm",
+        "--pretrained-checkpoint",
+        f"ckpt/{M}-base",
+        "--data-path",
+        f"data/{M}/math_curated",
+        "--train-iters",
+        str(REF_ITERS),
+        "--lr",
+        "1e-3",
+        "--min-lr",
+        "1e-4",
+    ]
     run_args = ["--pretrained-checkpoint", f"ckpt/{M}-base", "--data-path", *DATA, "--train-iters", str(ITERS)]
-    _together({"reference": _train(f"runs/{M}-ref", ref_args),
-               "clm": _train(f"runs/{M}-clm", run_args + ["--loss-mode", "clm"])}, work)
+    _together(
+        {
+            "reference": _train(f"runs/{M}-ref", ref_args),
+            "clm": _train(f"runs/{M}-clm", run_args + ["--loss-mode", "clm"]),
+        },
+        work,
+    )
     lap("reference, CLM control")
     _summary(work, f"runs/{M}-ref", "clm", REF_ITERS)
     _summary(work, f"runs/{M}-clm", "clm", ITERS)
 
     # 5: offline reference scores for the SLM runs' data (same config, data flags and --train-iters); alongside,
     # 3: check-config of the SLM run (world size 2 as below)
-    _together({"score-reference": [str(ROOT / "tools/score_reference.py"), "--config", "run.yaml", "--ref-load",
-                                   f"runs/{M}-ref", "--data-path", *DATA, "--train-iters", str(ITERS)],
-               "check-config": _slm("check-config", "--config", "run.yaml", "--world-size", "2",
-                                    "--pretrained-checkpoint", f"ckpt/{M}-base", "--ref-load", f"runs/{M}-ref",
-                                    "--data-path", *DATA)}, work)
+    _together(
+        {
+            "score-reference": [
+                str(ROOT / "tools/score_reference.py"),
+                "--config",
+                "run.yaml",
+                "--ref-load",
+                f"runs/{M}-ref",
+                "--data-path",
+                *DATA,
+                "--train-iters",
+                str(ITERS),
+            ],
+            "check-config": _slm(
+                "check-config",
+                "--config",
+                "run.yaml",
+                "--world-size",
+                "2",
+                "--pretrained-checkpoint",
+                f"ckpt/{M}-base",
+                "--ref-load",
+                f"runs/{M}-ref",
+                "--data-path",
+                *DATA,
+            ),
+        },
+        work,
+    )
     lap("score-reference, check-config")
     for name in ("owm", "general"):
         assert json.loads((work / f"data/{M}/{name}_refscores.json").read_text())
@@ -272,8 +366,15 @@ def test_recipe_end_to_end(tmp_path):
     # 6: SLM at k = 0.6 from the base with the offline scores, through the single-node launcher (the sbatch
     # script's CONFIG / SAVE_DIR / EXTRA_ARGS interface) as 2 processes
     slm_ref = ["--reference-mode", "offline"]
-    env = dict(_env(), CONFIG="run.yaml", SAVE_DIR=f"runs/{M}-slm", EXTRA_ARGS=" ".join(run_args + slm_ref),
-               GPUS_PER_NODE="2", LOG_DIR=str(work / "logs/slm-launcher"), PYTHON=PY)
+    env = dict(
+        _env(),
+        CONFIG="run.yaml",
+        SAVE_DIR=f"runs/{M}-slm",
+        EXTRA_ARGS=" ".join(run_args + slm_ref),
+        GPUS_PER_NODE="2",
+        LOG_DIR=str(work / "logs/slm-launcher"),
+        PYTHON=PY,
+    )
     env.pop("OMP_NUM_THREADS")  # the launcher sets it (cores / processes)
     _wait(_start("slm", ["bash", str(ROOT / "launch/train_single_node.sh")], work, env), work)
     lap("SLM")
@@ -293,12 +394,36 @@ def test_recipe_end_to_end(tmp_path):
     assert weights == pytest.approx([x / sum(mixed) for x in mixed], abs=1e-4)
 
     # controls 2 and 3 (random k, CLM on the printed blend); 7: the export of the SLM policy (weights + tokenizer)
-    _together({"random": _train(f"runs/{M}-random", run_args + slm_ref + ["--selection-strategy", "random"]),
-               "clm-reweighted": _train(f"runs/{M}-clm-reweighted", ["--pretrained-checkpoint", f"ckpt/{M}-base",
-                                                                      "--train-iters", str(ITERS), "--loss-mode",
-                                                                      "clm", *blend]),
-               "export": [str(ROOT / "tools/convert_checkpoint.py"), "megatron-to-hf", "--input", f"runs/{M}-slm",
-                          "--output", f"hf_out/{M}-slm", "--hf-config", BASE, "--tokenizer-model", BASE]}, work)
+    _together(
+        {
+            "random": _train(f"runs/{M}-random", run_args + slm_ref + ["--selection-strategy", "random"]),
+            "clm-reweighted": _train(
+                f"runs/{M}-clm-reweighted",
+                [
+                    "--pretrained-checkpoint",
+                    f"ckpt/{M}-base",
+                    "--train-iters",
+                    str(ITERS),
+                    "--loss-mode",
+                    "clm",
+                    *blend,
+                ],
+            ),
+            "export": [
+                str(ROOT / "tools/convert_checkpoint.py"),
+                "megatron-to-hf",
+                "--input",
+                f"runs/{M}-slm",
+                "--output",
+                f"hf_out/{M}-slm",
+                "--hf-config",
+                BASE,
+                "--tokenizer-model",
+                BASE,
+            ],
+        },
+        work,
+    )
     lap("random, CLM reweighted, export")
     rnd = _summary(work, f"runs/{M}-random", "slm", ITERS)
     assert abs(rnd["final"]["selected_fraction"] - 0.6) < 0.02 and math.isfinite(rnd["final"]["ref_loss"]), rnd
@@ -317,12 +442,37 @@ def test_recipe_end_to_end(tmp_path):
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
 
     # 8: loss/perplexity of every checkpoint (and the export) on held-out math and general text
-    ckpts = [f"ckpt/{M}-base", f"runs/{M}-ref", f"runs/{M}-slm", f"runs/{M}-clm", f"runs/{M}-random",
-             f"runs/{M}-clm-reweighted", f"hf_out/{M}-slm"]
+    ckpts = [
+        f"ckpt/{M}-base",
+        f"runs/{M}-ref",
+        f"runs/{M}-slm",
+        f"runs/{M}-clm",
+        f"runs/{M}-random",
+        f"runs/{M}-clm-reweighted",
+        f"hf_out/{M}-slm",
+    ]
     heldout = [f"data/{M}/math_heldout", f"data/{M}/general_heldout"]
-    _run("evaluate", _slm("evaluate", "--load", *ckpts, "--data-path", *heldout, "--seq-length", str(SEQ),
-                          "--eval-samples", "64", "--split-reference", f"runs/{M}-ref", "--split-ratio", "0.6",
-                          "--out", f"eval_out/{M}"), work)
+    _run(
+        "evaluate",
+        _slm(
+            "evaluate",
+            "--load",
+            *ckpts,
+            "--data-path",
+            *heldout,
+            "--seq-length",
+            str(SEQ),
+            "--eval-samples",
+            "64",
+            "--split-reference",
+            f"runs/{M}-ref",
+            "--split-ratio",
+            "0.6",
+            "--out",
+            f"eval_out/{M}",
+        ),
+        work,
+    )
     lap("evaluate")
     rows = json.loads((work / f"eval_out/{M}/eval.json").read_text())["results"]
     assert (work / f"eval_out/{M}/eval.csv").is_file()
@@ -332,8 +482,10 @@ def test_recipe_end_to_end(tmp_path):
         assert len({loss[c, d]["tokens"] for c in ckpts}) == 1 and loss[ckpts[0], d]["tokens"] > 0  # paired
     assert all(math.isfinite(r["loss"]) and r["perplexity"] > 1 for r in rows), rows
     for r in rows:  # learnable = the top 60% of each dataset's tokens by L_base - L_ref, the same for every row
-        assert r["learnable_tokens"] == round(0.6 * r["tokens"]) and r["not_learnable_tokens"] == \
-            r["tokens"] - r["learnable_tokens"], r
+        assert (
+            r["learnable_tokens"] == round(0.6 * r["tokens"])
+            and r["not_learnable_tokens"] == r["tokens"] - r["learnable_tokens"]
+        ), r
         assert math.isfinite(r["learnable_loss"]) and math.isfinite(r["not_learnable_loss"]), r
     math_set = heldout[0]
     assert loss[f"runs/{M}-ref", math_set]["loss"] < loss[f"ckpt/{M}-base", math_set]["loss"] - 0.05
@@ -364,7 +516,7 @@ def _recipe_script(mistral: bool) -> str:
     the values its comments give for Mistral-7B."""
     text = (ROOT / "README.md").read_text()
     start = text.index("\n## Recipe: continual pretraining of TinyLlama-1.1B and Mistral-7B with SLM\n")
-    section = text[start:text.index("\n## ", start + 1)]
+    section = text[start : text.index("\n## ", start + 1)]
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     assert len(blocks) >= 8, len(blocks)
     if mistral:
@@ -379,9 +531,9 @@ def _recipe_script(mistral: bool) -> str:
 
 @pytest.mark.parametrize("model", ["tinyllama", "mistral"])
 def test_readme_recipe_commands_parse(tmp_path, model):
-    from megatron_slm.conversion import cli as convert_cli
     from megatron_slm.cli import build_parser as slm_parser
     from megatron_slm.config import load_config, validate
+    from megatron_slm.conversion import cli as convert_cli
     from megatron_slm.data import preprocess
 
     calls = tmp_path / "calls"
@@ -392,8 +544,14 @@ def test_readme_recipe_commands_parse(tmp_path, model):
         (tmp_path / stub).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "SAVE_DIR", "EXTRA_ARGS")}
     env.update(PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", CALLS=str(calls))
-    res = subprocess.run(["bash", "-c", _recipe_script(model == "mistral")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["bash", "-c", _recipe_script(model == "mistral")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
     def parse(parser, args):
@@ -416,8 +574,10 @@ def test_readme_recipe_commands_parse(tmp_path, model):
             name, args = "slm", args[4:]
         if name == "python":
             tool, *args = args
-            parser = {"tools/convert_checkpoint.py": convert_cli.build_parser,
-                      "tools/preprocess_data.py": preprocess.build_parser}[tool]()
+            parser = {
+                "tools/convert_checkpoint.py": convert_cli.build_parser,
+                "tools/preprocess_data.py": preprocess.build_parser,
+            }[tool]()
             ns = parse(parser, args)
             seen.append(f"{tool} {args[0] if 'convert' in tool else ''}".strip())
             continue
@@ -432,16 +592,32 @@ def test_readme_recipe_commands_parse(tmp_path, model):
             ns.config = str(ROOT / ns.config)
             validate(load_config(ns.config, args=ns), world_size=world)  # values, layout, batch sizes
     assert sorted(seen) == sorted(
-        ["tools/convert_checkpoint.py hf-to-megatron"] + ["tools/preprocess_data.py"] * 5
-        + ["slm plan", "slm check-config", "slm train clm", "slm plan", "slm score-reference", "slm train",
-           "slm train clm", "slm train random", "slm reweight", "slm train clm", "slm evaluate"]
-        + ["tools/convert_checkpoint.py megatron-to-hf"] * 5), seen
+        ["tools/convert_checkpoint.py hf-to-megatron"]
+        + ["tools/preprocess_data.py"] * 5
+        + [
+            "slm plan",
+            "slm check-config",
+            "slm train clm",
+            "slm plan",
+            "slm score-reference",
+            "slm train",
+            "slm train clm",
+            "slm train random",
+            "slm reweight",
+            "slm train clm",
+            "slm evaluate",
+        ]
+        + ["tools/convert_checkpoint.py megatron-to-hf"] * 5
+    ), seen
 
     # the alternative layouts of the table's "other layouts" row, on the model's config
     row = next(ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("| other layouts |"))
     cell = row.split("|")[2 if model == "tinyllama" else 3]
-    cfg_path = str(ROOT / "launch/configs" / ("mistral7b_owm_slm_k0.7.yaml" if model == "mistral"
-                                              else "tinyllama1b_owm_slm_k0.6.yaml"))
+    cfg_path = str(
+        ROOT
+        / "launch/configs"
+        / ("mistral7b_owm_slm_k0.7.yaml" if model == "mistral" else "tinyllama1b_owm_slm_k0.6.yaml")
+    )
     layouts = [c for c in re.findall(r"`([^`]*)`", cell) if c.startswith("--")]
     assert layouts, cell
     for flags in layouts:

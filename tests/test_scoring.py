@@ -106,16 +106,23 @@ def test_a_resume_with_other_data_flags_is_refused_naming_each(clean, tmp_path):
     res = run_distributed(_score, 2, blend, ref, 1, None, **_over(ref, outs, train=dict(seed=6, train_iters=4)))
     assert res[0] == res[1], res  # the same one error on every rank
     msg = res[0]
-    assert msg.startswith(f"error: {parts} holds the parts of an interrupted score-reference run (data-parallel "
-                          "size 2) with other flags than this run's"), msg
-    for part in ("--seed: the parts have 5, this run has 6", "--train-iters: the parts have 3, this run has 4",
-                 f"rerun with the parts' flags to resume, or delete {parts} to score from scratch"):
+    assert msg.startswith(
+        f"error: {parts} holds the parts of an interrupted score-reference run (data-parallel "
+        "size 2) with other flags than this run's"
+    ), msg
+    for part in (
+        "--seed: the parts have 5, this run has 6",
+        "--train-iters: the parts have 3, this run has 4",
+        f"rerun with the parts' flags to resume, or delete {parts} to score from scratch",
+    ):
         assert part in msg, (part, msg)
     assert "--global-batch-size" not in msg and "--split" not in msg, msg
     other = ["0.5", blend[1], "0.5", blend[3]]
     msg = run_distributed(_score, 1, other, ref, 1, None, **_over(ref, outs, data=dict(split="80,20,0")))[0]
-    for part in (f"--data-path: the parts have 0.6 {blend[1]} 0.4 {blend[3]}, this run has 0.5 {blend[1]} 0.5 {blend[3]}",
-                 "--split: the parts have 90,10,0, this run has 80,20,0"):
+    for part in (
+        f"--data-path: the parts have 0.6 {blend[1]} 0.4 {blend[3]}, this run has 0.5 {blend[1]} 0.5 {blend[3]}",
+        "--split: the parts have 90,10,0, this run has 80,20,0",
+    ):
         assert part in msg, (part, msg)
     other_ref = shutil.copytree(ref, tmp_path / "other_ref")  # another reference's scores would mix in
     msg = run_distributed(_score, 1, blend, str(other_ref), 1, None, **_over(str(other_ref), outs))[0]
@@ -149,8 +156,11 @@ def test_a_second_run_on_the_same_output_is_refused_and_the_first_completes(clea
     outs = _outs(tmp_path, "twice")
     ready, go = tmp_path / "ready", tmp_path / "go"
     first = []
-    thread = threading.Thread(target=lambda: first.append(
-        run_distributed(_score_paused, 1, blend, ref, str(ready), str(go), **_over(ref, outs))))
+    thread = threading.Thread(
+        target=lambda: first.append(
+            run_distributed(_score_paused, 1, blend, ref, str(ready), str(go), **_over(ref, outs))
+        )
+    )
     thread.start()
     try:
         deadline = time.time() + 150
@@ -159,8 +169,12 @@ def test_a_second_run_on_the_same_output_is_refused_and_the_first_completes(clea
         assert ready.exists(), "the first run never reached its first step"
         res = run_distributed(_score, 2, blend, ref, 1, None, **_over(ref, outs))
         assert res[0] == res[1], res
-        assert res[0].startswith(f"error: {outs[0]} is in use by pid ") and "(another run writes there); use " \
-            f"another --ref-scores-path, or delete {outs[0]}.lock if that run is gone" in res[0], res[0]
+        assert (
+            res[0].startswith(f"error: {outs[0]} is in use by pid ")
+            and "(another run writes there); use "
+            f"another --ref-scores-path, or delete {outs[0]}.lock if that run is gone"
+            in res[0]
+        ), res[0]
         # another output of the blend alone is locked too
         res = run_distributed(_score, 1, [blend[3]], ref, 1, None, **_over(ref, [outs[1]]))
         assert res[0].startswith(f"error: {outs[1]} is in use by pid "), res[0]
@@ -221,10 +235,14 @@ def test_more_than_one_epoch_is_refused_before_any_forward_pass(clean, tmp_path)
     assert res[0] == res[1], res
     msg, forwards = res[0]
     assert forwards == 0, msg
-    assert msg.startswith("error: scoring 30 x 8 = 240 samples goes over more than one epoch of dataset "
-                          f"'{blend[1]}'"), msg
-    assert "a score sidecar keeps one score per token" in msg and "lower --train-iters or --global-batch-size" in msg \
-        and "or add data" in msg, msg
+    assert msg.startswith(
+        f"error: scoring 30 x 8 = 240 samples goes over more than one epoch of dataset '{blend[1]}'"
+    ), msg
+    assert (
+        "a score sidecar keeps one score per token" in msg
+        and "lower --train-iters or --global-batch-size" in msg
+        and "or add data" in msg
+    ), msg
     assert not list(tmp_path.iterdir()), "a refused run writes nothing"
 
 
@@ -291,8 +309,9 @@ def _stop_record(outs):
 
 
 def test_a_stop_ends_every_rank_after_the_same_step_and_a_rerun_resumes_exactly(clean, tmp_path):
-    from megatron_slm import scoring
     from test_offline_scores import make_cfg
+
+    from megatron_slm import scoring
 
     d, blend, ref, want = clean
     outs = _outs(tmp_path, "stopped")
@@ -306,8 +325,9 @@ def test_a_stop_ends_every_rank_after_the_same_step_and_a_rerun_resumes_exactly(
     assert scoring.run_state(cfg, since) == "stopped"
     assert scoring.run_state(cfg, time.time() + 60) == "unknown"  # a stop before this start does not count
     # resumed at DP=1 under --exit-duration-in-mins: rank 0's clock runs out after the first step left
-    res = run_distributed(_score_stopped, 1, blend, ref, late_clock_after=1,
-                          **_over(ref, outs, train=dict(exit_duration_in_mins=30.0)))
+    res = run_distributed(
+        _score_stopped, 1, blend, ref, late_clock_after=1, **_over(ref, outs, train=dict(exit_duration_in_mins=30.0))
+    )
     assert res == [("done", 1, None)], res
     assert _stop_record(outs) == {"stopped_by": "exit-duration", "samples_scored": 24, "samples": 24}
     assert not Path(f"{outs[0]}.json").exists()
@@ -336,8 +356,9 @@ def _score_signalled_in_merge(data_path, ref, **over):
 
 
 def test_a_stop_signal_during_the_merge_waits_for_it_to_finish(clean, tmp_path):
-    from megatron_slm import scoring
     from test_offline_scores import make_cfg
+
+    from megatron_slm import scoring
 
     d, blend, ref, want = clean
     outs = _outs(tmp_path, "merge_signal")

@@ -2,9 +2,8 @@
 
 import json
 import os
-import signal
 import shutil
-from pathlib import Path
+import signal
 
 import pytest
 import torch
@@ -28,8 +27,8 @@ def _cfg(tp, pp, save, **ck):
 
 def _run(tp, pp, save, crash_after=None, signal_at=None, **ck):
     import torch.distributed as dist
-
     from helpers.gather import gather_full
+
     from megatron_slm.training.trainer import Trainer
 
     trainer = Trainer(_cfg(tp, pp, save, **ck))
@@ -53,8 +52,14 @@ def _run(tp, pp, save, crash_after=None, signal_at=None, **ck):
     params = gather_full(trainer.policy_module)
     if dist.get_rank() != dist.get_world_size() - 1:
         return None
-    return dict(resumed=resumed, losses=losses, params=params, iteration=trainer.iteration,
-                stopped_by=result.get("stopped_by"), threshold=trainer.selector.threshold.value)
+    return dict(
+        resumed=resumed,
+        losses=losses,
+        params=params,
+        iteration=trainer.iteration,
+        stopped_by=result.get("stopped_by"),
+        threshold=trainer.selector.threshold.value,
+    )
 
 
 def test_exact_resume_after_a_crash_and_keep_last(tmp_path):
@@ -81,8 +86,8 @@ def test_sigusr1_on_one_rank_checkpoints_and_stops_every_rank(tmp_path):
 
 def _load_weights(tp, pp, path):
     import torch.distributed as dist
-
     from helpers.gather import gather_full
+
     from megatron_slm.model.build import build_model
     from megatron_slm.parallel import distributed
 

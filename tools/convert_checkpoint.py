@@ -11,6 +11,7 @@ The logic lives in megatron_slm.conversion (importable from megatron_slm.convers
 writes loads at any TP/PP (``--ref-load CKPT``). Exit status 2 with one ``error: ...`` line on unusable
 inputs or outputs.
 """
+
 import sys
 from pathlib import Path
 

@@ -24,7 +24,9 @@ KINDS = ("curves", "selection", "excess", "sweep")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="plot_runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="plot_runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("runs", nargs="+", metavar="[LABEL=]DIR", help="run directories (metrics.jsonl / summary.json)")
     p.add_argument("--out", required=True, help="directory for the PNGs")
     p.add_argument("--k-sweep", action="store_true", help="also write the k-sweep report (k_sweep.png/.csv/.md)")
@@ -55,17 +57,25 @@ def main(argv=None) -> int:
         written.append(plot_loss_curves(runs, out / f"{args.prefix}slm_vs_clm.png", smooth_window=args.smooth))
     if "selection" in kinds:
         if slm:
-            written.append(plot_selection_stats(slm, out / f"{args.prefix}selection_stats.png", smooth_window=args.smooth))
+            written.append(
+                plot_selection_stats(slm, out / f"{args.prefix}selection_stats.png", smooth_window=args.smooth)
+            )
         else:
             print("no SLM run: skipping selection_stats.png", file=sys.stderr)
     if "excess" in kinds:
         with_dumps = [r for r in slm if any((r.path / "selection_dumps").glob("iter_*.pt"))]
         for r in with_dumps:
-            name = f"{args.prefix}excess_hist.png" if len(with_dumps) == 1 else f"{args.prefix}excess_hist_{r.path.name}.png"
+            name = (
+                f"{args.prefix}excess_hist.png"
+                if len(with_dumps) == 1
+                else f"{args.prefix}excess_hist_{r.path.name}.png"
+            )
             written.append(plot_excess_histograms(r.path, out / name))
         if not with_dumps:
-            print("no selection_dumps/ in the SLM runs (train with --selection-dump-interval N): skipping excess_hist.png",
-                  file=sys.stderr)
+            print(
+                "no selection_dumps/ in the SLM runs (train with --selection-dump-interval N): skipping excess_hist.png",
+                file=sys.stderr,
+            )
     if "sweep" in kinds:
         rep = k_sweep_report(runs, out, name=f"{args.prefix}k_sweep")
         written += [rep["png"], rep["csv"], rep["md"]]

@@ -11,6 +11,7 @@ The logic lives in megatron_slm.data.preprocess (importable: ``preprocess(inputs
 tokenizer_path, ...)``); this file is its command line. Exit status 2 with one ``error: ...`` line on
 unusable inputs, tokenizer or output prefix.
 """
+
 import sys
 from pathlib import Path
 

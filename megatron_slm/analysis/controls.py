@@ -57,12 +57,17 @@ def reweight(run_dir: str) -> dict:
         raise ConfigError(f"'{path}' is a CLM run (no selected fractions per dataset): reweight an SLM run")
     weights, prefixes = blend_of(summary.get("data_path"))
     if len(prefixes) < 2:
-        raise ConfigError(f"'{path}' trained on a single dataset ({prefixes[0] if prefixes else 'none'}): "
-                          "nothing to reweight")
+        raise ConfigError(
+            f"'{path}' trained on a single dataset ({prefixes[0] if prefixes else 'none'}): nothing to reweight"
+        )
     if any(f is None for f in fractions):
         raise ConfigError(f"'{path}' has datasets without valid tokens (selected fractions {fractions})")
-    return dict(prefixes=prefixes, weights=weights, fractions=[float(f) for f in fractions],
-                matched=matched_weights(weights, [float(f) for f in fractions]))
+    return dict(
+        prefixes=prefixes,
+        weights=weights,
+        fractions=[float(f) for f in fractions],
+        matched=matched_weights(weights, [float(f) for f in fractions]),
+    )
 
 
 def format_data_path(prefixes: list[str], weights: list[float], digits: int = 4) -> str:
@@ -72,7 +77,10 @@ def format_data_path(prefixes: list[str], weights: list[float], digits: int = 4)
 
 def explain(result: dict) -> str:
     """One line: where the weights come from."""
-    parts = ", ".join(f"{Path(p).name} w={w:.3g} f={f:.3g}" for p, w, f in
-                      zip(result["prefixes"], result["weights"], result["fractions"]))
-    return (f"CLM with these weights trains on the SLM run's selected token mix (w'_i = w_i f_i / sum_j w_j f_j; "
-            f"{parts})")
+    parts = ", ".join(
+        f"{Path(p).name} w={w:.3g} f={f:.3g}"
+        for p, w, f in zip(result["prefixes"], result["weights"], result["fractions"])
+    )
+    return (
+        f"CLM with these weights trains on the SLM run's selected token mix (w'_i = w_i f_i / sum_j w_j f_j; {parts})"
+    )

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -91,12 +91,14 @@ def classify(losses: Sequence[np.ndarray], threshold: float, mask: np.ndarray | 
     checkpoints = []
     for v in values:
         so_far = np.bincount(token_classes(values[0], v, threshold), minlength=len(CLASSES))
-        checkpoints.append({
-            "share": dict(share),
-            "share_so_far": {c: float(so_far[j] / n) for j, c in enumerate(CLASSES)},
-            "mean_loss": {c: float(v[classes == j].mean()) if counts[j] else None for j, c in enumerate(CLASSES)},
-            "tokens": dict(tokens),
-        })
+        checkpoints.append(
+            {
+                "share": dict(share),
+                "share_so_far": {c: float(so_far[j] / n) for j, c in enumerate(CLASSES)},
+                "mean_loss": {c: float(v[classes == j].mean()) if counts[j] else None for j, c in enumerate(CLASSES)},
+                "tokens": dict(tokens),
+            }
+        )
     return {"threshold": float(threshold), "tokens": n, "classes": classes, "checkpoints": checkpoints}
 
 
@@ -110,8 +112,10 @@ def parse_run(spec: str) -> tuple[str, list[str]]:
     name = name.strip()
     paths = [p.strip() for p in rest.split(",")]
     if not sep or not name or "," in name or not rest.strip() or not all(paths):
-        raise ConfigError(f"--run '{spec}': expected NAME=CKPT,CKPT[,...] (checkpoints in training order) or "
-                          "NAME=RUN_DIR (all its iter_* checkpoints)")
+        raise ConfigError(
+            f"--run '{spec}': expected NAME=CKPT,CKPT[,...] (checkpoints in training order) or "
+            "NAME=RUN_DIR (all its iter_* checkpoints)"
+        )
     return name, paths
 
 
@@ -130,9 +134,11 @@ def run_checkpoints(name: str, paths: list[str]) -> list[tuple[str, Path, int | 
             if found:
                 paths = [str(p) for p in found]
     if len(paths) < 2:
-        raise ConfigError(f"--run {name}: needs at least two checkpoints, the first and the last of the span, but "
-                          f"has {len(paths)} ({paths[0]}): list them as {name}=CKPT,CKPT,... or give the run's "
-                          "directory holding iter_* checkpoints")
+        raise ConfigError(
+            f"--run {name}: needs at least two checkpoints, the first and the last of the span, but "
+            f"has {len(paths)} ({paths[0]}): list them as {name}=CKPT,CKPT,... or give the run's "
+            "directory holding iter_* checkpoints"
+        )
     out = []
     for arg in paths:
         try:
@@ -142,8 +148,9 @@ def run_checkpoints(name: str, paths: list[str]) -> list[tuple[str, Path, int | 
         out.append((arg, d, it))
     known = [it for _, _, it in out if it is not None]
     if any(b <= a for a, b in zip(known, known[1:])):
-        raise ConfigError(f"--run {name}: checkpoints must be in training order, first to last (iterations "
-                          f"{known}); reorder them")
+        raise ConfigError(
+            f"--run {name}: checkpoints must be in training order, first to last (iterations {known}); reorder them"
+        )
     return out
 
 
@@ -151,8 +158,9 @@ def run_checkpoints(name: str, paths: list[str]) -> list[tuple[str, Path, int | 
 # Measuring (torch) and analysing (numpy)
 
 
-def measure(cfg, runs: list[tuple[str, list[str]]], data_paths: list[str],
-            eval_samples: int | None = None) -> dict | None:
+def measure(
+    cfg, runs: list[tuple[str, list[str]]], data_paths: list[str], eval_samples: int | None = None
+) -> dict | None:
     """Per-token losses of every run's checkpoints on the dataset's evaluation windows (``slm evaluate``'s
     windows and forward, any TP/PP/DP). Rank 0: {"runs": [{"name", "checkpoints": [(arg, dir, iteration)],
     "losses": [float32 [windows, S] per checkpoint]}], "mask": bool [windows, S], "dataset", "windows"}; None
@@ -168,8 +176,7 @@ def measure(cfg, runs: list[tuple[str, list[str]]], data_paths: list[str],
     seq = tr.seq_length
     ev.check_settings(seq, tr.micro_batch_size, eval_samples, data_paths, command="slm dynamics")
     if len(data_paths) != 1:
-        raise ConfigError(f"slm dynamics takes one --data-path PREFIX (got {len(data_paths)}): run it once per "
-                          "dataset")
+        raise ConfigError(f"slm dynamics takes one --data-path PREFIX (got {len(data_paths)}): run it once per dataset")
     names = [name for name, _ in runs]
     if not names:
         raise ConfigError("slm dynamics needs --run NAME=CKPT,CKPT[,...] (one per run; e.g. an SLM and a CLM run)")
@@ -190,10 +197,14 @@ def measure(cfg, runs: list[tuple[str, list[str]]], data_paths: list[str],
             losses[d] = got[0]
     if dist.get_rank() != 0:
         return None
-    return {"runs": [{"name": name, "checkpoints": cks, "losses": [losses[d] for _, d, _ in cks]}
-                     for name, cks in resolved],
-            "mask": ev.window_loss_mask(data.tokens, data.windows, seq, data.eod),
-            "dataset": data.prefix, "windows": data.windows}
+    return {
+        "runs": [
+            {"name": name, "checkpoints": cks, "losses": [losses[d] for _, d, _ in cks]} for name, cks in resolved
+        ],
+        "mask": ev.window_loss_mask(data.tokens, data.windows, seq, data.eod),
+        "dataset": data.prefix,
+        "windows": data.windows,
+    }
 
 
 def analyse(measured: dict, threshold: float | None = None) -> dict:
@@ -208,12 +219,25 @@ def analyse(measured: dict, threshold: float | None = None) -> dict:
     runs = []
     for r in measured["runs"]:
         res = classify(r["losses"], threshold, mask)
-        runs.append({"name": r["name"], "tokens": res["tokens"], "checkpoints": [
-            {"checkpoint": arg, "path": str(d), "iteration": it, **stats}
-            for (arg, d, it), stats in zip(r["checkpoints"], res["checkpoints"])]})
-    return {"threshold": float(threshold), "threshold_source": source, "classes": list(CLASSES),
-            "dataset": measured["dataset"], "windows": measured["windows"], "tokens": int(np.sum(mask)),
-            "runs": runs}
+        runs.append(
+            {
+                "name": r["name"],
+                "tokens": res["tokens"],
+                "checkpoints": [
+                    {"checkpoint": arg, "path": str(d), "iteration": it, **stats}
+                    for (arg, d, it), stats in zip(r["checkpoints"], res["checkpoints"])
+                ],
+            }
+        )
+    return {
+        "threshold": float(threshold),
+        "threshold_source": source,
+        "classes": list(CLASSES),
+        "dataset": measured["dataset"],
+        "windows": measured["windows"],
+        "tokens": int(np.sum(mask)),
+        "runs": runs,
+    }
 
 
 def format_table(result: dict) -> str:
@@ -229,9 +253,11 @@ def format_table(result: dict) -> str:
             body.append(cells)
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(x.ljust(w) for x, w in zip(cells, widths))  # noqa: E731
-    intro = (f"threshold {result['threshold']:.4f} ({result['threshold_source']}); {result['tokens']} tokens of "
-             f"{result['dataset']}\nshare: class by the first checkpoint and this one (at the last: the final "
-             "classes); loss: mean loss at this checkpoint of the final classes (first vs last)")
+    intro = (
+        f"threshold {result['threshold']:.4f} ({result['threshold_source']}); {result['tokens']} tokens of "
+        f"{result['dataset']}\nshare: class by the first checkpoint and this one (at the last: the final "
+        "classes); loss: mean loss at this checkpoint of the final classes (first vs last)"
+    )
     return "\n".join([intro, line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
@@ -247,10 +273,17 @@ def write_outputs(result: dict, out: str, settings: dict) -> list[str]:
         for r in result["runs"]:
             for c in r["checkpoints"]:
                 for k in CLASSES:
-                    row = {"run": r["name"], "checkpoint": c["checkpoint"], "path": c["path"],
-                           "iteration": c["iteration"], "class": k, "share": c["share"][k],
-                           "share_so_far": c["share_so_far"][k], "mean_loss": c["mean_loss"][k],
-                           "tokens": c["tokens"][k]}
+                    row = {
+                        "run": r["name"],
+                        "checkpoint": c["checkpoint"],
+                        "path": c["path"],
+                        "iteration": c["iteration"],
+                        "class": k,
+                        "share": c["share"][k],
+                        "share_so_far": c["share_so_far"][k],
+                        "mean_loss": c["mean_loss"][k],
+                        "tokens": c["tokens"][k],
+                    }
                     w.writerow({x: ("" if v is None else v) for x, v in row.items()})
     try:
         import matplotlib

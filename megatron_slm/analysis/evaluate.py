@@ -54,8 +54,9 @@ def dataset_tokens(prefix: str) -> np.ndarray:
     pointers = np.asarray(index.sequence_pointers, dtype=np.int64)
     expected = pointers[0] + np.concatenate([[0], np.cumsum(lengths)[:-1]]) * itemsize
     if np.array_equal(pointers, expected):
-        return np.memmap(f"{prefix}.bin", dtype=index.dtype, mode="r", offset=int(pointers[0]),
-                         shape=(int(lengths.sum()),))
+        return np.memmap(
+            f"{prefix}.bin", dtype=index.dtype, mode="r", offset=int(pointers[0]), shape=(int(lengths.sum()),)
+        )
     return np.concatenate([ds[i] for i in range(len(ds))])
 
 
@@ -65,21 +66,26 @@ def num_windows(n_tokens: int, seq_length: int) -> int:
 
 def window(tokens: np.ndarray, i: int, seq_length: int, eod: int) -> dict:
     """Sample ``i``: tokens/labels shifted by one, loss_mask 0 where the label is EOD (GPTDataset's eod_mask_loss)."""
-    text = torch.from_numpy(np.asarray(tokens[i * seq_length: i * seq_length + seq_length + 1], dtype=np.int64))
+    text = torch.from_numpy(np.asarray(tokens[i * seq_length : i * seq_length + seq_length + 1], dtype=np.int64))
     labels = text[1:].contiguous()
-    return {"tokens": text[:-1].contiguous(), "labels": labels,
-            "loss_mask": (labels != eod).float(), "position_ids": torch.arange(seq_length, dtype=torch.long)}
+    return {
+        "tokens": text[:-1].contiguous(),
+        "labels": labels,
+        "loss_mask": (labels != eod).float(),
+        "position_ids": torch.arange(seq_length, dtype=torch.long),
+    }
 
 
 def window_loss_mask(tokens: np.ndarray, n: int, seq_length: int, eod: int) -> np.ndarray:
     """The loss mask of windows 0..n-1 as one bool array [n, seq_length] (the labels are tokens 1..n*S)."""
-    labels = np.asarray(tokens[1: n * seq_length + 1], dtype=np.int64).reshape(n, seq_length)
+    labels = np.asarray(tokens[1 : n * seq_length + 1], dtype=np.int64).reshape(n, seq_length)
     return labels != eod
 
 
 @dataclass
 class EvalData:
     """A dataset as evaluation uses it: its tokens, the number of windows and its EOD id."""
+
     prefix: str
     tokens: np.ndarray
     windows: int
@@ -102,8 +108,13 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int | None]:
     return resolved, checkpoint.iteration_of(resolved)
 
 
-def check_settings(seq_length: int, micro_batch_size: int, eval_samples: int | None, data_paths: list[str],
-                   command: str = "slm evaluate") -> None:
+def check_settings(
+    seq_length: int,
+    micro_batch_size: int,
+    eval_samples: int | None,
+    data_paths: list[str],
+    command: str = "slm evaluate",
+) -> None:
     """The flag checks shared by ``slm evaluate`` and ``slm dynamics``, before anything is loaded."""
     if seq_length < 1 or micro_batch_size < 1:
         raise ConfigError(f"--seq-length and --micro-batch-size must be >= 1 (got {seq_length}, {micro_batch_size})")
@@ -113,12 +124,15 @@ def check_settings(seq_length: int, micro_batch_size: int, eval_samples: int | N
         raise ConfigError(f"{command} needs --data-path PREFIX [PREFIX ...]")
     bad = [p for p in data_paths if re.fullmatch(r"[0-9.eE+-]+", p)]
     if bad:
-        raise ConfigError(f"--data-path of {command} takes dataset prefixes, not blend weights (got {bad[0]}); "
-                          "each dataset is reported separately")
+        raise ConfigError(
+            f"--data-path of {command} takes dataset prefixes, not blend weights (got {bad[0]}); "
+            "each dataset is reported separately"
+        )
 
 
-def load_datasets(data_paths: list[str], sources: list[Path], configs: list, seq_length: int,
-                  eval_samples: int | None) -> list[EvalData]:
+def load_datasets(
+    data_paths: list[str], sources: list[Path], configs: list, seq_length: int, eval_samples: int | None
+) -> list[EvalData]:
     """Each prefix's tokens and window count, refused when a checkpoint's tokenizer, vocabulary or length does not
     fit (``sources``: every checkpoint whose losses are computed, the split's base and reference included)."""
     from megatron_slm.checkpoint.weights import check_tokenizer
@@ -130,27 +144,36 @@ def load_datasets(data_paths: list[str], sources: list[Path], configs: list, seq
         meta = read_meta(prefix)
         for d, m in zip(sources, configs):
             if int(meta["vocab_size"]) != int(m.vocab_size):
-                raise DataError(f"dataset '{prefix}' has vocabulary {meta['vocab_size']} but checkpoint '{d}' has "
-                                f"{m.vocab_size}: evaluate it with a checkpoint of the same tokenizer")
+                raise DataError(
+                    f"dataset '{prefix}' has vocabulary {meta['vocab_size']} but checkpoint '{d}' has "
+                    f"{m.vocab_size}: evaluate it with a checkpoint of the same tokenizer"
+                )
             fingerprint = meta.get("tokenizer_fingerprint")
             if (d, fingerprint) not in checked:
                 checked.add((d, fingerprint))
-                check_tokenizer(str(d), f"checkpoint '{d}'", fingerprint,
-                                tokenizer_of=f"the tokenizer of dataset '{prefix}'",
-                                fix="Evaluate it with a checkpoint of that tokenizer, or re-tokenize the data with "
-                                    "the checkpoint's (tools/preprocess_data.py)")
+                check_tokenizer(
+                    str(d),
+                    f"checkpoint '{d}'",
+                    fingerprint,
+                    tokenizer_of=f"the tokenizer of dataset '{prefix}'",
+                    fix="Evaluate it with a checkpoint of that tokenizer, or re-tokenize the data with "
+                    "the checkpoint's (tools/preprocess_data.py)",
+                )
         tokens = dataset_tokens(prefix)
         n = num_windows(len(tokens), seq_length)
         if eval_samples is not None:
             n = min(n, eval_samples)
         if n == 0:
-            raise DataError(f"dataset '{prefix}' has {len(tokens)} tokens: no window of --seq-length {seq_length} "
-                            "+ 1 tokens")
+            raise DataError(
+                f"dataset '{prefix}' has {len(tokens)} tokens: no window of --seq-length {seq_length} + 1 tokens"
+            )
         datasets.append(EvalData(prefix, tokens, n, int(meta["eod_token_id"])))
     for d, m in zip(sources, configs):
         if m.max_position_embeddings is not None and seq_length > m.max_position_embeddings:
-            raise ConfigError(f"--seq-length {seq_length} exceeds checkpoint '{d}' max_position_embeddings "
-                              f"{m.max_position_embeddings}")
+            raise ConfigError(
+                f"--seq-length {seq_length} exceeds checkpoint '{d}' max_position_embeddings "
+                f"{m.max_position_embeddings}"
+            )
     return datasets
 
 
@@ -183,7 +206,7 @@ def _window_losses(model, windows: list[dict], vocab_size: int, micro_batch_size
     if full < len(windows):  # the remainder: one smaller micro-batch (the schedule needs equal shapes per pass)
         groups.append((windows[full:], len(windows) - full))
     for items, b in groups:
-        mbs = [{k: torch.stack([w[k] for w in items[s: s + b]]) for k in items[0]} for s in range(0, len(items), b)]
+        mbs = [{k: torch.stack([w[k] for w in items[s : s + b]]) for k in items[0]} for s in range(0, len(items), b)]
         to_device(mbs)
         losses = score_pass(model, mbs, vocab_size)
         if losses is not None:
@@ -223,7 +246,7 @@ def gather_losses(pairs: list[tuple], n: int, seq_length: int, dst: int | None =
     if pairs and _contributes():
         lo, _ = _rank_windows(n)
         rows = torch.cat([loss.float() for loss, _ in pairs])
-        buf[lo: lo + rows.shape[0]] = rows.to(buf.device)
+        buf[lo : lo + rows.shape[0]] = rows.to(buf.device)
     # every other rank adds zeros: the sum is each loss exactly
     if dst is None:
         dist.all_reduce(buf)
@@ -234,8 +257,9 @@ def gather_losses(pairs: list[tuple], n: int, seq_length: int, dst: int | None =
     return buf.cpu().numpy()
 
 
-def window_token_losses(model, data: EvalData, seq_length: int, vocab_size: int, micro_batch_size: int,
-                        dst: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+def window_token_losses(
+    model, data: EvalData, seq_length: int, vocab_size: int, micro_batch_size: int, dst: int | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(losses float32 [n, S], loss_mask bool [n, S]) of ``data``'s windows through ``model``, gathered to every
     rank (``dst`` None) or to rank ``dst`` (None on the others). Losses at masked (EOD) labels are computed but
     meaningless; use the mask. Collective: every rank calls it."""
@@ -258,8 +282,9 @@ def learnable_mask(base: np.ndarray, reference: np.ndarray, valid: np.ndarray, r
 def _check_split(split_reference, split_base, split_ratio) -> float:
     if split_reference is None:
         if split_base is not None or split_ratio is not None:
-            raise ConfigError("--split-base and --split-ratio apply only with --split-reference CKPT: add it, or "
-                              "drop them")
+            raise ConfigError(
+                "--split-base and --split-ratio apply only with --split-reference CKPT: add it, or drop them"
+            )
         return DEFAULT_SPLIT_RATIO
     ratio = DEFAULT_SPLIT_RATIO if split_ratio is None else float(split_ratio)
     if not 0.0 < ratio <= 1.0:
@@ -267,9 +292,15 @@ def _check_split(split_reference, split_base, split_ratio) -> float:
     return ratio
 
 
-def evaluate(cfg, checkpoints: list[str], data_paths: list[str], eval_samples: int | None = None,
-             split_reference: str | None = None, split_base: str | None = None,
-             split_ratio: float | None = None) -> list[dict]:
+def evaluate(
+    cfg,
+    checkpoints: list[str],
+    data_paths: list[str],
+    eval_samples: int | None = None,
+    split_reference: str | None = None,
+    split_base: str | None = None,
+    split_ratio: float | None = None,
+) -> list[dict]:
     """Rows {checkpoint, iteration, dataset, loss, perplexity, tokens, windows, learnable_loss, learnable_tokens,
     not_learnable_loss, not_learnable_tokens} for every (checkpoint, dataset); the split fields are None without
     ``split_reference``."""
@@ -293,10 +324,17 @@ def evaluate(cfg, checkpoints: list[str], data_paths: list[str], eval_samples: i
             d, _ = resolve_checkpoint(arg)
             split.append((role, d, checkpoint.read_model_config(str(d))))
         if split[0][1] == split[1][1]:
-            raise ConfigError(f"--split-base and --split-reference are the same checkpoint ({split[0][1]}): the "
-                              "excess loss would be 0 everywhere; give the reference model as --split-reference")
-    datasets = load_datasets(data_paths, [d for d, _ in sources] + [d for _, d, _ in split],
-                             configs + [m for _, _, m in split], seq, eval_samples)
+            raise ConfigError(
+                f"--split-base and --split-reference are the same checkpoint ({split[0][1]}): the "
+                "excess loss would be 0 everywhere; give the reference model as --split-reference"
+            )
+    datasets = load_datasets(
+        data_paths,
+        [d for d, _ in sources] + [d for _, d, _ in split],
+        configs + [m for _, _, m in split],
+        seq,
+        eval_samples,
+    )
 
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed)
     masks = [None] * len(datasets)  # per dataset: learnable tokens, bool [windows, S]
@@ -332,13 +370,25 @@ def evaluate(cfg, checkpoints: list[str], data_paths: list[str], eval_samples: i
             dist.all_reduce(sums)
             total, count = float(sums[0]), float(sums[1])
             loss = total / count if count else float("nan")
-            row = {"checkpoint": arg, "path": str(d), "iteration": it, "dataset": ds.prefix, "loss": loss,
-                   "perplexity": math.exp(loss) if count and loss < 700 else float("inf"),
-                   "tokens": int(count), "windows": ds.windows, **dict.fromkeys(SPLIT_FIELDS)}
+            row = {
+                "checkpoint": arg,
+                "path": str(d),
+                "iteration": it,
+                "dataset": ds.prefix,
+                "loss": loss,
+                "perplexity": math.exp(loss) if count and loss < 700 else float("inf"),
+                "tokens": int(count),
+                "windows": ds.windows,
+                **dict.fromkeys(SPLIT_FIELDS),
+            }
             if masks[i] is not None:
                 lt, lc, nt, nc = (float(x) for x in sums[2:6])
-                row.update(learnable_loss=lt / lc if lc else None, learnable_tokens=int(lc),
-                           not_learnable_loss=nt / nc if nc else None, not_learnable_tokens=int(nc))
+                row.update(
+                    learnable_loss=lt / lc if lc else None,
+                    learnable_tokens=int(lc),
+                    not_learnable_loss=nt / nc if nc else None,
+                    not_learnable_tokens=int(nc),
+                )
             rows.append(row)
         del model
     return rows
@@ -346,14 +396,19 @@ def evaluate(cfg, checkpoints: list[str], data_paths: list[str], eval_samples: i
 
 def format_table(rows: list[dict]) -> str:
     head = ("checkpoint", "dataset", "loss", "perplexity", "tokens")
-    body = [(r["checkpoint"], r["dataset"], f"{r['loss']:.6f}", f"{r['perplexity']:.4f}", str(r["tokens"])) for r in rows]
+    body = [
+        (r["checkpoint"], r["dataset"], f"{r['loss']:.6f}", f"{r['perplexity']:.4f}", str(r["tokens"])) for r in rows
+    ]
     if any(r.get("learnable_tokens") is not None for r in rows):
+
         def cell(x, fmt):
             return "" if x is None else format(x, fmt)
 
         head += ("loss(learnable)", "tokens(learnable)", "loss(not learnable)", "tokens(not learnable)")
-        body = [b + tuple(cell(r[k], ".6f" if k.endswith("loss") else "d") for k in SPLIT_FIELDS)
-                for b, r in zip(body, rows)]
+        body = [
+            b + tuple(cell(r[k], ".6f" if k.endswith("loss") else "d") for k in SPLIT_FIELDS)
+            for b, r in zip(body, rows)
+        ]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])

@@ -26,8 +26,8 @@ import dataclasses
 import html
 import math
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -111,7 +111,9 @@ def _dump_files(path) -> list[Path]:
         files = sorted(d.glob("iter_*.pt"))
         if files:
             return files
-        raise FileNotFoundError(f"no selection dumps (iter_*.pt) in {d}; train with --selection-dump-interval N --save DIR")
+        raise FileNotFoundError(
+            f"no selection dumps (iter_*.pt) in {d}; train with --selection-dump-interval N --save DIR"
+        )
     raise FileNotFoundError(f"selection dump {p} does not exist")
 
 
@@ -130,14 +132,16 @@ def load_dumps(paths) -> list[dict]:
 
                 why = refusal(exc)
                 if why:
-                    raise ValueError(f"refused to load {f}: it {why}, and loading it could run code (dumps may come "
-                                     "from anyone, so only plain data is loaded); use a dump you trust") from None
+                    raise ValueError(
+                        f"refused to load {f}: it {why}, and loading it could run code (dumps may come "
+                        "from anyone, so only plain data is loaded); use a dump you trust"
+                    ) from None
                 raise ValueError(f"{f} cannot be read as a selection dump ({describe_failure(exc)})") from None
             if not isinstance(d, dict) or "sequences" not in d:
                 raise ValueError(f"{f} is not a selection dump (a dict with 'sequences')")
             d.setdefault("source", str(f))
             dumps.append(d)
-    dumps.sort(key=lambda d: (d.get("iteration") or 0))
+    dumps.sort(key=lambda d: d.get("iteration") or 0)
     return dumps
 
 
@@ -156,7 +160,7 @@ def _load_tokenizer_for(dumps: list[dict], tokenizer):
             raise
         import warnings
 
-        warnings.warn(f"cannot load the dump's tokenizer {path} ({exc}); showing token ids")
+        warnings.warn(f"cannot load the dump's tokenizer {path} ({exc}); showing token ids", stacklevel=2)
         return None
 
 
@@ -183,9 +187,14 @@ class SeqView:
         n_valid = sum(self.valid)
         sel = [e for e, s in zip(self.excess, self.selected) if s]
         uns = [e for e, s, v in zip(self.excess, self.selected, self.valid) if v and not s]
-        return {"tokens": len(self.texts), "valid": n_valid, "selected": len(sel),
-                "fraction": len(sel) / n_valid if n_valid else float("nan"),
-                "excess_selected": _mean(sel), "excess_unselected": _mean(uns)}
+        return {
+            "tokens": len(self.texts),
+            "valid": n_valid,
+            "selected": len(sel),
+            "fraction": len(sel) / n_valid if n_valid else float("nan"),
+            "excess_selected": _mean(sel),
+            "excess_unselected": _mean(uns),
+        }
 
 
 def _mean(xs) -> float:
@@ -204,9 +213,16 @@ def seq_view(seq: dict, tokenizer, max_tokens: int | None = None) -> SeqView:
     selected = [bool(x) for x in torch.as_tensor(seq["selected"]).reshape(-1).tolist()]
     texts = token_texts(tokenizer, tokens[:1] + labels)
     n = len(labels)
-    return SeqView(context=texts[0] if tokens else "", texts=texts[1:], ids=labels, valid=valid, selected=selected,
-                   policy=_floats(seq["policy_loss"]), ref=_floats(seq["ref_loss"]),
-                   shown=n if not max_tokens else min(n, max_tokens))
+    return SeqView(
+        context=texts[0] if tokens else "",
+        texts=texts[1:],
+        ids=labels,
+        valid=valid,
+        selected=selected,
+        policy=_floats(seq["policy_loss"]),
+        ref=_floats(seq["ref_loss"]),
+        shown=n if not max_tokens else min(n, max_tokens),
+    )
 
 
 def dump_stats(views: Iterable[SeqView]) -> dict:
@@ -221,9 +237,15 @@ def dump_stats(views: Iterable[SeqView]) -> dict:
             (sel if s else uns).append(e)
             pol.append(p)
             ref.append(r)
-    return {"valid": n_valid, "selected": n_sel, "fraction": n_sel / n_valid if n_valid else float("nan"),
-            "excess_selected": _mean(sel), "excess_unselected": _mean(uns),
-            "policy_loss": _mean(pol), "ref_loss": _mean(ref)}
+    return {
+        "valid": n_valid,
+        "selected": n_sel,
+        "fraction": n_sel / n_valid if n_valid else float("nan"),
+        "excess_selected": _mean(sel),
+        "excess_unselected": _mean(uns),
+        "policy_loss": _mean(pol),
+        "ref_loss": _mean(ref),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +263,8 @@ def excess_color(e: float, vmax: float) -> tuple[int, int, int]:
 
 
 def _hex(rgb) -> str:
-    return "#%02x%02x%02x" % tuple(rgb)
+    r, g, b = rgb
+    return f"#{r:02x}{g:02x}{b:02x}"
 
 
 def color_scale(views: Iterable[SeqView], quantile: float = 0.98) -> float:
@@ -280,8 +303,10 @@ def _token_title(text: str, tid: int, p: float, r: float, selected: bool, valid:
     head = f"{text!r} (id {tid})"
     if not valid:
         return f"{head}\nmasked: not scored, never selected\npolicy loss {p:.3f}\nreference loss {r:.3f}"
-    return (f"{head}\npolicy loss {p:.3f}\nreference loss {r:.3f}\nexcess loss {p - r:+.3f}\n"
-            f"{'selected' if selected else 'not selected'}")
+    return (
+        f"{head}\npolicy loss {p:.3f}\nreference loss {r:.3f}\nexcess loss {p - r:+.3f}\n"
+        f"{'selected' if selected else 'not selected'}"
+    )
 
 
 def _span(text: str, tid: int, p: float, r: float, selected: bool, valid: bool, vmax: float) -> str:
@@ -305,12 +330,16 @@ def _dark(rgb) -> bool:
 
 def _sequence_html(v: SeqView, vmax: float, heading: str) -> str:
     st = v.stats()
-    parts = [f'<div class="seq"><h3>{html.escape(heading)} <span class="meta">{st["tokens"]} tokens, '
-             f'{st["valid"]} scored, {st["selected"]} selected ({_pct(st["fraction"])}); mean excess '
-             f'selected {_num(st["excess_selected"])} / unselected {_num(st["excess_unselected"])}</span></h3>',
-             '<div class="tokens">']
+    parts = [
+        f'<div class="seq"><h3>{html.escape(heading)} <span class="meta">{st["tokens"]} tokens, '
+        f"{st['valid']} scored, {st['selected']} selected ({_pct(st['fraction'])}); mean excess "
+        f"selected {_num(st['excess_selected'])} / unselected {_num(st['excess_unselected'])}</span></h3>",
+        '<div class="tokens">',
+    ]
     if v.context:
-        parts.append(f'<span class="ctx" title="context: input only, no loss">{html.escape(v.context, quote=False)}</span>')
+        parts.append(
+            f'<span class="ctx" title="context: input only, no loss">{html.escape(v.context, quote=False)}</span>'
+        )
     for i in range(v.shown):
         parts.append(_span(v.texts[i], v.ids[i], v.policy[i], v.ref[i], v.selected[i], v.valid[i], vmax))
     parts.append("</div>")
@@ -351,9 +380,16 @@ def _seq_key(seq: dict) -> tuple:
     return tuple(int(x) for x in torch.as_tensor(seq["tokens"]).reshape(-1).tolist())
 
 
-def render_html(dumps: list[dict] | dict, tokenizer=None, title: str = "SLM token selection",
-                max_sequences: int | None = 4, max_tokens: int | None = 512, max_dumps: int | None = 8,
-                vmax: float | None = None, layout: str = "auto") -> str:
+def render_html(
+    dumps: list[dict] | dict,
+    tokenizer=None,
+    title: str = "SLM token selection",
+    max_sequences: int | None = 4,
+    max_tokens: int | None = 512,
+    max_dumps: int | None = 8,
+    vmax: float | None = None,
+    layout: str = "auto",
+) -> str:
     """A self-contained HTML page showing the selection of one or several dumps (see the module docstring).
 
     ``tokenizer``: a Tokenizer / sentencepiece processor / path; default: the dumps' own tokenizer path
@@ -370,7 +406,7 @@ def render_html(dumps: list[dict] | dict, tokenizer=None, title: str = "SLM toke
     tok = _load_tokenizer_for(dumps, tokenizer)
     keep = _even_subset(len(dumps), max_dumps)
     shown = [dumps[i] for i in keep]
-    views = [[seq_view(s, tok, max_tokens) for s in d["sequences"][:max_sequences or None]] for d in shown]
+    views = [[seq_view(s, tok, max_tokens) for s in d["sequences"][: max_sequences or None]] for d in shown]
     if vmax is None:
         vmax = color_scale(v for vs in views for v in vs)
 
@@ -378,28 +414,35 @@ def render_html(dumps: list[dict] | dict, tokenizer=None, title: str = "SLM toke
     scopes = sorted({str(d.get("scope")) for d in shown if d.get("scope") is not None})
     iters = [d.get("iteration") for d in shown]
     allstats = dump_stats(v for vs in views for v in vs)
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{html.escape(title)}</title>",
-           "<style>" + CSS.replace("%NEG%", _hex(NEG_RGB)).replace("%MID%", _hex(MID_RGB)).replace("%POS%", _hex(POS_RGB))
-           + "</style></head><body>",
-           f"<header><h1>{html.escape(title)}</h1>",
-           f'<p class="meta">k = {html.escape(", ".join(f"{k:g}" for k in ks) or "n/a")} &middot; '
-           f'scope = {html.escape(", ".join(scopes) or "n/a")} &middot; '
-           f'iteration{"s" if len(iters) > 1 else ""} {html.escape(", ".join(str(i) for i in iters))} &middot; '
-           f'selected fraction {_pct(allstats["fraction"])} of the {allstats["valid"]} scored tokens '
-           'in the sequences shown</p></header>']
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        "<style>"
+        + CSS.replace("%NEG%", _hex(NEG_RGB)).replace("%MID%", _hex(MID_RGB)).replace("%POS%", _hex(POS_RGB))
+        + "</style></head><body>",
+        f"<header><h1>{html.escape(title)}</h1>",
+        f'<p class="meta">k = {html.escape(", ".join(f"{k:g}" for k in ks) or "n/a")} &middot; '
+        f"scope = {html.escape(', '.join(scopes) or 'n/a')} &middot; "
+        f"iteration{'s' if len(iters) > 1 else ''} {html.escape(', '.join(str(i) for i in iters))} &middot; "
+        f"selected fraction {_pct(allstats['fraction'])} of the {allstats['valid']} scored tokens "
+        "in the sequences shown</p></header>",
+    ]
     out.append(
         '<div class="legend"><span>excess loss = policy loss &minus; reference loss: '
         f'<b>{-vmax:+.2f}</b> <span class="bar"></span> <b>{vmax:+.2f}</b> (clipped)</span>'
         '<span><span class="key sel" style="background:#f4a582">selected</span> &nbsp;'
         '<span class="key" style="background:#d1e5f0">not selected</span> &nbsp;'
         '<span class="key masked">masked (EOD/pad)</span></span>'
-        '<span>hover a token for its losses</span>'
+        "<span>hover a token for its losses</span>"
         '<label><input type="checkbox" onchange="document.body.classList.toggle(\'fade\',this.checked)"> '
-        'fade unselected tokens</label></div>')
-    out.append('<p class="meta">Each token is the one predicted at its position (the label); red tokens are those the '
-               'policy predicts worse than the reference (high excess loss, what SLM trains on), blue ones it already '
-               'predicts better. Newlines show as &#8629;.</p>')
+        "fade unselected tokens</label></div>"
+    )
+    out.append(
+        '<p class="meta">Each token is the one predicted at its position (the label); red tokens are those the '
+        "policy predicts worse than the reference (high excess loss, what SLM trains on), blue ones it already "
+        "predicts better. Newlines show as &#8629;.</p>"
+    )
     notes = []
     if len(keep) < len(dumps):
         notes.append(f"{len(dumps) - len(keep)} of {len(dumps)} dumps not shown (--max-dumps {max_dumps}).")
@@ -410,22 +453,26 @@ def render_html(dumps: list[dict] | dict, tokenizer=None, title: str = "SLM toke
         out.append(f'<p class="note">{html.escape(n)}</p>')
 
     if len(shown) > 1:  # a per-dump summary table: how selection moves over training
-        out.append("<table><tr><th>dump</th><th>k</th><th>selected</th><th>excess sel.</th><th>excess unsel.</th>"
-                   "<th>policy loss</th><th>ref loss</th></tr>")
+        out.append(
+            "<table><tr><th>dump</th><th>k</th><th>selected</th><th>excess sel.</th><th>excess unsel.</th>"
+            "<th>policy loss</th><th>ref loss</th></tr>"
+        )
         for d, vs in zip(shown, views):
             s = dump_stats(vs)
-            out.append(f"<tr><td>{html.escape(_dump_label(d))}</td><td>{_k(d)}</td>"
-                       f"<td>{_pct(s['fraction'])}</td><td>{_num(s['excess_selected'])}</td>"
-                       f"<td>{_num(s['excess_unselected'])}</td><td>{s['policy_loss']:.3f}</td><td>{s['ref_loss']:.3f}</td></tr>")
+            out.append(
+                f"<tr><td>{html.escape(_dump_label(d))}</td><td>{_k(d)}</td>"
+                f"<td>{_pct(s['fraction'])}</td><td>{_num(s['excess_selected'])}</td>"
+                f"<td>{_num(s['excess_unselected'])}</td><td>{s['policy_loss']:.3f}</td><td>{s['ref_loss']:.3f}</td></tr>"
+            )
         out.append("</table>")
 
     # Sequences present in several dumps (same tokens): how their selection changed, side by side.
     where: dict[tuple, list[tuple[int, int]]] = {}
     for di, d in enumerate(shown):
-        for si, s in enumerate(d["sequences"][:max_sequences or None]):
+        for si, s in enumerate(d["sequences"][: max_sequences or None]):
             where.setdefault(_seq_key(s), []).append((di, si))
     repeated = [locs for locs in where.values() if len({di for di, _ in locs}) > 1]
-    keys = [[_seq_key(s) for s in d["sequences"][:max_sequences or None]] for d in shown]
+    keys = [[_seq_key(s) for s in d["sequences"][: max_sequences or None]] for d in shown]
     if layout == "auto":  # every dump holds the same sequences (checkpoints scored on one text): no repeats
         layout = "by_sequence" if len(shown) > 1 and all(k == keys[0] for k in keys) else "by_dump"
     if layout not in ("by_dump", "by_sequence"):
@@ -441,11 +488,13 @@ def render_html(dumps: list[dict] | dict, tokenizer=None, title: str = "SLM toke
 
     for d, vs in zip(shown, views):
         s = dump_stats(vs)
-        out.append(f'<section class="dump" data-iteration="{html.escape(str(d.get("iteration")))}">'
-                   f"<h2>{html.escape(_dump_label(d))}</h2>"
-                   f'<p class="meta">k = {_k(d)} &middot; scope = {html.escape(str(d.get("scope")))} '
-                   f'&middot; selected {s["selected"]} of {s["valid"]} scored tokens ({_pct(s["fraction"])}) &middot; '
-                   f'mean excess selected {_num(s["excess_selected"])}, unselected {_num(s["excess_unselected"])}</p>')
+        out.append(
+            f'<section class="dump" data-iteration="{html.escape(str(d.get("iteration")))}">'
+            f"<h2>{html.escape(_dump_label(d))}</h2>"
+            f'<p class="meta">k = {_k(d)} &middot; scope = {html.escape(str(d.get("scope")))} '
+            f"&middot; selected {s['selected']} of {s['valid']} scored tokens ({_pct(s['fraction'])}) &middot; "
+            f"mean excess selected {_num(s['excess_selected'])}, unselected {_num(s['excess_unselected'])}</p>"
+        )
         for si, v in enumerate(vs):
             out.append(_sequence_html(v, vmax, f"sequence {si}"))
         out.append("</section>")
@@ -463,8 +512,17 @@ def _png_text(t: str) -> str:
     return "".join(ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}" for ch in t) if t else "\u00b7"
 
 
-def render_png(dump: dict, out_path, tokenizer=None, max_sequences: int = 2, max_tokens: int = 256,
-               cols: int = 100, vmax: float | None = None, fontsize: float = 9.0, dpi: int = 130) -> Path:
+def render_png(
+    dump: dict,
+    out_path,
+    tokenizer=None,
+    max_sequences: int = 2,
+    max_tokens: int = 256,
+    cols: int = 100,
+    vmax: float | None = None,
+    fontsize: float = 9.0,
+    dpi: int = 130,
+) -> Path:
     """One dump's heatmap as a PNG: monospaced tokens on their excess-loss colour, selected ones underlined."""
     import warnings
 
@@ -522,30 +580,59 @@ def render_png(dump: dict, out_path, tokenizer=None, max_sequences: int = 2, max
         warnings.simplefilter("ignore")  # glyphs missing from the font
         for vi, h in enumerate(heads):
             st = views[vi].stats()
-            ax.text(0, h + 0.5, f"sequence {vi}: {st['selected']} of {st['valid']} scored tokens selected "
-                    f"({_pct(st['fraction'])}); mean excess selected {_num(st['excess_selected'])}, unselected "
-                    f"{_num(st['excess_unselected'])}", va="center", ha="left", fontsize=fontsize, color="#333",
-                    parse_math=False, fontweight="bold")
+            ax.text(
+                0,
+                h + 0.5,
+                f"sequence {vi}: {st['selected']} of {st['valid']} scored tokens selected "
+                f"({_pct(st['fraction'])}); mean excess selected {_num(st['excess_selected'])}, unselected "
+                f"{_num(st['excess_unselected'])}",
+                va="center",
+                ha="left",
+                fontsize=fontsize,
+                color="#333",
+                parse_math=False,
+                fontweight="bold",
+            )
         for r, c, w, text, vi, i in cells:
             v = views[vi]
             valid, sel = v.valid[i], v.selected[i]
             rgb = excess_color(v.policy[i] - v.ref[i], vmax) if valid else None
             if valid:  # a hair's gap between tokens shows where each one ends
-                ax.add_patch(Rectangle((c + 0.04, r + 0.08), w - 0.08, 0.84, facecolor=tuple(x / 255 for x in rgb),
-                                       edgecolor="none"))
+                ax.add_patch(
+                    Rectangle(
+                        (c + 0.04, r + 0.08), w - 0.08, 0.84, facecolor=tuple(x / 255 for x in rgb), edgecolor="none"
+                    )
+                )
             else:
-                ax.add_patch(Rectangle((c + 0.04, r + 0.08), w - 0.08, 0.84, facecolor="#eeeeee", edgecolor="none",
-                                       hatch="////"))
+                ax.add_patch(
+                    Rectangle((c + 0.04, r + 0.08), w - 0.08, 0.84, facecolor="#eeeeee", edgecolor="none", hatch="////")
+                )
             if sel:
-                ax.plot([c + 0.05, c + w - 0.05], [r + 0.9, r + 0.9], color="#111", linewidth=1.6, solid_capstyle="butt")
-            ax.text(c, r + 0.5, text, family="DejaVu Sans Mono", fontsize=fontsize, va="center", ha="left",
-                    color="#888" if not valid else ("#fff" if _dark(rgb) else "#111"),
-                    fontweight="bold" if sel else "normal", parse_math=False)
+                ax.plot(
+                    [c + 0.05, c + w - 0.05], [r + 0.9, r + 0.9], color="#111", linewidth=1.6, solid_capstyle="butt"
+                )
+            ax.text(
+                c,
+                r + 0.5,
+                text,
+                family="DejaVu Sans Mono",
+                fontsize=fontsize,
+                va="center",
+                ha="left",
+                color="#888" if not valid else ("#fff" if _dark(rgb) else "#111"),
+                fontweight="bold" if sel else "normal",
+                parse_math=False,
+            )
     cmap = LinearSegmentedColormap.from_list("excess", [tuple(x / 255 for x in c) for c in (NEG_RGB, MID_RGB, POS_RGB)])
-    fig.text(margin / fig_w, (legend_h - 0.12) / fig_h,
-             f"iteration {dump.get('iteration')}, k = {dump.get('k')}, scope = {dump.get('scope')}   |   "
-             "bold underlined = selected, hatched grey = masked (EOD)", fontsize=fontsize - 0.5, va="center",
-             parse_math=False)
+    fig.text(
+        margin / fig_w,
+        (legend_h - 0.12) / fig_h,
+        f"iteration {dump.get('iteration')}, k = {dump.get('k')}, scope = {dump.get('scope')}   |   "
+        "bold underlined = selected, hatched grey = masked (EOD)",
+        fontsize=fontsize - 0.5,
+        va="center",
+        parse_math=False,
+    )
     cax = fig.add_axes([margin / fig_w, 0.5 * legend_h / fig_h, min(3.5, cols * char_w * 0.5) / fig_w, 0.15 / fig_h])
     sm = matplotlib.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(-vmax, vmax))
     cb = fig.colorbar(sm, cax=cax, orientation="horizontal", format="%+.2g")

@@ -19,9 +19,9 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 
 @dataclass
@@ -87,16 +87,21 @@ def load_run(path, label: str | None = None) -> Run:
                 rows[(r.get("split", "train"), int(r["iteration"]))] = r
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     ordered = sorted(rows.items(), key=lambda kv: kv[0][1])
-    return Run(path=p, label=label or _default_label(p, summary), summary=summary,
-               train=[r for (s, _), r in ordered if s == "train"], eval=[r for (s, _), r in ordered if s == "eval"])
+    return Run(
+        path=p,
+        label=label or _default_label(p, summary),
+        summary=summary,
+        train=[r for (s, _), r in ordered if s == "train"],
+        eval=[r for (s, _), r in ordered if s == "eval"],
+    )
 
 
 def parse_run_arg(arg: str) -> tuple[str | None, str]:
     """``LABEL=DIR`` or ``DIR`` (the label may hold ``=``: the first split whose DIR exists wins)."""
     if "=" in arg and not Path(arg).exists():
         cuts = [i for i, ch in enumerate(arg) if ch == "="]
-        i = next((i for i in cuts if Path(arg[i + 1:]).exists()), cuts[0])
-        return arg[:i] or None, arg[i + 1:]
+        i = next((i for i in cuts if Path(arg[i + 1 :]).exists()), cuts[0])
+        return arg[:i] or None, arg[i + 1 :]
     return None, arg
 
 
@@ -179,8 +184,9 @@ def plot_loss_curves(runs: Iterable, out_path, smooth_window: int = 5) -> Path:
         if xs:
             any_eval = True
             ax_eval.plot(xs, ys, "o-", ms=3, color=c, label=run.label)
-            ax_eval.annotate(f"{ys[-1]:.3f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4),
-                             fontsize=8, color=c)
+            ax_eval.annotate(
+                f"{ys[-1]:.3f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4), fontsize=8, color=c
+            )
         xs, ys = _series(run.train, "loss_all")
         if xs:
             ax_train.plot(xs, smooth(ys, smooth_window), color=c, label=f"{run.label}: all tokens")
@@ -227,8 +233,11 @@ def plot_selection_stats(runs: Iterable, out_path, smooth_window: int = 5) -> Pa
             xs, ys = _series(run.train, key)
             if xs:
                 ax_x.plot(xs, smooth(ys, smooth_window), ls, color=c, label=f"{run.label}: {name}")
-        for key, ls, name in (("loss_all", "-", "policy, all tokens"), ("loss_selected", "--", "policy, selected"),
-                              ("ref_loss", ":", "reference, all tokens")):
+        for key, ls, name in (
+            ("loss_all", "-", "policy, all tokens"),
+            ("loss_selected", "--", "policy, selected"),
+            ("ref_loss", ":", "reference, all tokens"),
+        ):
             xs, ys = _series(run.train, key)
             if xs:
                 ax_l.plot(xs, smooth(ys, smooth_window), ls, color=c, label=f"{run.label}: {name}")
@@ -236,8 +245,14 @@ def plot_selection_stats(runs: Iterable, out_path, smooth_window: int = 5) -> Pa
         if by_ds:
             names = _dataset_names((run.summary or {}).get("data_path"), len(by_ds))
             txt = ", ".join(f"{n} {100 * f:.0f}%" for n, f in zip(names, by_ds))
-            ax_f.text(0.02, 0.04 + 0.07 * i, f"{run.label}: selected by dataset {txt}", transform=ax_f.transAxes,
-                      fontsize=7, color=c)
+            ax_f.text(
+                0.02,
+                0.04 + 0.07 * i,
+                f"{run.label}: selected by dataset {txt}",
+                transform=ax_f.transAxes,
+                fontsize=7,
+                color=c,
+            )
     ax_f.set_title("selected fraction (dotted: k)")
     ax_f.set_ylim(0, 1.02)
     ax_x.axhline(0, color="#999", lw=0.8)
@@ -331,10 +346,19 @@ def k_sweep_table(runs: Iterable) -> list[dict]:
     rows = []
     for run in _runs(runs):
         m = (run.summary or {}).get("mean_second_half") or {}
-        rows.append({"run": run.label, "path": str(run.path), "loss_mode": run.loss_mode, "k": run.k,
-                     "eval_loss": run.eval_loss, "selected_fraction": m.get("selected_fraction"),
-                     "excess_selected": m.get("excess_selected"), "excess_unselected": m.get("excess_unselected"),
-                     "iterations": (run.summary or {}).get("iterations")})
+        rows.append(
+            {
+                "run": run.label,
+                "path": str(run.path),
+                "loss_mode": run.loss_mode,
+                "k": run.k,
+                "eval_loss": run.eval_loss,
+                "selected_fraction": m.get("selected_fraction"),
+                "excess_selected": m.get("excess_selected"),
+                "excess_unselected": m.get("excess_unselected"),
+                "iterations": (run.summary or {}).get("iterations"),
+            }
+        )
     rows.sort(key=lambda r: (r["loss_mode"] != "slm", r["k"] if r["k"] is not None else 2.0, r["run"]))
     return rows
 
@@ -355,8 +379,17 @@ def k_sweep_report(runs: Iterable, out_dir, name: str = "k_sweep") -> dict:
     rows = k_sweep_table(runs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cols = ["run", "loss_mode", "k", "eval_loss", "selected_fraction", "excess_selected", "excess_unselected",
-            "iterations", "path"]
+    cols = [
+        "run",
+        "loss_mode",
+        "k",
+        "eval_loss",
+        "selected_fraction",
+        "excess_selected",
+        "excess_unselected",
+        "iterations",
+        "path",
+    ]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
@@ -364,15 +397,22 @@ def k_sweep_report(runs: Iterable, out_dir, name: str = "k_sweep") -> dict:
         w.writerow({c: _fmt(r[c]) for c in cols})
     (out_dir / f"{name}.csv").write_text(buf.getvalue())
     clm = [r for r in rows if r["loss_mode"] == "clm" and r["eval_loss"] is not None]
-    best = min((r for r in rows if r["loss_mode"] == "slm" and r["eval_loss"] is not None),
-               key=lambda r: r["eval_loss"], default=None)
-    md = ["| run | mode | k | held-out loss | vs CLM | selected fraction | excess sel. | excess unsel. |",
-          "|---|---|---|---|---|---|---|---|"]
+    best = min(
+        (r for r in rows if r["loss_mode"] == "slm" and r["eval_loss"] is not None),
+        key=lambda r: r["eval_loss"],
+        default=None,
+    )
+    md = [
+        "| run | mode | k | held-out loss | vs CLM | selected fraction | excess sel. | excess unsel. |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         delta = f"{r['eval_loss'] - clm[0]['eval_loss']:+.4f}" if clm and r["eval_loss"] is not None else ""
         mark = " **best**" if r is best else ""
-        md.append(f"| {r['run']}{mark} | {r['loss_mode']} | {_fmt(r['k'])} | {_fmt(r['eval_loss'])} | {delta} | "
-                  f"{_fmt(r['selected_fraction'])} | {_fmt(r['excess_selected'])} | {_fmt(r['excess_unselected'])} |")
+        md.append(
+            f"| {r['run']}{mark} | {r['loss_mode']} | {_fmt(r['k'])} | {_fmt(r['eval_loss'])} | {delta} | "
+            f"{_fmt(r['selected_fraction'])} | {_fmt(r['excess_selected'])} | {_fmt(r['excess_unselected'])} |"
+        )
     (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
 
     plt = _plt()
@@ -381,11 +421,16 @@ def k_sweep_report(runs: Iterable, out_dir, name: str = "k_sweep") -> dict:
     if slm:
         ax.plot([r["k"] for r in slm], [r["eval_loss"] for r in slm], "o-", color="#c0392b", label="SLM")
         for r in slm:
-            ax.annotate(f"{r['eval_loss']:.3f}", (r["k"], r["eval_loss"]), textcoords="offset points",
-                        xytext=(4, 5), fontsize=8)
+            ax.annotate(
+                f"{r['eval_loss']:.3f}", (r["k"], r["eval_loss"]), textcoords="offset points", xytext=(4, 5), fontsize=8
+            )
     for i, r in enumerate(clm):
-        ax.axhline(r["eval_loss"], color=["#555", "#999", "#222"][i % 3], ls="--",
-                   label=f"CLM ({r['run']}): {r['eval_loss']:.3f}")
+        ax.axhline(
+            r["eval_loss"],
+            color=["#555", "#999", "#222"][i % 3],
+            ls="--",
+            label=f"CLM ({r['run']}): {r['eval_loss']:.3f}",
+        )
     ax.set_xlabel("k (fraction of tokens trained on)")
     ax.set_ylabel("held-out loss")
     ax.set_title("held-out loss vs k")

@@ -7,8 +7,8 @@ the top-k tokens by excess loss are selected as SLM would. The result is a list 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -35,8 +35,15 @@ def _token_losses(model, cfg, windows: list[tuple[list[int], list[int]]]) -> lis
     return out
 
 
-def compute_selection(policy, reference, texts: Sequence[str], tokenizer, k: float = 0.6,
-                      seq_length: int | None = None, scope: str = "document") -> list[dict]:
+def compute_selection(
+    policy,
+    reference,
+    texts: Sequence[str],
+    tokenizer,
+    k: float = 0.6,
+    seq_length: int | None = None,
+    scope: str = "document",
+) -> list[dict]:
     """Score ``texts`` with a reference and one or several policy checkpoints; one dump per policy.
 
     Runs in this process at TP=1, PP=1 (initialising torch.distributed for a single process if needed).
@@ -65,10 +72,13 @@ def compute_selection(policy, reference, texts: Sequence[str], tokenizer, k: flo
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     # before any model is built: losses of the text's ids under another tokenizer's embeddings mean nothing
     for who, source in [("reference", reference)] + [("policy", p) for p in policies]:
-        check_tokenizer(str(source), f"the {who} checkpoint '{source}'", getattr(tok, "fingerprint", None),
-                        tokenizer_of=f"the tokenizer '{getattr(tok, 'path', tokenizer)}'",
-                        fix="Pass the tokenizer file (--tokenizer) the checkpoint's training data was preprocessed "
-                            "with")
+        check_tokenizer(
+            str(source),
+            f"the {who} checkpoint '{source}'",
+            getattr(tok, "fingerprint", None),
+            tokenizer_of=f"the tokenizer '{getattr(tok, 'path', tokenizer)}'",
+            fix="Pass the tokenizer file (--tokenizer) the checkpoint's training data was preprocessed with",
+        )
     started = not dist.is_initialized()
     distributed.initialize(1, 1)
     try:
@@ -78,7 +88,9 @@ def compute_selection(policy, reference, texts: Sequence[str], tokenizer, k: flo
         for text in texts:
             ids = [tok.eod] + list(tok.encode(text)) + [tok.eod]
             starts = range(0, len(ids) - 1, length)
-            windows = [(ids[i:min(i + length, len(ids) - 1)], ids[i + 1:min(i + length, len(ids) - 1) + 1]) for i in starts]
+            windows = [
+                (ids[i : min(i + length, len(ids) - 1)], ids[i + 1 : min(i + length, len(ids) - 1) + 1]) for i in starts
+            ]
             docs.append(windows)
         ref_losses = [_token_losses(ref_model, ref_cfg, w) for w in docs]
         del ref_model
@@ -86,8 +98,10 @@ def compute_selection(policy, reference, texts: Sequence[str], tokenizer, k: flo
         for p in policies:
             model, cfg = _load(p, tok.vocab_size)
             if cfg.max_position_embeddings and length > cfg.max_position_embeddings:
-                raise ValueError(f"seq_length {length} exceeds the policy's max_position_embeddings "
-                                 f"{cfg.max_position_embeddings}; pass a smaller --seq-length")
+                raise ValueError(
+                    f"seq_length {length} exceeds the policy's max_position_embeddings "
+                    f"{cfg.max_position_embeddings}; pass a smaller --seq-length"
+                )
             groups = []  # the token groups top-k runs over: each document, or all of them
             for windows, refs in zip(docs, ref_losses):
                 pols = _token_losses(model, cfg, windows)
@@ -101,11 +115,26 @@ def compute_selection(policy, reference, texts: Sequence[str], tokenizer, k: flo
                 valid = torch.cat([m for *_, m in group]) > 0
                 selected = top_k_mask(excess, valid, k).split([len(m) for *_, m in group])
                 for ((tokens, labels), pl, rl, m), sel in zip(group, selected):
-                    sequences.append({"tokens": torch.tensor(tokens), "labels": torch.tensor(labels), "loss_mask": m,
-                                      "policy_loss": pl.float(), "ref_loss": rl.float(), "selected": sel.bool()})
-            dumps.append({"iteration": resolve_checkpoint(p)[1], "k": k, "scope": scope,
-                          "tokenizer": getattr(tok, "path", None), "sequences": sequences,
-                          "label": "/".join(Path(p).parts[-2:])})
+                    sequences.append(
+                        {
+                            "tokens": torch.tensor(tokens),
+                            "labels": torch.tensor(labels),
+                            "loss_mask": m,
+                            "policy_loss": pl.float(),
+                            "ref_loss": rl.float(),
+                            "selected": sel.bool(),
+                        }
+                    )
+            dumps.append(
+                {
+                    "iteration": resolve_checkpoint(p)[1],
+                    "k": k,
+                    "scope": scope,
+                    "tokenizer": getattr(tok, "path", None),
+                    "sequences": sequences,
+                    "label": "/".join(Path(p).parts[-2:]),
+                }
+            )
             del model
         return dumps
     finally:

@@ -11,21 +11,65 @@
 """
 
 from megatron_slm.checkpoint.files import recover, write_atomic
-from megatron_slm.checkpoint.layout import (LATEST, MODEL_META, TRAINER_STATE, iteration_dir, iteration_dirs,
-                                            iteration_of, latest_iteration, read_json, read_trainer_state,
-                                            recorded_config, resolve, resume_source)
+from megatron_slm.checkpoint.layout import (
+    LATEST,
+    MODEL_META,
+    TRAINER_STATE,
+    iteration_dir,
+    iteration_dirs,
+    iteration_of,
+    latest_iteration,
+    read_json,
+    read_trainer_state,
+    recorded_config,
+    resolve,
+    resume_source,
+)
 from megatron_slm.checkpoint.lock import SaveLock
 from megatron_slm.checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
-from megatron_slm.checkpoint.weights import (ARCH_FIELDS, architecture_differences, is_hf_dir, load_model_state,
-                                             load_model_weights, load_weights, model_sharded_state_dict,
-                                             read_model_config, read_model_meta, save_model_weights,
-                                             tokenizer_fingerprints, weights_vocab)
+from megatron_slm.checkpoint.weights import (
+    ARCH_FIELDS,
+    architecture_differences,
+    is_hf_dir,
+    load_model_state,
+    load_model_weights,
+    load_weights,
+    model_sharded_state_dict,
+    read_model_config,
+    read_model_meta,
+    save_model_weights,
+    tokenizer_fingerprints,
+    weights_vocab,
+)
 
 __all__ = [
-    "recover", "write_atomic", "LATEST", "MODEL_META", "TRAINER_STATE", "iteration_dir", "iteration_dirs", "iteration_of",
-    "latest_iteration", "read_json", "read_trainer_state", "resolve", "resume_source", "SaveLock",
-    "load_training_checkpoint", "recorded_config", "save_training_checkpoint", "ARCH_FIELDS",
-    "architecture_differences", "is_hf_dir", "load_model_state", "load_model_weights", "load_weights",
-    "model_sharded_state_dict", "read_model_config", "read_model_meta", "save_model_weights",
-    "tokenizer_fingerprints", "weights_vocab",
+    "recover",
+    "write_atomic",
+    "LATEST",
+    "MODEL_META",
+    "TRAINER_STATE",
+    "iteration_dir",
+    "iteration_dirs",
+    "iteration_of",
+    "latest_iteration",
+    "read_json",
+    "read_trainer_state",
+    "resolve",
+    "resume_source",
+    "SaveLock",
+    "load_training_checkpoint",
+    "recorded_config",
+    "save_training_checkpoint",
+    "ARCH_FIELDS",
+    "architecture_differences",
+    "is_hf_dir",
+    "load_model_state",
+    "load_model_weights",
+    "load_weights",
+    "model_sharded_state_dict",
+    "read_model_config",
+    "read_model_meta",
+    "save_model_weights",
+    "tokenizer_fingerprints",
+    "weights_vocab",
 ]

@@ -37,11 +37,13 @@ def describe_failure(exc: BaseException) -> str:
 
 
 def local_failures(exc: BaseException) -> list[str]:
-    """"rank R: what" lines for an exception raised on this rank. torch DCP's CheckpointException carries the
+    """ "rank R: what" lines for an exception raised on this rank. torch DCP's CheckpointException carries the
     failures of every rank (on the coordinator; elsewhere it is empty: another rank reports them)."""
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict):
-        return [f"rank {r}: {describe_failure(f[0] if isinstance(f, tuple) else f)}" for r, f in sorted(failures.items())]
+        return [
+            f"rank {r}: {describe_failure(f[0] if isinstance(f, tuple) else f)}" for r, f in sorted(failures.items())
+        ]
     return [f"rank {rank()}: {describe_failure(exc)}"]
 
 
@@ -62,5 +64,3 @@ def agreed_failures(failed: bool, failures: list[str]) -> list[str]:
     elif not failed:
         return []
     return list(dict.fromkeys(failures)) or ["a rank failed without a reason"]
-
-

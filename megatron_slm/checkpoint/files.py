@@ -25,7 +25,6 @@ def sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
-
 def _fsync(path: str | Path) -> None:
     is_dir = os.path.isdir(path)
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if is_dir else 0))
@@ -136,4 +135,3 @@ def commit(tmp: Path, final: Path) -> None:
         _fsync(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     _fsync(final.parent)
-

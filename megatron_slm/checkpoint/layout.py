@@ -31,8 +31,7 @@ def iteration_of(directory: str | Path) -> int | None:
 
 def iteration_dirs(root: str | Path) -> list[Path]:
     """The complete iteration checkpoints directly under a training root (not ``.tmp``/``.old``), oldest first."""
-    found = [(iteration_of(p), p) for p in Path(root).glob("iter_*")
-             if _ITERATION.fullmatch(p.name) and p.is_dir()]
+    found = [(iteration_of(p), p) for p in Path(root).glob("iter_*") if _ITERATION.fullmatch(p.name) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
@@ -45,7 +44,6 @@ def latest_iteration(root: str | Path) -> int | None:
     if not re.fullmatch(r"[0-9]+", text):  # ASCII digits only: str.isdigit() also accepts "²"
         raise CheckpointError(f"{path} holds {text!r}, not an iteration number; delete it or restore it")
     return int(text)
-
 
 
 def resolve(directory: str | Path) -> Path:
@@ -77,25 +75,25 @@ def resume_source(ck_cfg) -> str | None:
     return None
 
 
-
 def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it or the checkpoint is damaged") from None
     if not isinstance(value, dict):
-        raise CheckpointError(f"{path} holds {type(value).__name__}, not a JSON object; restore it or the checkpoint is damaged")
+        raise CheckpointError(
+            f"{path} holds {type(value).__name__}, not a JSON object; restore it or the checkpoint is damaged"
+        )
     return value
-
-
 
 
 def read_trainer_state(directory: str | Path) -> dict:
     """``trainer_state.json`` of a training checkpoint (root or iteration directory)."""
     path = resolve(directory)
     if not (path / TRAINER_STATE).is_file():
-        raise CheckpointError(f"'{path}' holds model weights only, not a training checkpoint; load it with --ref-load "
-                              "or start a new run")
+        raise CheckpointError(
+            f"'{path}' holds model weights only, not a training checkpoint; load it with --ref-load or start a new run"
+        )
     return read_json(path / TRAINER_STATE)
 
 

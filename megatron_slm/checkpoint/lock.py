@@ -82,8 +82,9 @@ def _take(root: Path, path: Path | None = None, flag: str = "--save") -> str:
         raise CheckpointError(f"cannot write to {flag} {root} ({_reason(exc)}); choose a writable directory") from None
     host, pid, job = socket.gethostname(), os.getpid(), os.environ.get("SLURM_JOB_ID") or None
     token = uuid.uuid4().hex
-    text = json.dumps({"host": host, "pid": pid, "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": token,
-                       "slurm_job_id": job})
+    text = json.dumps(
+        {"host": host, "pid": pid, "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": token, "slurm_job_id": job}
+    )
     for attempt in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -94,17 +95,23 @@ def _take(root: Path, path: Path | None = None, flag: str = "--save") -> str:
             requeued = job is not None and holder.get("slurm_job_id") == job and holder.get("host") != host
             if attempt == 0 and (stale_here or requeued):
                 if requeued:
-                    log.warning(f"{path}: taking over the lock of Slurm job {job} from host {holder.get('host', '?')} "
-                                f"(pid {holder.get('pid', '?')}, since {holder.get('since', '?')}): the job was "
-                                "requeued and runs here now")
+                    log.warning(
+                        f"{path}: taking over the lock of Slurm job {job} from host {holder.get('host', '?')} "
+                        f"(pid {holder.get('pid', '?')}, since {holder.get('since', '?')}): the job was "
+                        "requeued and runs here now"
+                    )
                 elif holder["pid"] != pid:
-                    log.warning(f"{path}: taking over the lock of pid {holder['pid']} on {host} (since "
-                                f"{holder.get('since', '?')}), which is no longer running")
+                    log.warning(
+                        f"{path}: taking over the lock of pid {holder['pid']} on {host} (since "
+                        f"{holder.get('since', '?')}), which is no longer running"
+                    )
                 path.unlink(missing_ok=True)
                 continue
             raise _in_use(root, holder, path, flag) from None
         except OSError as exc:
-            raise CheckpointError(f"cannot write to {flag} {root} ({_reason(exc)}); choose a writable directory") from None
+            raise CheckpointError(
+                f"cannot write to {flag} {root} ({_reason(exc)}); choose a writable directory"
+            ) from None
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
@@ -112,7 +119,9 @@ def _take(root: Path, path: Path | None = None, flag: str = "--save") -> str:
                 os.fsync(f.fileno())
         except OSError as exc:
             path.unlink(missing_ok=True)
-            raise CheckpointError(f"cannot write to {flag} {root} ({_reason(exc)}); choose a writable directory") from None
+            raise CheckpointError(
+                f"cannot write to {flag} {root} ({_reason(exc)}); choose a writable directory"
+            ) from None
         return token
     raise _in_use(root, _read_holder(path), path, flag)
 
@@ -124,8 +133,7 @@ class SaveLock:
         self.path, self.token = path, token
 
     @classmethod
-    def acquire(cls, save: str | None, lock: str | None = None, flag: str = "--save",
-                recover: bool = True) -> "SaveLock":
+    def acquire(cls, save: str | None, lock: str | None = None, flag: str = "--save", recover: bool = True) -> SaveLock:
         """Lock ``save`` with the file ``lock`` (default ``<save>/.lock``); ``flag`` names ``save`` in the
         messages; ``recover``: finish interrupted checkpoint saves in ``save`` (a ``--save`` directory)."""
         if not save:
@@ -147,8 +155,11 @@ class SaveLock:
                     finish_saves(root)
                 except Exception as exc:  # noqa: BLE001
                     path.unlink(missing_ok=True)
-                    decision = ("error", f"cannot clean up interrupted checkpoints in --save {root} "
-                                         f"({type(exc).__name__}: {exc}); choose a writable directory")
+                    decision = (
+                        "error",
+                        f"cannot clean up interrupted checkpoints in --save {root} "
+                        f"({type(exc).__name__}: {exc}); choose a writable directory",
+                    )
         if dist.is_initialized() and dist.get_world_size() > 1:
             box = [decision]
             dist.broadcast_object_list(box, src=0)

@@ -40,8 +40,11 @@ def _save_failed(final: Path, failures: list[str]) -> CheckpointError:
         it = latest_iteration(root)
     except CheckpointError:
         it = None
-    kept = (f"{root / LATEST} still names iteration {it}, unchanged" if it is not None and (root / LATEST).is_file()
-            else "nothing else was changed")
+    kept = (
+        f"{root / LATEST} still names iteration {it}, unchanged"
+        if it is not None and (root / LATEST).is_file()
+        else "nothing else was changed"
+    )
     return CheckpointError(
         f"could not write checkpoint {final} ({'; '.join(failures[:4])}{' ...' if len(failures) > 4 else ''}); {free}; "
         f"the partial {final.name}{TMP} was removed and {kept}; free disk space or choose another --save"
@@ -78,8 +81,9 @@ def _commit_steps(tmp: Path, final: Path, on_commit) -> None:
     _step(publish if rank() == 0 else None, final)
 
 
-def save_sharded(sharded_state: dict, final: Path, write_files, on_commit=None, *, async_save: bool = False,
-                 after_commit=None):
+def save_sharded(
+    sharded_state: dict, final: Path, write_files, on_commit=None, *, async_save: bool = False, after_commit=None
+):
     """dist_checkpointing.save into ``final.tmp``, extra files via ``write_files(tmp)`` (every rank), agree,
     fsync, rename into place, then ``on_commit()`` (rank 0; e.g. replace ``latest``). One CheckpointError on
     every rank if any step fails anywhere; the partial ``.tmp`` is removed and nothing else changes.
@@ -125,6 +129,7 @@ def save_sharded(sharded_state: dict, final: Path, write_files, on_commit=None, 
 # with megatron-core's own per-bucket writer (fsync included) instead of its forking writer, which would fork
 # from a thread while the training runs torch ops (OpenMP pools are not fork-safe); the same on CPU and CUDA.
 
+
 def _host_copy(sharded_state: dict) -> None:
     """Replace every shard's tensor by a copy in host memory (a D2H copy on a GPU, a clone on the CPU), in
     place: the training may change the live tensors while the background thread writes."""
@@ -157,8 +162,14 @@ def _write_buckets(request, buckets) -> None:
         for i, bucket in enumerate(buckets):
             local, count = queue.Queue(), queue.Queue()
             count.put(i)
-            FileSystemWriterAsync.write_preloaded_data(transforms, local_proc_idx=i, write_bucket=bucket,
-                                                       results_queue=local, count_queue=count, use_fsync=True)
+            FileSystemWriterAsync.write_preloaded_data(
+                transforms,
+                local_proc_idx=i,
+                write_bucket=bucket,
+                results_queue=local,
+                count_queue=count,
+                use_fsync=True,
+            )
             idx, out = local.get_nowait()
             if isinstance(out, Exception):
                 results = out
@@ -179,8 +190,9 @@ class AsyncSave:
         buckets = request.preload_fn() if request.preload_fn else None  # host copies already: no copy here
         self._thread = None
         if request.async_fn is not None:
-            self._thread = threading.Thread(target=_write_buckets, args=(request, buckets), daemon=True,
-                                             name=f"async-save-{final.name}")
+            self._thread = threading.Thread(
+                target=_write_buckets, args=(request, buckets), daemon=True, name=f"async-save-{final.name}"
+            )
             self._thread.start()
 
     def done(self) -> bool:
@@ -215,11 +227,26 @@ class AsyncSave:
 # What torch DCP's ``.metadata`` legitimately holds: its metadata dataclasses and enums, torch.Size, dtypes and
 # layouts. Nothing here runs code when built from a pickle.
 _DCP_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                                              "TensorStorageMetadata", "ChunkStorageMetadata",
-                                              "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
-                                             "BytesIOWriteData", "LoadPlan", "ReadItem", "LoadItemType"},
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.planner": {
+        "SavePlan",
+        "WriteItem",
+        "WriteItemType",
+        "TensorWriteData",
+        "BytesIOWriteData",
+        "LoadPlan",
+        "ReadItem",
+        "LoadItemType",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
     "torch.serialization": {"_get_layout"},  # a layout by name, from torch's own table
     "torch": {"Size"},
@@ -235,8 +262,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         import torch
 
-        if name in _DCP_GLOBALS.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
-                                                                                      torch.dtype)):
+        if name in _DCP_GLOBALS.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise UnsafePickle(f"GLOBAL {module}.{name} is not allowed")
 
@@ -257,8 +285,10 @@ def refusal(exc: BaseException) -> str | None:
 
 def refused(file, why: str, fix: str) -> CheckpointError:
     """The one error for a refused file; ``why`` is :func:`refusal`'s sentence about it."""
-    return CheckpointError(f"refused to load {file}: it {why}, and loading it could run code (a checkpoint may come "
-                           f"from anyone, so only plain data is loaded); {fix}")
+    return CheckpointError(
+        f"refused to load {file}: it {why}, and loading it could run code (a checkpoint may come "
+        f"from anyone, so only plain data is loaded); {fix}"
+    )
 
 
 _FIX = "restore the file from a copy you trust or use another checkpoint (iteration)"
@@ -317,9 +347,12 @@ def check_complete(path: Path) -> None:
     """Up front, before any rank reads a tensor: torch DCP's index (``.metadata``) and megatron-core's
     ``common.pt`` exist, every shard the index names exists and is long enough, and every pickle megatron-core
     or torch will load (the index, ``common.pt``, the shards' non-tensor items) is plain data."""
+
     def damaged(what):
-        return CheckpointError(f"checkpoint '{path}' is damaged or incomplete: {what}; restore the files from a copy "
-                               "or use another checkpoint (iteration)")
+        return CheckpointError(
+            f"checkpoint '{path}' is damaged or incomplete: {what}; restore the files from a copy "
+            "or use another checkpoint (iteration)"
+        )
 
     common = path / "common.pt"
     if common.is_file():  # megatron-core loads it for every backend (torch's default weights_only, unless overridden)
@@ -330,7 +363,9 @@ def check_complete(path: Path) -> None:
             if why is not None:
                 raise refused(common, why, _FIX) from None
             raise damaged(f"{common.name} cannot be read ({describe_failure(exc)})") from None
-    if read_json(path / "metadata.json").get("sharded_backend") != "torch_dist":  # another dist_checkpointing backend: its own layout, its own errors
+    if (
+        read_json(path / "metadata.json").get("sharded_backend") != "torch_dist"
+    ):  # another dist_checkpointing backend: its own layout, its own errors
         return
     index = path / ".metadata"
     missing = [f.name for f in (index, common) if not f.is_file()]
@@ -375,7 +410,6 @@ def _is_damage(exc: BaseException) -> bool:
 
 def load_sharded(sharded_state: dict, path: Path, what: str, meta: dict) -> dict:
     from megatron.core import dist_checkpointing
-
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException (truncated shards)
 
     check_complete(path)
@@ -391,5 +425,3 @@ def load_sharded(sharded_state: dict, path: Path, what: str, meta: dict) -> dict
             f"checkpoint '{path}' does not fit this {what} ({describe_failure(exc)}); "
             f"its model config is {meta['model']}"
         ) from exc
-
-

@@ -26,8 +26,15 @@ import torch
 
 from megatron_slm.checkpoint.agreement import agreed_failures, barrier, describe_failure, rank
 from megatron_slm.checkpoint.files import write_atomic
-from megatron_slm.checkpoint.layout import (LATEST, MODEL_META, TRAINER_STATE, iteration_dir, iteration_dirs,
-                                            read_trainer_state, resolve)
+from megatron_slm.checkpoint.layout import (
+    LATEST,
+    MODEL_META,
+    TRAINER_STATE,
+    iteration_dir,
+    iteration_dirs,
+    read_trainer_state,
+    resolve,
+)
 from megatron_slm.checkpoint.sharded import load_sharded, refusal, refused, save_sharded
 from megatron_slm.checkpoint.weights import model_meta_text, read_model_meta
 from megatron_slm.errors import CheckpointError
@@ -78,8 +85,17 @@ def _split(parts: dict) -> dict:
     return kinds
 
 
-def save_training_checkpoint(parts: dict, root: str, iteration: int, *, model_config, config: dict,
-                             tokenizer_fingerprints=(), keep_last: int = 2, async_save: bool = False):
+def save_training_checkpoint(
+    parts: dict,
+    root: str,
+    iteration: int,
+    *,
+    model_config,
+    config: dict,
+    tokenizer_fingerprints=(),
+    keep_last: int = 2,
+    async_save: bool = False,
+):
     """Save every part as iteration ``iteration`` of the run at ``root`` (collective): atomic, then ``latest`` is
     replaced, then iterations beyond ``keep_last`` are deleted. ``model_config`` goes into slm_model.json, the
     resolved ``config`` (a dict) into trainer_state.json. Returns the iteration directory.
@@ -96,26 +112,35 @@ def save_training_checkpoint(parts: dict, root: str, iteration: int, *, model_co
             part.save_files(tmp)
         rank_dir = tmp / RANK_STATE
         rank_dir.mkdir(exist_ok=True)
-        torch.save({name: part.state_dict() for name, part in kinds["rank"].items()},
-                   rank_dir / f"rank{rank():05d}.pt")
+        torch.save({name: part.state_dict() for name, part in kinds["rank"].items()}, rank_dir / f"rank{rank():05d}.pt")
         if rank() == 0:
             (tmp / MODEL_META).write_text(model_meta_text(model_config, tokenizer_fingerprints))
-            state = {"iteration": iteration, "parts": {n: p.state_dict() for n, p in kinds["json"].items()},
-                     "config": config}
+            state = {
+                "iteration": iteration,
+                "parts": {n: p.state_dict() for n, p in kinds["json"].items()},
+                "config": config,
+            }
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
 
     sharded = {}
     for name, part in kinds["sharded"].items():
         sharded[name] = part.sharded_state_dict(is_loading=False)
+
     def prune():
         if rank() == 0:
             done = [p for p in iteration_dirs(root) if p != final]
-            for old in done[:-(keep_last - 1)] if keep_last > 1 else (done if keep_last == 1 else []):
+            for old in done[: -(keep_last - 1)] if keep_last > 1 else (done if keep_last == 1 else []):
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
 
-    pending = save_sharded(sharded, final, write, on_commit=lambda: write_atomic(Path(root) / LATEST, str(iteration)),
-                           async_save=async_save and not kinds["files"], after_commit=prune)
+    pending = save_sharded(
+        sharded,
+        final,
+        write,
+        on_commit=lambda: write_atomic(Path(root) / LATEST, str(iteration)),
+        async_save=async_save and not kinds["files"],
+        after_commit=prune,
+    )
     if async_save:
         return pending if pending is not None else _Done(final)
     return final
@@ -153,8 +178,10 @@ def load_training_checkpoint(parts: dict, directory: str | Path) -> int:
     rank_state = _load_rank_state(path) if kinds["rank"] else {}
     missing = [n for n in kinds["json"] if n not in saved] + [n for n in kinds["rank"] if n not in rank_state]
     if missing:
-        raise CheckpointError(f"'{path}' has no {', '.join(missing)} state (written by another version of "
-                              "megatron_slm); start a new run from its weights with --pretrained-checkpoint")
+        raise CheckpointError(
+            f"'{path}' has no {', '.join(missing)} state (written by another version of "
+            "megatron_slm); start a new run from its weights with --pretrained-checkpoint"
+        )
     for name, part in kinds["json"].items():
         part.load_state_dict(saved[name])
     for name, part in kinds["rank"].items():
@@ -174,9 +201,17 @@ def _load_rank_state(path: Path) -> dict:
             raise ValueError("not a megatron_slm rank state")
     except Exception as exc:  # noqa: BLE001 - truncated zip, a refused pickle, missing file ...
         why = refusal(exc)
-        local = [str(refused(file, why, f"restore the file from a copy you trust, or point {path.parent / LATEST} "
-                                        "at an earlier iteration")) if why else
-                 f"{file} is damaged, missing or not plain data ({describe_failure(exc)})"]
+        local = [
+            str(
+                refused(
+                    file,
+                    why,
+                    f"restore the file from a copy you trust, or point {path.parent / LATEST} at an earlier iteration",
+                )
+            )
+            if why
+            else f"{file} is damaged, missing or not plain data ({describe_failure(exc)})"
+        ]
     failures = agreed_failures(bool(local), local)
     refusals = [f for f in failures if f.startswith("refused to load")]
     if refusals:  # one rank's refusal says it all (the same error on every rank)
@@ -187,4 +222,3 @@ def _load_rank_state(path: Path) -> dict:
             f"restore the file from a copy, or point {path.parent / LATEST} at an earlier iteration"
         )
     return state
-

@@ -21,14 +21,26 @@ log = get_logger(__name__)
 
 # The fields that decide what a checkpoint's weights compute (their shapes and the model's function):
 # loading under other values is refused, or they are taken from the checkpoint (training/resolve.py).
-ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               "vocab_size", "rotary_base", "norm_epsilon", "untie_embeddings_and_output_weights", "sliding_window")
+ARCH_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "vocab_size",
+    "rotary_base",
+    "norm_epsilon",
+    "untie_embeddings_and_output_weights",
+    "sliding_window",
+)
 
 
 def model_meta_text(model_cfg, tokenizer_fingerprints=()) -> str:
     """slm_model.json: the model config and the fingerprints (sha256 of the file) of the tokenizer it reads."""
-    return json.dumps({"model": dataclasses.asdict(model_cfg),
-                       "tokenizer": {"fingerprints": sorted(set(tokenizer_fingerprints))}}, indent=2)
+    return json.dumps(
+        {"model": dataclasses.asdict(model_cfg), "tokenizer": {"fingerprints": sorted(set(tokenizer_fingerprints))}},
+        indent=2,
+    )
 
 
 def model_sharded_state_dict(model) -> dict:
@@ -54,6 +66,7 @@ def load_model_state(model, state: dict) -> None:
 
 def save_model_weights(model, directory: str, model_cfg, tokenizer_fingerprints=()) -> None:
     """``model``: a GPTModel or the list of this rank's chunks of an interleaved pipeline."""
+
     def write(tmp):
         if rank() == 0:
             (tmp / MODEL_META).write_text(model_meta_text(model_cfg, tokenizer_fingerprints))
@@ -111,8 +124,11 @@ def read_model_config(directory: str):
     apply_preset(m)
     if m.num_query_groups is None:
         m.num_query_groups = m.num_attention_heads
-    missing = [n for n in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
-               if getattr(m, n) is None]
+    missing = [
+        n
+        for n in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
+        if getattr(m, n) is None
+    ]
     if missing:
         raise CheckpointError(f"checkpoint '{directory}': its {MODEL_META} lacks {', '.join(missing)}")
     return m
@@ -120,11 +136,15 @@ def read_model_config(directory: str):
 
 def architecture_differences(configured, saved) -> dict:
     """{field: (configured value, checkpoint value)} over ARCH_FIELDS (numbers compared as numbers)."""
+
     def same(a, b):
         return a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b))
 
-    return {f: (getattr(configured, f), getattr(saved, f)) for f in ARCH_FIELDS
-            if not same(getattr(configured, f), getattr(saved, f))}
+    return {
+        f: (getattr(configured, f), getattr(saved, f))
+        for f in ARCH_FIELDS
+        if not same(getattr(configured, f), getattr(saved, f))
+    }
 
 
 def tokenizer_fingerprints(directory: str) -> set:
@@ -133,26 +153,36 @@ def tokenizer_fingerprints(directory: str) -> set:
     from megatron_slm.data.datasets import file_sha256
 
     if is_hf_dir(directory):
-        return {file_sha256(Path(directory) / name)
-                for name in ("tokenizer.model", "tokenizer.json") if (Path(directory) / name).is_file()}
+        return {
+            file_sha256(Path(directory) / name)
+            for name in ("tokenizer.model", "tokenizer.json")
+            if (Path(directory) / name).is_file()
+        }
     return set((read_model_meta(directory).get("tokenizer") or {}).get("fingerprints") or [])
 
 
-def check_tokenizer(source: str, who: str, fingerprint: str | None, tokenizer_of: str = "the data's tokenizer",
-                    fix: str = "Use a checkpoint of the data's tokenizer, or re-tokenize the data with the "
-                               "checkpoint's") -> None:
+def check_tokenizer(
+    source: str,
+    who: str,
+    fingerprint: str | None,
+    tokenizer_of: str = "the data's tokenizer",
+    fix: str = "Use a checkpoint of the data's tokenizer, or re-tokenize the data with the checkpoint's",
+) -> None:
     """A checkpoint must have been trained with the tokenizer of the tokens it computes losses on (same vocabulary
     size is not the same tokenizer): refused when both fingerprints are known and differ, else only a warning.
     ``fingerprint``: sha256 of that tokenizer's file, named ``tokenizer_of`` in the messages; ``fix``: what to do."""
     known = tokenizer_fingerprints(source)
     if not known or fingerprint is None:
-        log.warning(f"{who} records no tokenizer fingerprint (or {tokenizer_of} has none): cannot verify that "
-                    "it was trained with that tokenizer")
+        log.warning(
+            f"{who} records no tokenizer fingerprint (or {tokenizer_of} has none): cannot verify that "
+            "it was trained with that tokenizer"
+        )
         return
     if fingerprint not in known:
         raise DataError(
             f"{who} was trained with another tokenizer (sha256 {', '.join(sorted(k[:12] for k in known))}) "
-            f"than {tokenizer_of} ({fingerprint[:12]}); its token losses would be about other tokens. {fix}")
+            f"than {tokenizer_of} ({fingerprint[:12]}); its token losses would be about other tokens. {fix}"
+        )
 
 
 def weights_vocab(directory: str) -> int | None:
@@ -180,5 +210,3 @@ def load_weights(model, directory: str, model_cfg, expected_vocab: int | None = 
         weights = hf.HFWeights(directory)
         for chunk in model if isinstance(model, (list, tuple)) else [model]:  # the chunks of an interleaved pipeline
             hf.load_hf_weights_into(chunk, weights, saved)
-
-

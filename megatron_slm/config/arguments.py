@@ -8,12 +8,12 @@ reference's ``model``, is one name: all of its leaves)."""
 from __future__ import annotations
 
 import argparse
-from typing import Iterable, Mapping, Optional, Union
+from collections.abc import Iterable, Mapping
 
 from megatron_slm.config.schema import Config, _flag_for, _get, _leaf_paths, _leaf_type
 
 ALL = "*"  # in a selection: every leaf of the section
-Selection = Mapping[str, Union[str, Iterable[str]]]
+Selection = Mapping[str, str | Iterable[str]]
 
 
 def _show_default(value) -> str:
@@ -22,7 +22,7 @@ def _show_default(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _selected_paths(cfg: Config, select: Optional[Selection]) -> list:
+def _selected_paths(cfg: Config, select: Selection | None) -> list:
     """(path, field) of the leaves ``select`` names, in the config tree's order; a name that is no section or
     leaf raises ValueError (a typo in a command's table fails at once, not silently)."""
     paths = list(_leaf_paths(cfg))
@@ -42,7 +42,7 @@ def _selected_paths(cfg: Config, select: Optional[Selection]) -> list:
     return [(p, f) for p, f in paths if p[0] in wanted and (wanted[p[0]] == ALL or p[1] in wanted[p[0]])]
 
 
-def add_override_arguments(parser: argparse.ArgumentParser, select: Optional[Selection] = None) -> None:
+def add_override_arguments(parser: argparse.ArgumentParser, select: Selection | None = None) -> None:
     """One Megatron-style option per leaf of the config tree (``select``: only the leaves it names, see the
     module docstring; None: all), its help, default and choices taken from the field's metadata, in one
     argument group per section. Booleans are flags (``--bf16`` / ``--no-bf16``). Values left unset keep the

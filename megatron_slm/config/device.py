@@ -27,5 +27,3 @@ def has_fused_norm() -> bool:
     import importlib.util
 
     return any(importlib.util.find_spec(m) is not None for m in ("transformer_engine", "apex"))
-
-

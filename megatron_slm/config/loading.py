@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -61,8 +61,7 @@ def _mark_explicit(cfg: Config, *paths: tuple) -> None:
     cfg.explicit = cfg.explicit | {".".join(p) for p in paths}
 
 
-
-def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, args=None) -> Config:
+def load_config(path: str | None = None, overrides: dict | None = None, args=None) -> Config:
     """A draft Config from defaults <- YAML file <- ``overrides`` (nested dict) <- parsed CLI ``args``."""
     cfg = Config()
     if path:
@@ -83,7 +82,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, ar
     if args is not None:
         for key, value in vars(args).items():
             if key.startswith("cfg__") and value is not None:
-                p = tuple(key[len("cfg__"):].split("__"))
+                p = tuple(key[len("cfg__") :].split("__"))
                 _set(cfg, p, _coerce(value, _leaf_type(cfg, p), _flag_for(p)))
                 _mark_explicit(cfg, p)
     fill_model_shapes(cfg)
@@ -109,5 +108,3 @@ def fill_model_shapes(cfg: Config) -> Config:
     if ref.num_query_groups is None:
         ref.num_query_groups = ref.num_attention_heads
     return cfg
-
-

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
 
 from megatron_slm.log import LEVELS as LOG_LEVELS
 
@@ -41,7 +40,8 @@ class _Section:
         if self.__dict__.get("_frozen"):
             raise dataclasses.FrozenInstanceError(
                 f"the resolved config is read-only: cannot set {type(self).__name__}.{name} (resolve a new draft "
-                "with megatron_slm.training.resolve instead)")
+                "with megatron_slm.training.resolve instead)"
+            )
         object.__setattr__(self, name, value)
 
 
@@ -58,7 +58,7 @@ def is_frozen(node) -> bool:
     return bool(node.__dict__.get("_frozen"))
 
 
-def draft_copy(cfg: "Config") -> "Config":
+def draft_copy(cfg: Config) -> Config:
     """A writable deep copy of a config, frozen or not (what resolution starts from; the original is untouched)."""
     import copy
 
@@ -67,7 +67,9 @@ def draft_copy(cfg: "Config") -> "Config":
     while stack:
         node = stack.pop()
         node.__dict__.pop("_frozen", None)
-        stack += [getattr(node, f.name) for f in dataclasses.fields(node) if dataclasses.is_dataclass(getattr(node, f.name))]
+        stack += [
+            getattr(node, f.name) for f in dataclasses.fields(node) if dataclasses.is_dataclass(getattr(node, f.name))
+        ]
     return new
 
 
@@ -81,20 +83,22 @@ def _presets() -> tuple:
 class ModelConfig(_Section):
     """A Llama/Mistral-family decoder (RMSNorm, SwiGLU, RoPE, GQA). Unset shape fields come from ``preset``."""
 
-    preset: Optional[str] = _opt(None, "named model shape that fills the unset fields below", _presets())
-    num_layers: Optional[int] = _opt(None, "transformer layers")
-    hidden_size: Optional[int] = _opt(None, "hidden size")
-    ffn_hidden_size: Optional[int] = _opt(None, "SwiGLU inner size")
-    num_attention_heads: Optional[int] = _opt(None, "attention heads")
-    num_query_groups: Optional[int] = _opt(None, "GQA key/value heads (unset: num_attention_heads)")
-    vocab_size: Optional[int] = _opt(None, "the tokenizer's vocabulary (unset: read from the data's metadata); "
-                                           "padded internally for TP")
-    max_position_embeddings: Optional[int] = _opt(None, "longest sequence the model is built for")
-    rotary_base: Optional[float] = _opt(None, "RoPE theta (unset: preset, else 10000)")
-    norm_epsilon: Optional[float] = _opt(None, "RMSNorm epsilon (unset: preset, else 1e-5)")
-    untie_embeddings_and_output_weights: Optional[bool] = _opt(
-        None, "separate output layer instead of the word embedding (unset: preset, else untied)")
-    sliding_window: Optional[int] = _opt(None, "Mistral-style attention window in tokens (unset: full causal)")
+    preset: str | None = _opt(None, "named model shape that fills the unset fields below", _presets())
+    num_layers: int | None = _opt(None, "transformer layers")
+    hidden_size: int | None = _opt(None, "hidden size")
+    ffn_hidden_size: int | None = _opt(None, "SwiGLU inner size")
+    num_attention_heads: int | None = _opt(None, "attention heads")
+    num_query_groups: int | None = _opt(None, "GQA key/value heads (unset: num_attention_heads)")
+    vocab_size: int | None = _opt(
+        None, "the tokenizer's vocabulary (unset: read from the data's metadata); padded internally for TP"
+    )
+    max_position_embeddings: int | None = _opt(None, "longest sequence the model is built for")
+    rotary_base: float | None = _opt(None, "RoPE theta (unset: preset, else 10000)")
+    norm_epsilon: float | None = _opt(None, "RMSNorm epsilon (unset: preset, else 1e-5)")
+    untie_embeddings_and_output_weights: bool | None = _opt(
+        None, "separate output layer instead of the word embedding (unset: preset, else untied)"
+    )
+    sliding_window: int | None = _opt(None, "Mistral-style attention window in tokens (unset: full causal)")
     make_vocab_size_divisible_by: int = _opt(128, "pad the vocabulary to a multiple of this times TP")
     init_method_std: float = _opt(0.02, "std of the normal weight init")
 
@@ -104,11 +108,13 @@ class ReferenceConfig(_Section):
     """The frozen reference model that scores tokens (online) or its precomputed scores (offline)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)  # unset fields inherit the policy's
-    load: Optional[str] = _opt(None, "reference weights: a megatron_slm checkpoint (or training run) or a "
-                                     "transformers directory")
+    load: str | None = _opt(
+        None, "reference weights: a megatron_slm checkpoint (or training run) or a transformers directory"
+    )
     dtype: str = _opt("auto", "reference weights' dtype (auto: bf16 on GPU, fp32 on CPU)", REFERENCE_DTYPES)
-    scores_path: Optional[list] = _opt(None, "offline mode: score sidecars in --data-path's order "
-                                             "(unset: <prefix>_refscores)")
+    scores_path: list | None = _opt(
+        None, "offline mode: score sidecars in --data-path's order (unset: <prefix>_refscores)"
+    )
 
 
 @dataclass
@@ -116,16 +122,21 @@ class ParallelConfig(_Section):
     tensor_model_parallel_size: int = _opt(1, "tensor-parallel size")
     pipeline_model_parallel_size: int = _opt(1, "pipeline-parallel size")
     sequence_parallel: bool = _opt(False, "sequence parallelism (needs TransformerEngine or Apex)")
-    num_layers_per_virtual_pipeline_stage: Optional[int] = _opt(
-        None, "interleaved 1F1B: layers per virtual pipeline stage (each rank holds num_layers / (PP x this) "
-              "model chunks); unset: one chunk per rank")
+    num_layers_per_virtual_pipeline_stage: int | None = _opt(
+        None,
+        "interleaved 1F1B: layers per virtual pipeline stage (each rank holds num_layers / (PP x this) "
+        "model chunks); unset: one chunk per rank",
+    )
     use_distributed_optimizer: bool = _opt(
-        False, "megatron-core's distributed optimizer: fp32 master weights and Adam state sharded over data parallel")
+        False, "megatron-core's distributed optimizer: fp32 master weights and Adam state sharded over data parallel"
+    )
     overlap_grad_reduce: bool = _opt(False, "overlap the data-parallel gradient reduction with the backward pass")
-    overlap_param_gather: bool = _opt(False, "overlap the parameter all-gather with the forward pass "
-                                             "(with --use-distributed-optimizer)")
-    ddp_bucket_size: Optional[int] = _opt(None, "elements per gradient bucket for the reduction (unset: "
-                                                "megatron-core's default)")
+    overlap_param_gather: bool = _opt(
+        False, "overlap the parameter all-gather with the forward pass (with --use-distributed-optimizer)"
+    )
+    ddp_bucket_size: int | None = _opt(
+        None, "elements per gradient bucket for the reduction (unset: megatron-core's default)"
+    )
 
 
 @dataclass
@@ -133,16 +144,24 @@ class SLMConfig(_Section):
     """Selective Language Modeling (Rho-1): train only on the top-k% tokens by excess loss."""
 
     loss_mode: str = _opt("slm", "slm: selective loss against a reference; clm: plain causal LM", LOSS_MODES)
-    slm_select_ratio: float = _opt(0.6, "k: fraction of the (unmasked) tokens that train (paper: 0.6 for 1B, "
-                                        "0.7 for 7B)")
-    selection_scope: str = _opt("micro_batch", "which tokens the top-k ranks together (README: selection "
-                                               "scopes)", SELECTION_SCOPES)
+    slm_select_ratio: float = _opt(
+        0.6, "k: fraction of the (unmasked) tokens that train (paper: 0.6 for 1B, 0.7 for 7B)"
+    )
+    selection_scope: str = _opt(
+        "micro_batch", "which tokens the top-k ranks together (README: selection scopes)", SELECTION_SCOPES
+    )
     selection_strategy: str = _opt(
-        "topk", "topk: the k% tokens of highest excess loss; random: a seeded random k% of the valid tokens, same "
-                "count, scope and normalisation (a control for 'fewer tokens'); the reference still scores (online "
-                "or offline) so the log shows the excess loss of what random picked", SELECTION_STRATEGIES)
-    reference_mode: str = _opt("online", "online: co-located reference model; offline: precomputed score "
-                                         "sidecars (slm score-reference)", REFERENCE_MODES)
+        "topk",
+        "topk: the k% tokens of highest excess loss; random: a seeded random k% of the valid tokens, same "
+        "count, scope and normalisation (a control for 'fewer tokens'); the reference still scores (online "
+        "or offline) so the log shows the excess loss of what random picked",
+        SELECTION_STRATEGIES,
+    )
+    reference_mode: str = _opt(
+        "online",
+        "online: co-located reference model; offline: precomputed score sidecars (slm score-reference)",
+        REFERENCE_MODES,
+    )
     threshold_momentum: float = _opt(0.9, "threshold scope: EMA weight of the previous quantile estimate")
 
 
@@ -156,45 +175,58 @@ class TrainConfig(_Section):
     min_lr: float = _opt(3e-5, "learning rate at the end of the decay (--lr-decay-style)")
     lr_warmup_iters: int = _opt(10, "linear warm-up steps")
     lr_decay_style: str = _opt("cosine", "learning-rate decay after the warm-up", LR_DECAY_STYLES)
-    lr_decay_iters: Optional[int] = _opt(None, "steps over which the LR decays to --min-lr (unset: --train-iters)")
-    lr_wsd_decay_iters: Optional[int] = _opt(None, "WSD: the final steps of the decay window in which the LR "
-                                                   "decays (before them it stays at --lr)")
+    lr_decay_iters: int | None = _opt(None, "steps over which the LR decays to --min-lr (unset: --train-iters)")
+    lr_wsd_decay_iters: int | None = _opt(
+        None, "WSD: the final steps of the decay window in which the LR decays (before them it stays at --lr)"
+    )
     lr_wsd_decay_style: str = _opt("exponential", "WSD: the shape of its final decay", WSD_DECAY_STYLES)
     weight_decay: float = _opt(0.1, "AdamW weight decay (not on norms)")
     adam_beta1: float = _opt(0.9, "Adam beta1")
     adam_beta2: float = _opt(0.95, "Adam beta2")
     adam_eps: float = _opt(1e-8, "Adam epsilon")
     clip_grad: float = _opt(1.0, "gradient-norm clipping (0: off)")
-    on_nonfinite: str = _opt("skip", "a step whose loss or gradient norm is NaN/inf (agreed on all ranks): skip "
-                                     "its update, or stop the run (exit non-zero, no checkpoint of that step); "
-                                     "with --deepspeed always stop", NONFINITE_POLICIES)
+    on_nonfinite: str = _opt(
+        "skip",
+        "a step whose loss or gradient norm is NaN/inf (agreed on all ranks): skip "
+        "its update, or stop the run (exit non-zero, no checkpoint of that step); "
+        "with --deepspeed always stop",
+        NONFINITE_POLICIES,
+    )
     max_nonfinite_skips: int = _opt(5, "stop (exit non-zero) after this many consecutive skipped steps")
     seed: int = _opt(1234, "seed of the weight init, the data order and dropout")
-    recompute_granularity: Optional[str] = _opt(
-        None, "activation recomputation of the policy: full (whole layers) or selective (the attention core); "
-              "unset: none", RECOMPUTE_GRANULARITIES)
-    recompute_method: Optional[str] = _opt(
-        None, "full recompute: uniform (every N layers a checkpoint) or block (the first N layers of each "
-              "pipeline stage)", RECOMPUTE_METHODS)
-    recompute_num_layers: Optional[int] = _opt(None, "full recompute: N of --recompute-method")
-    exit_duration_in_mins: Optional[float] = _opt(
-        None, "checkpoint and exit cleanly (exit 0) once the run has lasted this many minutes (a wall-clock "
-              "budget, e.g. a Slurm time limit); rerun to resume")
-    exit_interval: Optional[int] = _opt(None, "checkpoint and exit cleanly at the first iteration divisible by N")
-    bf16: Optional[bool] = _opt(None, "bf16 compute with fp32 master weights (unset: on GPU yes, on CPU no)")
+    recompute_granularity: str | None = _opt(
+        None,
+        "activation recomputation of the policy: full (whole layers) or selective (the attention core); unset: none",
+        RECOMPUTE_GRANULARITIES,
+    )
+    recompute_method: str | None = _opt(
+        None,
+        "full recompute: uniform (every N layers a checkpoint) or block (the first N layers of each pipeline stage)",
+        RECOMPUTE_METHODS,
+    )
+    recompute_num_layers: int | None = _opt(None, "full recompute: N of --recompute-method")
+    exit_duration_in_mins: float | None = _opt(
+        None,
+        "checkpoint and exit cleanly (exit 0) once the run has lasted this many minutes (a wall-clock "
+        "budget, e.g. a Slurm time limit); rerun to resume",
+    )
+    exit_interval: int | None = _opt(None, "checkpoint and exit cleanly at the first iteration divisible by N")
+    bf16: bool | None = _opt(None, "bf16 compute with fp32 master weights (unset: on GPU yes, on CPU no)")
     log_interval: int = _opt(10, "steps between log lines")
     logging_level: str = _opt("info", "log level of the library's messages", LOG_LEVELS)
     eval_interval: int = _opt(0, "steps between held-out evaluations (0: only at the end)")
     eval_iters: int = _opt(4, "global batches per held-out evaluation")
-    tensorboard_dir: Optional[str] = _opt(None, "write TensorBoard scalars here")
-    wandb_project: Optional[str] = _opt(None, "Weights & Biases project; W&B logging is on when set")
-    wandb_exp_name: Optional[str] = _opt(None, "W&B run name")
-    wandb_save_dir: Optional[str] = _opt(None, "W&B's local directory (unset: <save>/wandb)")
-    peak_tflops: Optional[float] = _opt(None, "per-GPU peak TFLOP/s for MFU (unset: from the GPU's name)")
-    deepspeed: Optional[str] = _opt(None, "a ds_configs/*.json: DeepSpeed ZeRO instead of megatron-core's "
-                                          "optimizer (PP=1)")
-    selection_dump_interval: int = _opt(0, "every N steps save per-token selection details under "
-                                           "<save>/selection_dumps (0: never)")
+    tensorboard_dir: str | None = _opt(None, "write TensorBoard scalars here")
+    wandb_project: str | None = _opt(None, "Weights & Biases project; W&B logging is on when set")
+    wandb_exp_name: str | None = _opt(None, "W&B run name")
+    wandb_save_dir: str | None = _opt(None, "W&B's local directory (unset: <save>/wandb)")
+    peak_tflops: float | None = _opt(None, "per-GPU peak TFLOP/s for MFU (unset: from the GPU's name)")
+    deepspeed: str | None = _opt(
+        None, "a ds_configs/*.json: DeepSpeed ZeRO instead of megatron-core's optimizer (PP=1)"
+    )
+    selection_dump_interval: int = _opt(
+        0, "every N steps save per-token selection details under <save>/selection_dumps (0: never)"
+    )
     selection_dump_sequences: int = _opt(4, "sequences each selection dump keeps")
 
 
@@ -202,30 +234,37 @@ class TrainConfig(_Section):
 class DataConfig(_Section):
     """megatron-core indexed datasets written by tools/preprocess_data.py (prefixes, without .bin/.idx)."""
 
-    data_path: Optional[list] = _opt(None, "training data: [weight] prefix [weight prefix ...] (Megatron's blend)")
-    valid_data_path: Optional[list] = _opt(None, "separate validation blend (unset: a split of --data-path)")
+    data_path: list | None = _opt(None, "training data: [weight] prefix [weight prefix ...] (Megatron's blend)")
+    valid_data_path: list | None = _opt(None, "separate validation blend (unset: a split of --data-path)")
     split: str = _opt("969,30,1", "train,valid,test proportions of --data-path when --valid-data-path is unset")
-    data_cache_path: Optional[str] = _opt(None, "where megatron-core caches its sample indices")
-    tokenizer_model: Optional[str] = _opt(None, "tokenizer file, checked against the one the data was made with")
+    data_cache_path: str | None = _opt(None, "where megatron-core caches its sample indices")
+    tokenizer_model: str | None = _opt(None, "tokenizer file, checked against the one the data was made with")
 
 
 @dataclass
 class CheckpointConfig(_Section):
-    save: Optional[str] = _opt(None, "training checkpoints go here; a run with a checkpoint here resumes from it")
-    load: Optional[str] = _opt(None, "resume from this training checkpoint instead of --save (must hold one)")
+    save: str | None = _opt(None, "training checkpoints go here; a run with a checkpoint here resumes from it")
+    load: str | None = _opt(None, "resume from this training checkpoint instead of --save (must hold one)")
     save_interval: int = _opt(0, "steps between checkpoints (0: only at the end and on SIGTERM/SIGUSR1)")
     keep_last: int = _opt(2, "complete checkpoints kept under --save")
     async_save: bool = _opt(
-        False, "write checkpoints in the background: training waits only for the copy to host memory; "
-               "latest_checkpointed_iteration.txt names one once it is complete and flushed")
+        False,
+        "write checkpoints in the background: training waits only for the copy to host memory; "
+        "latest_checkpointed_iteration.txt names one once it is complete and flushed",
+    )
     override_opt_param_scheduler: bool = _opt(
-        False, "on resume, run the LR/WD schedule of this run's flags (--lr, --min-lr, --lr-warmup-iters, "
-               "--train-iters, --weight-decay) instead of refusing when they differ from the checkpoint's")
+        False,
+        "on resume, run the LR/WD schedule of this run's flags (--lr, --min-lr, --lr-warmup-iters, "
+        "--train-iters, --weight-decay) instead of refusing when they differ from the checkpoint's",
+    )
     use_checkpoint_opt_param_scheduler: bool = _opt(
-        False, "on resume, keep the checkpoint's LR/WD schedule even if those flags differ")
-    pretrained_checkpoint: Optional[str] = _opt(
-        None, "the policy's initial weights (megatron_slm or transformers dir) when there is nothing to resume; "
-              "optimizer and LR schedule start fresh")
+        False, "on resume, keep the checkpoint's LR/WD schedule even if those flags differ"
+    )
+    pretrained_checkpoint: str | None = _opt(
+        None,
+        "the policy's initial weights (megatron_slm or transformers dir) when there is nothing to resume; "
+        "optimizer and LR schedule start fresh",
+    )
 
 
 @dataclass
@@ -288,5 +327,3 @@ def _get(obj, path):
 
 def _set(obj, path, value):
     setattr(_get(obj, path[:-1]), path[-1], value)
-
-

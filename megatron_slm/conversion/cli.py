@@ -28,16 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("megatron-to-hf", help="megatron_slm checkpoint (any TP/PP) -> transformers directory")
     b.add_argument("--input", required=True, help="checkpoint directory written by save_model_weights")
     b.add_argument("--output", required=True, help="transformers directory to write")
-    b.add_argument("--dtype", choices=sorted(DTYPES) + ["auto"], default="auto",
-                   help="dtype of the written weights (auto: the dtype the checkpoint was converted in, else fp32)")
-    b.add_argument("--hf-config", default=None, metavar="PATH",
-                   help="config.json (or HF directory) whose token ids/model type to keep, for checkpoints that were "
-                        "not written by hf-to-megatron")
-    b.add_argument("--tokenizer-model", default=None, metavar="PATH",
-                   help="tokenizer to write next to the weights, so that AutoTokenizer and lm-eval load the output: a "
-                        "sentencepiece .model, a tokenizer.json or an HF directory holding one; it must be the "
-                        "tokenizer the checkpoint records (sha256). Default: the tokenizer files hf-to-megatron kept, "
-                        "if any (else only the weights are written, with a warning)")
+    b.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES) + ["auto"],
+        default="auto",
+        help="dtype of the written weights (auto: the dtype the checkpoint was converted in, else fp32)",
+    )
+    b.add_argument(
+        "--hf-config",
+        default=None,
+        metavar="PATH",
+        help="config.json (or HF directory) whose token ids/model type to keep, for checkpoints that were "
+        "not written by hf-to-megatron",
+    )
+    b.add_argument(
+        "--tokenizer-model",
+        default=None,
+        metavar="PATH",
+        help="tokenizer to write next to the weights, so that AutoTokenizer and lm-eval load the output: a "
+        "sentencepiece .model, a tokenizer.json or an HF directory holding one; it must be the "
+        "tokenizer the checkpoint records (sha256). Default: the tokenizer files hf-to-megatron kept, "
+        "if any (else only the weights are written, with a warning)",
+    )
     b.add_argument("--force", action="store_true", help="replace an existing output (never an input)")
     return parser
 
@@ -49,11 +61,23 @@ def main(argv=None) -> int:
         if args.command == "hf-to-megatron":
             if args.verify_seq_len < 1:
                 raise ConvertError("--verify-seq-len must be >= 1")
-            hf_to_megatron(args.input, args.output, dtype=args.dtype, verify=args.verify, force=args.force,
-                           verify_seq_len=args.verify_seq_len)
+            hf_to_megatron(
+                args.input,
+                args.output,
+                dtype=args.dtype,
+                verify=args.verify,
+                force=args.force,
+                verify_seq_len=args.verify_seq_len,
+            )
         else:
-            megatron_to_hf(args.input, args.output, dtype=args.dtype, force=args.force, hf_config=args.hf_config,
-                           tokenizer_model=args.tokenizer_model)
+            megatron_to_hf(
+                args.input,
+                args.output,
+                dtype=args.dtype,
+                force=args.force,
+                hf_config=args.hf_config,
+                tokenizer_model=args.tokenizer_model,
+            )
     except SLMError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -22,8 +22,14 @@ import torch
 
 from megatron_slm.checkpoint.files import OLD, TMP, sibling
 from megatron_slm.conversion.safetensors_io import write_safetensors
-from megatron_slm.conversion.tokenizer_export import (TOKENIZER_DIR, TOKENIZER_FILES, check_tokenizer_fingerprint,
-                                                      copy_tokenizer_files, find_tokenizer, write_tokenizer)
+from megatron_slm.conversion.tokenizer_export import (
+    TOKENIZER_DIR,
+    TOKENIZER_FILES,
+    check_tokenizer_fingerprint,
+    copy_tokenizer_files,
+    find_tokenizer,
+    write_tokenizer,
+)
 from megatron_slm.data.preprocess import path_overlap
 from megatron_slm.errors import CheckpointError, ConvertError
 from megatron_slm.log import get_logger
@@ -76,8 +82,10 @@ def _check_output(out_dir: str, force: bool, inputs: list) -> None:
         hit = path_overlap(path, inputs)
         if hit:
             what = f"--output '{out_dir}'" if path == out else f"'{path}' (written while saving --output '{out_dir}')"
-            raise ConvertError(f"{what} {hit[0]} the input '{hit[1]}': writing it would destroy that input (even "
-                               "with --force); choose an --output outside the inputs")
+            raise ConvertError(
+                f"{what} {hit[0]} the input '{hit[1]}': writing it would destroy that input (even "
+                "with --force); choose an --output outside the inputs"
+            )
     if out.exists() and not force:
         if not out.is_dir() or any(out.iterdir()):
             raise ConvertError(f"output '{out_dir}' already exists; choose a new path or pass --force to replace it")
@@ -112,8 +120,15 @@ def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 # Public API
 
 
-def hf_to_megatron(hf_dir: str, out_dir: str, dtype: str = "fp32", verify: bool = False, force: bool = False,
-                   verify_seq_len: int = 64, log=_log.info):
+def hf_to_megatron(
+    hf_dir: str,
+    out_dir: str,
+    dtype: str = "fp32",
+    verify: bool = False,
+    force: bool = False,
+    verify_seq_len: int = 64,
+    log=_log.info,
+):
     """Convert a transformers Llama/Mistral directory into a megatron_slm checkpoint at ``out_dir``.
 
     Returns the max abs logit difference against transformers when ``verify`` (else None).
@@ -125,8 +140,9 @@ def hf_to_megatron(hf_dir: str, out_dir: str, dtype: str = "fp32", verify: bool 
     _check_output(out_dir, force, [hf_dir])
     hf = HFWeights(hf_dir)
     m = hf_config_to_model_config(hf_cfg)
-    unused = sorted(k for k in set(hf.keys()) - hf_names_used(m)
-                    if not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight")
+    unused = sorted(
+        k for k in set(hf.keys()) - hf_names_used(m) if not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"
+    )
     if unused:
         raise ConvertError(f"the HF weights hold tensors this converter does not map: {', '.join(unused[:5])}")
     with single_process():
@@ -140,31 +156,51 @@ def hf_to_megatron(hf_dir: str, out_dir: str, dtype: str = "fp32", verify: bool 
         save_model_weights(model, str(out), m, tokenizer_fingerprints(hf_dir))  # its tokenizer files, if any
         # The source directory may be gone by the time the checkpoint is exported back: keep its tokenizer.
         copied = copy_tokenizer_files(Path(hf_dir), out / TOKENIZER_DIR)
-        sidecar = {"hf_config": hf_cfg, "dtype": dtype, "source": str(Path(hf_dir).resolve()),
-                   "tokenizer_files": copied}
+        sidecar = {
+            "hf_config": hf_cfg,
+            "dtype": dtype,
+            "source": str(Path(hf_dir).resolve()),
+            "tokenizer_files": copied,
+        }
         tmp = out / (HF_SOURCE + ".tmp")
         tmp.write_text(json.dumps(sidecar, indent=2))
         tmp.rename(out / HF_SOURCE)
         del model
-        log(f"converted {ARCHITECTURES[hf_cfg['model_type']]} '{hf_dir}' -> megatron checkpoint '{out_dir}' "
-            f"({m.num_layers} layers, hidden {m.hidden_size}, vocab {m.vocab_size}, {dtype})")
+        log(
+            f"converted {ARCHITECTURES[hf_cfg['model_type']]} '{hf_dir}' -> megatron checkpoint '{out_dir}' "
+            f"({m.num_layers} layers, hidden {m.hidden_size}, vocab {m.vocab_size}, {dtype})"
+        )
         if not copied:
-            log(f"note: '{hf_dir}' holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); megatron-to-hf "
-                "will need --tokenizer-model to export a tokenizer")
+            log(
+                f"note: '{hf_dir}' holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); megatron-to-hf "
+                "will need --tokenizer-model to export a tokenizer"
+            )
         if verify:
             diff = verify_conversion(hf_dir, out_dir, seq_len=verify_seq_len)
             note = ""
-            if hf_cfg.get("model_type") == "mistral" and hf_cfg.get("sliding_window") and \
-                    verify_seq_len <= int(hf_cfg["sliding_window"]):
+            if (
+                hf_cfg.get("model_type") == "mistral"
+                and hf_cfg.get("sliding_window")
+                and verify_seq_len <= int(hf_cfg["sliding_window"])
+            ):
                 note = " (sequence not longer than the sliding window: raise --verify-seq-len to test the window)"
-            log(f"verify: max abs logit difference vs transformers = {diff:.3e} "
-                f"({verify_seq_len} tokens x 2 sequences, fp32){note}")
+            log(
+                f"verify: max abs logit difference vs transformers = {diff:.3e} "
+                f"({verify_seq_len} tokens x 2 sequences, fp32){note}"
+            )
             return diff
     return None
 
 
-def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool = False, hf_config: str | None = None,
-                   tokenizer_model: str | None = None, log=_log.info) -> None:
+def megatron_to_hf(
+    ckpt_dir: str,
+    out_dir: str,
+    dtype: str = "auto",
+    force: bool = False,
+    hf_config: str | None = None,
+    tokenizer_model: str | None = None,
+    log=_log.info,
+) -> None:
     """Convert a megatron_slm checkpoint (saved at any TP/PP) into a transformers directory at ``out_dir``.
 
     ``dtype``: fp32, bf16, or auto (the dtype the checkpoint was converted in, fp32 when unknown).
@@ -180,7 +216,9 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool
     if not path.exists():
         raise ConvertError(f"input '{ckpt_dir}' does not exist")
     if (path / "config.json").is_file() and not (path / "slm_model.json").is_file():
-        raise ConvertError(f"'{ckpt_dir}' is a transformers directory, not a megatron_slm checkpoint: use hf-to-megatron")
+        raise ConvertError(
+            f"'{ckpt_dir}' is a transformers directory, not a megatron_slm checkpoint: use hf-to-megatron"
+        )
     m = checkpoint.read_model_config(ckpt_dir)
     path = checkpoint.resolve(ckpt_dir)  # a training root -> its latest iteration
     source = {}
@@ -199,10 +237,12 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool
         dtype = source.get("dtype", "fp32") if source.get("dtype") in DTYPES else "fp32"
     torch_dtype = _dtype(dtype)
     try:
-        from transformers import LlamaConfig  # noqa: F401
         from safetensors.torch import save_file  # noqa: F401
+        from transformers import LlamaConfig  # noqa: F401
     except ImportError:
-        raise ConvertError("megatron-to-hf needs transformers and safetensors: pip install transformers safetensors") from None
+        raise ConvertError(
+            "megatron-to-hf needs transformers and safetensors: pip install transformers safetensors"
+        ) from None
     hf_cfg = model_config_to_hf_config(m, source.get("hf_config"), torch_dtype)
     tokenizer = find_tokenizer(path, source, tokenizer_model)
     # path: the iteration read; the tokenizer may be the HF directory the checkpoint was converted from
@@ -222,7 +262,9 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool
             del model
         expected = set(megatron_names(m))
         if set(full) != expected:
-            raise CheckpointError(f"checkpoint '{ckpt_dir}' gave parameters {sorted(set(full) ^ expected)[:4]} unexpectedly")
+            raise CheckpointError(
+                f"checkpoint '{ckpt_dir}' gave parameters {sorted(set(full) ^ expected)[:4]} unexpectedly"
+            )
         tensors = {k: v.to(torch_dtype).contiguous() for k, v in megatron_to_hf_tensors(full, m).items()}
         del full
         hf_cfg.save_pretrained(str(tmp))
@@ -237,16 +279,19 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, dtype: str = "auto", force: bool
     what = f", tokenizer from {tokenizer.where}" if tokenizer is not None else ""
     log(f"converted megatron checkpoint '{ckpt_dir}' -> {hf_cfg.architectures[0]} '{out_dir}' ({dtype}{what})")
     if tokenizer is None:
-        _log.warning(f"no tokenizer written to '{out_dir}' (the checkpoint keeps none): AutoTokenizer and "
-                     "lm-eval cannot load it. Export again with --tokenizer-model TOKENIZER (the sentencepiece .model "
-                     "or tokenizer.json the training data was preprocessed with, or an HF directory holding it)")
+        _log.warning(
+            f"no tokenizer written to '{out_dir}' (the checkpoint keeps none): AutoTokenizer and "
+            "lm-eval cannot load it. Export again with --tokenizer-model TOKENIZER (the sentencepiece .model "
+            "or tokenizer.json the training data was preprocessed with, or an HF directory holding it)"
+        )
 
 
 def _generation_config(hf_cfg):
     from transformers import GenerationConfig
 
-    return GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
-                            pad_token_id=hf_cfg.pad_token_id)
+    return GenerationConfig(
+        bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id, pad_token_id=hf_cfg.pad_token_id
+    )
 
 
 def load_hf_model(hf_dir: str):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from megatron_slm.errors import ConvertError
 
-
 # sentencepiece's ModelProto.SentencePiece.Type
 _SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED = 1, 2, 3, 4
 _SP_UNIGRAM, _SP_BPE = 1, 2
@@ -41,8 +40,10 @@ def sentencepiece_to_tokenizers(data: bytes, name: str = "sentencepiece model"):
     if not norm.escape_whitespaces:
         unsupported.append("escape_whitespaces=false")
     if unsupported:
-        raise ConvertError(f"sentencepiece model {name} uses {', '.join(unsupported)}, which the export does not "
-                           "reproduce; pass an equivalent tokenizer.json with --tokenizer-model")
+        raise ConvertError(
+            f"sentencepiece model {name} uses {', '.join(unsupported)}, which the export does not "
+            "reproduce; pass an equivalent tokenizer.json with --tokenizer-model"
+        )
     pieces = list(proto.pieces)
     vocab = {p.piece: i for i, p in enumerate(pieces)}
     unk = next((p.piece for p in pieces if p.type == _SP_UNKNOWN), None)
@@ -60,10 +61,15 @@ def sentencepiece_to_tokenizers(data: bytes, name: str = "sentencepiece model"):
                 if s[:i] in normal and s[i:] in normal:
                     ranked.append((-p.score, vocab[s], vocab[s[:i]], s[:i], s[i:]))
         ranked.sort()
-        model = BPE(vocab=vocab, merges=[(a, b) for *_, a, b in ranked], unk_token=unk, fuse_unk=True,
-                    byte_fallback=trainer.byte_fallback,
-                    # a multi-character user symbol is one pre-token that no merge builds: take it whole
-                    ignore_merges=any(len(u) > 1 for u in user))
+        model = BPE(
+            vocab=vocab,
+            merges=[(a, b) for *_, a, b in ranked],
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=trainer.byte_fallback,
+            # a multi-character user symbol is one pre-token that no merge builds: take it whole
+            ignore_merges=any(len(u) > 1 for u in user),
+        )
     else:
         model = Unigram([(p.piece, p.score) for p in pieces], vocab.get(unk), trainer.byte_fallback)
     tok = Tokenizer(model)
@@ -94,6 +100,7 @@ def sentencepiece_to_tokenizers(data: bytes, name: str = "sentencepiece model"):
         steps.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(steps)
     # Control pieces (<s>, </s>) and the unknown piece are special tokens, as in transformers' own tokenizers.
-    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in pieces
-                            if p.type in (_SP_CONTROL, _SP_UNKNOWN)])
+    tok.add_special_tokens(
+        [AddedToken(p.piece, special=True, normalized=False) for p in pieces if p.type in (_SP_CONTROL, _SP_UNKNOWN)]
+    )
     return tok, unk

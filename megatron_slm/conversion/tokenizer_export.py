@@ -22,8 +22,15 @@ from megatron_slm.log import get_logger
 
 _log = get_logger(__name__)
 TOKENIZER_DIR = "hf_tokenizer"  # in a converted checkpoint: the HF directory's tokenizer files, for the export back
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 class TokenizerSource:
@@ -65,8 +72,10 @@ def _tokenizer_source(p: Path, where: str) -> TokenizerSource:
             return TokenizerSource("json", p / "tokenizer.json", where)
         if "tokenizer.model" in has:
             return TokenizerSource("sentencepiece", p / "tokenizer.model", where)
-        raise ConvertError(f"{where} holds neither tokenizer.json nor tokenizer.model; give a sentencepiece .model, a "
-                           "tokenizer.json or a transformers directory holding one")
+        raise ConvertError(
+            f"{where} holds neither tokenizer.json nor tokenizer.model; give a sentencepiece .model, a "
+            "tokenizer.json or a transformers directory holding one"
+        )
     from megatron_slm.data.tokenizer import SENTENCEPIECE, load_tokenizer
 
     kind = load_tokenizer(p).kind  # TokenizerError (one line) for a file that is no tokenizer
@@ -80,13 +89,19 @@ def find_tokenizer(ckpt_path: Path, source: dict, tokenizer_model: str | None) -
     if tokenizer_model:
         p = Path(tokenizer_model)
         if not p.exists():
-            raise ConvertError(f"--tokenizer-model '{tokenizer_model}' does not exist; give a sentencepiece .model, a "
-                               "tokenizer.json or a transformers directory holding one")
+            raise ConvertError(
+                f"--tokenizer-model '{tokenizer_model}' does not exist; give a sentencepiece .model, a "
+                "tokenizer.json or a transformers directory holding one"
+            )
         return _tokenizer_source(p, f"--tokenizer-model '{tokenizer_model}'")
     if (ckpt_path / TOKENIZER_DIR).is_dir():
         return _tokenizer_source(ckpt_path / TOKENIZER_DIR, f"'{ckpt_path / TOKENIZER_DIR}' (kept by hf-to-megatron)")
     origin = Path(source["source"]) if isinstance(source.get("source"), str) else None
-    if origin is not None and origin.is_dir() and any((origin / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+    if (
+        origin is not None
+        and origin.is_dir()
+        and any((origin / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+    ):
         return _tokenizer_source(origin, f"'{origin}' (the HF directory the checkpoint was converted from)")
     trained_with = _training_tokenizer(ckpt_path)
     if trained_with is not None:
@@ -116,14 +131,17 @@ def check_tokenizer_fingerprint(tok: TokenizerSource, ckpt_dir: str) -> None:
     recorded = tokenizer_fingerprints(ckpt_dir)
     found = {file_sha256(f) for f in tok.files()}
     if not recorded:
-        _log.warning(f"checkpoint '{ckpt_dir}' records no tokenizer fingerprint: cannot verify that the "
-                     f"tokenizer from {tok.where} is the one it was trained with; exporting it anyway")
+        _log.warning(
+            f"checkpoint '{ckpt_dir}' records no tokenizer fingerprint: cannot verify that the "
+            f"tokenizer from {tok.where} is the one it was trained with; exporting it anyway"
+        )
         return
     if not found & recorded:
         raise ConvertError(
             f"the tokenizer from {tok.where} (sha256 {', '.join(sorted(f[:12] for f in found))}) is not the one "
             f"checkpoint '{ckpt_dir}' was trained with (sha256 {', '.join(sorted(r[:12] for r in recorded))}); pass "
-            "--tokenizer-model with the tokenizer file the checkpoint's data was preprocessed with")
+            "--tokenizer-model with the tokenizer file the checkpoint's data was preprocessed with"
+        )
 
 
 def write_tokenizer(tok: TokenizerSource, directory: Path, hf_cfg, m: ModelConfig, source_cfg: dict) -> None:
@@ -138,10 +156,14 @@ def write_tokenizer(tok: TokenizerSource, directory: Path, hf_cfg, m: ModelConfi
 
         ours = load_tokenizer(tok.path)  # the ids the data was made with: eod (= eos), bos, pad
         inv = ours.inv_vocab
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                  "model_max_length": m.max_position_embeddings or 4096,
-                  "eos_token": inv[ours.eod], "bos_token": inv.get(ours.bos) if ours.bos is not None else None,
-                  "pad_token": inv.get(ours.pad) if ours.pad >= 0 else None}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": m.max_position_embeddings or 4096,
+            "eos_token": inv[ours.eod],
+            "bos_token": inv.get(ours.bos) if ours.bos is not None else None,
+            "pad_token": inv.get(ours.pad) if ours.pad >= 0 else None,
+        }
         data = tok.path.read_bytes()
         if tok.kind == "sentencepiece":
             built, unk = sentencepiece_to_tokenizers(data, str(tok.path))
@@ -153,27 +175,35 @@ def write_tokenizer(tok: TokenizerSource, directory: Path, hf_cfg, m: ModelConfi
             shutil.copyfile(tok.path, directory / "tokenizer.json")  # as is: its own post-processor stays
             config["unk_token"] = _tokenizer_json_unk(data)
         config = {k: v for k, v in config.items() if v is not None}
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
     hf_cfg.save_pretrained(str(directory))  # AutoTokenizer may read the model type from config.json
     from transformers import AutoTokenizer
 
     try:
         loaded = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for unusable tokenizer files
-        raise ConvertError(f"the tokenizer from {tok.where} does not load with transformers' AutoTokenizer "
-                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); pass a tokenizer.json or "
-                           "a transformers directory with --tokenizer-model") from None
+        raise ConvertError(
+            f"the tokenizer from {tok.where} does not load with transformers' AutoTokenizer "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); pass a tokenizer.json or "
+            "a transformers directory with --tokenizer-model"
+        ) from None
     if len(loaded) > m.vocab_size:
-        raise ConvertError(f"the tokenizer from {tok.where} has {len(loaded)} tokens but the checkpoint's vocabulary "
-                           f"is {m.vocab_size}: it is not this model's tokenizer; pass the right one with --tokenizer-model")
+        raise ConvertError(
+            f"the tokenizer from {tok.where} has {len(loaded)} tokens but the checkpoint's vocabulary "
+            f"is {m.vocab_size}: it is not this model's tokenizer; pass the right one with --tokenizer-model"
+        )
     for key in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         value = getattr(loaded, key, None)
         if key == "unk_token_id" and value is None and getattr(hf_cfg, key, None) is None:
             continue
         stated = source_cfg.get(key)
         if stated is not None and stated != value:
-            _log.warning(f"the source config says {key}={stated}, the exported tokenizer {value}; "
-                         "config.json and generation_config.json take the tokenizer's")
+            _log.warning(
+                f"the source config says {key}={stated}, the exported tokenizer {value}; "
+                "config.json and generation_config.json take the tokenizer's"
+            )
         setattr(hf_cfg, key, value)
 
 

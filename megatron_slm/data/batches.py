@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def micro_batches(samples, step: int, global_batch_size: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int) -> list[dict]:
+def micro_batches(
+    samples, step: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int
+) -> list[dict]:
     """The micro-batches data-parallel rank ``dp_rank`` processes in training step ``step`` (0-based).
 
     The global batch is ``samples[step*G : (step+1)*G]``; rank r takes the r-th of ``dp_size`` contiguous

@@ -25,6 +25,8 @@ def parse_blend(paths: list | None) -> tuple[list[str], list[float] | None] | No
         if all(w is not None for w in weights):
             return [p.strip() for p in items[1::2]], weights
         if any(w is not None for w in weights):
-            raise DataError(f"data path {paths!r} is not a list of prefixes or of 'weight prefix' pairs (some "
-                            "weights are not numbers)")
+            raise DataError(
+                f"data path {paths!r} is not a list of prefixes or of 'weight prefix' pairs (some "
+                "weights are not numbers)"
+            )
     return [p.strip() for p in items], None

@@ -60,11 +60,15 @@ def read_meta(prefix: str) -> dict:
             )
     meta_path = Path(str(p) + ".json")
     if not meta_path.is_file():
-        raise DataError(f"dataset '{prefix}': {meta_path.name} (tokenizer metadata) is missing; rebuild it with tools/preprocess_data.py")
+        raise DataError(
+            f"dataset '{prefix}': {meta_path.name} (tokenizer metadata) is missing; rebuild it with tools/preprocess_data.py"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
-        raise DataError(f"dataset '{prefix}': {meta_path.name} is not valid JSON ({exc}); rebuild it with tools/preprocess_data.py") from None
+        raise DataError(
+            f"dataset '{prefix}': {meta_path.name} is not valid JSON ({exc}); rebuild it with tools/preprocess_data.py"
+        ) from None
     size = Path(f"{p}.bin").stat().st_size
     if "bin_bytes" in meta and size != meta["bin_bytes"]:
         raise DataError(
@@ -72,9 +76,10 @@ def read_meta(prefix: str) -> dict:
             "truncated or corrupt; rebuild it with tools/preprocess_data.py"
         )
     if "idx_sha256" in meta:
-
         if file_sha256(f"{p}.idx") != meta["idx_sha256"]:
-            raise DataError(f"dataset '{prefix}': {p.name}.idx does not match its metadata (corrupt or replaced); rebuild it with tools/preprocess_data.py")
+            raise DataError(
+                f"dataset '{prefix}': {p.name}.idx does not match its metadata (corrupt or replaced); rebuild it with tools/preprocess_data.py"
+            )
     return meta
 
 
@@ -92,15 +97,17 @@ def scan_token_ids(prefix: str, vocab_size: int):
     end = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * itemsize if len(index) else 0
     size = Path(f"{prefix}.bin").stat().st_size
     if size < end:
-        raise DataError(f"dataset '{prefix}': {Path(prefix).name}.bin has {size} bytes but its index needs {end}: it is "
-                        "truncated or corrupt; rebuild it with tools/preprocess_data.py")
+        raise DataError(
+            f"dataset '{prefix}': {Path(prefix).name}.bin has {size} bytes but its index needs {end}: it is "
+            "truncated or corrupt; rebuild it with tools/preprocess_data.py"
+        )
     n = end // itemsize
     if n == 0:
         return 0, -1, None
     ids = np.memmap(f"{prefix}.bin", dtype=index.dtype, mode="r", shape=(n,))
     lo, hi = None, None
     for start in range(0, n, SCAN_CHUNK):
-        chunk = ids[start:start + SCAN_CHUNK]
+        chunk = ids[start : start + SCAN_CHUNK]
         cmin, cmax = int(chunk.min()), int(chunk.max())
         if cmin < 0 or cmax >= vocab_size:
             at = int(np.flatnonzero((chunk < 0) | (chunk >= vocab_size))[0])
@@ -145,7 +152,10 @@ def token_info(blends, vocab_size: int | None, tokenizer_fingerprint: str | None
     vocabs = {m["vocab_size"] for m in metas.values()}
     eods = {m["eod_token_id"] for m in metas.values()}
     if len(fingerprints) > 1 or len(vocabs) > 1 or len(eods) > 1:
-        detail = "; ".join(f"{p}: vocab {m['vocab_size']}, eod {m['eod_token_id']}, tokenizer {str(m.get('tokenizer_fingerprint'))[:12]}" for p, m in metas.items())
+        detail = "; ".join(
+            f"{p}: vocab {m['vocab_size']}, eod {m['eod_token_id']}, tokenizer {str(m.get('tokenizer_fingerprint'))[:12]}"
+            for p, m in metas.items()
+        )
         raise DataError(f"the datasets were tokenized with different tokenizers ({detail}); re-tokenize them with one")
     vocab, eod, fp = vocabs.pop(), eods.pop(), fingerprints.pop()
     if vocab_size is not None and vocab != vocab_size:
@@ -154,7 +164,9 @@ def token_info(blends, vocab_size: int | None, tokenizer_fingerprint: str | None
             "tokenizer, policy and reference must share one vocabulary"
         )
     if tokenizer_fingerprint is not None and fp is not None and tokenizer_fingerprint != fp:
-        raise DataError("the data was tokenized with a different tokenizer file than data.tokenizer_model; re-tokenize it")
+        raise DataError(
+            "the data was tokenized with a different tokenizer file than data.tokenizer_model; re-tokenize it"
+        )
     for prefix, meta in metas.items():
         check_token_ids(prefix, meta, vocab)
     return TokenInfo(eod=eod, vocab_size=vocab, fingerprint=fp)
@@ -169,7 +181,9 @@ def check_split(data_cfg, num_samples: list[int]) -> None:
     here) and loops forever computing the epochs of a split with no tokens. Nothing to check with
     --valid-data-path (no split of the training data)."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     if data_cfg.valid_data_path or not data_cfg.data_path:
@@ -178,9 +192,10 @@ def check_split(data_cfg, num_samples: list[int]) -> None:
         matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(data_cfg.split))
     except (ValueError, AssertionError, ZeroDivisionError):
         raise DataError(f"--split {data_cfg.split!r} is not three non-negative shares like 969,30,1") from None
-    fixes = {"training": "give the training split a larger share",
-             "validation": "give the validation split a larger share, evaluate on --valid-data-path, or set "
-                           "--eval-iters 0"}
+    fixes = {
+        "training": "give the training split a larger share",
+        "validation": "give the validation split a larger share, evaluate on --valid-data-path, or set --eval-iters 0",
+    }
     for prefix in parse_blend(data_cfg.data_path)[0]:
         n = len(IndexedDataset(prefix, mmap=True).sequence_lengths)
         for name, bounds, wanted in zip(SPLIT_NAMES, matrix, num_samples):
@@ -189,16 +204,24 @@ def check_split(data_cfg, num_samples: list[int]) -> None:
             else:
                 empty = int(round(bounds[0] * n)) >= int(round(bounds[1] * n))
             if wanted and empty:
-                raise DataError(f"dataset '{prefix}' has {n} documents: --split {data_cfg.split} gives its {name} "
-                                f"split none of them; {fixes.get(name, 'change --split')}")
+                raise DataError(
+                    f"dataset '{prefix}' has {n} documents: --split {data_cfg.split} gives its {name} "
+                    f"split none of them; {fixes.get(name, 'change --split')}"
+                )
 
 
 def dataset_config(data_cfg, seq_length: int, seed: int, info: TokenInfo) -> GPTDatasetConfig:
     train_blend = parse_blend(data_cfg.data_path)
     valid_blend = parse_blend(data_cfg.valid_data_path)
     common = dict(
-        random_seed=seed, sequence_length=seq_length, tokenizer=info, path_to_cache=data_cfg.data_cache_path,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=True, create_attention_mask=False,
+        random_seed=seed,
+        sequence_length=seq_length,
+        tokenizer=info,
+        path_to_cache=data_cfg.data_cache_path,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=True,
+        create_attention_mask=False,
     )
     if valid_blend is not None:  # separate validation data: no split of the training blend
         return GPTDatasetConfig(blend_per_split=[train_blend, valid_blend, None], **common)

@@ -19,6 +19,7 @@ corpus.json (the summary).
 
     python -m megatron_slm.data.demo_corpus --out data/demo
 """
+
 import argparse
 import ast
 import importlib.metadata
@@ -30,7 +31,6 @@ import sysconfig
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -44,8 +44,19 @@ GENERAL_HELDOUT = 0.10  # share of the general documents kept for evaluation
 TOKENIZER_SAMPLE_CHARS = 6_000_000
 EOD_ID = 2  # the tokenizer's eos id
 SYMPY_SKIP = {"tests", "testing", "benchmarks", "__pycache__"}
-STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "tkinter",
-               "ensurepip", "pydoc_data", "__pycache__"}
+STDLIB_SKIP = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "turtledemo",
+    "tkinter",
+    "ensurepip",
+    "pydoc_data",
+    "__pycache__",
+}
 
 
 def sympy_root() -> Path:
@@ -55,7 +66,7 @@ def sympy_root() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def docstrings(root: Path, skip: set, seed: int, max_chars: Optional[int] = None, exclude=()) -> list:
+def docstrings(root: Path, skip: set, seed: int, max_chars: int | None = None, exclude=()) -> list:
     """Docstrings (module, class, function) of the .py files under ``root``, in a seeded order of the sorted
     file paths, until ``max_chars`` characters are collected; short and duplicate ones are dropped."""
     files = sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts[:-1]))
@@ -80,8 +91,7 @@ def docstrings(root: Path, skip: set, seed: int, max_chars: Optional[int] = None
     return docs
 
 
-def collect_documents(seed: int = 0, max_math_chars: Optional[int] = None,
-                      max_general_chars: Optional[int] = None) -> dict:
+def collect_documents(seed: int = 0, max_math_chars: int | None = None, max_general_chars: int | None = None) -> dict:
     """{"math": [...], "general": [...]} document texts, deterministic for the installed sympy/Python."""
     math = docstrings(sympy_root(), SYMPY_SKIP, seed, max_math_chars or DEFAULT_MAX_MATH_CHARS)
     general = docstrings(Path(sysconfig.get_paths()["stdlib"]), STDLIB_SKIP, seed, max_general_chars, exclude=math)
@@ -101,16 +111,37 @@ def train_tokenizer(texts: list, model_path: Path, vocab_size: int, seed: int):
     model_path.parent.mkdir(parents=True, exist_ok=True)
     with open(model_path, "wb") as f:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sample), model_writer=f, model_type="bpe", vocab_size=vocab_size,
-            byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=EOD_ID, pad_id=-1,
-            num_threads=2, input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=1 << 20,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-            user_defined_symbols=["\n"], allow_whitespace_only_pieces=True, minloglevel=2)
+            sentence_iterator=iter(sample),
+            model_writer=f,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=1.0,
+            unk_id=0,
+            bos_id=1,
+            eos_id=EOD_ID,
+            pad_id=-1,
+            num_threads=2,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            max_sentence_length=1 << 20,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            user_defined_symbols=["\n"],
+            allow_whitespace_only_pieces=True,
+            minloglevel=2,
+        )
     return spm.SentencePieceProcessor(model_file=str(model_path))
 
 
-def build_demo_corpus(out_dir, vocab_size: int = 2048, seed: int = 0, max_math_chars: Optional[int] = None,
-                      max_general_chars: Optional[int] = None) -> dict:
+def build_demo_corpus(
+    out_dir,
+    vocab_size: int = 2048,
+    seed: int = 0,
+    max_math_chars: int | None = None,
+    max_general_chars: int | None = None,
+) -> dict:
     """Build the demo corpus into ``out_dir`` and return a summary (also written to corpus.json).
 
     ``max_math_chars`` defaults to DEFAULT_MAX_MATH_CHARS; ``max_general_chars`` to all of the stdlib (the
@@ -145,7 +176,7 @@ def build_demo_corpus(out_dir, vocab_size: int = 2048, seed: int = 0, max_math_c
             break
         kept.append(doc)
         total += len(doc)
-    texts = dict(split, general=general[:len(kept)], general_heldout=general_heldout)  # encode keeps the order
+    texts = dict(split, general=general[: len(kept)], general_heldout=general_heldout)  # encode keeps the order
 
     files = {}
     (out / "text").mkdir(parents=True, exist_ok=True)
@@ -157,13 +188,20 @@ def build_demo_corpus(out_dir, vocab_size: int = 2048, seed: int = 0, max_math_c
     vocab = sp.get_piece_size()
     math_tokens = files["math_train"]["tokens"]
     summary = {
-        "out_dir": str(out.resolve()), "tokenizer": str(model_path.resolve()), "vocab_size": vocab,
-        "eod_token_id": EOD_ID, "seed": seed, "files": files,
+        "out_dir": str(out.resolve()),
+        "tokenizer": str(model_path.resolve()),
+        "vocab_size": vocab,
+        "eod_token_id": EOD_ID,
+        "seed": seed,
+        "files": files,
         "math_fraction_of_policy_data": round(math_tokens / (math_tokens + files["general"]["tokens"]), 4),
         "general_documents_available": len(general),
         "sources": {"sympy": importlib.metadata.version("sympy"), "python": platform.python_version()},
-        "seconds": {"extract": round(t1 - t0, 2), "tokenizer": round(t2 - t1, 2),
-                    "total": round(time.perf_counter() - t0, 2)},
+        "seconds": {
+            "extract": round(t1 - t0, 2),
+            "tokenizer": round(t2 - t1, 2),
+            "total": round(time.perf_counter() - t0, 2),
+        },
     }
     (out / "corpus.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

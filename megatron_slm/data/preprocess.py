@@ -28,6 +28,7 @@ complete-looking output.
 
     python tools/preprocess_data.py data/*.jsonl --tokenizer tokenizer.model --output-prefix data/train
 """
+
 import argparse
 import collections
 import glob
@@ -42,8 +43,8 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -56,8 +57,10 @@ JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".text")
 COLUMNAR_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
-SUPPORTED = (".jsonl/.json (a JSON object per line) and .txt/.text, each also as .gz or .zst; .parquet; .arrow; "
-             "a directory written by datasets' save_to_disk or load_dataset's cache")
+SUPPORTED = (
+    ".jsonl/.json (a JSON object per line) and .txt/.text, each also as .gz or .zst; .parquet; .arrow; "
+    "a directory written by datasets' save_to_disk or load_dataset's cache"
+)
 HF_METADATA = {"state.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json"}
 PIP_NAMES = {"pyarrow": "pyarrow", "pyarrow.parquet": "pyarrow", "zstandard": "zstandard"}
 # Raw text bytes per worker task, about (a larger document is its own task), at most. The pool costs the main
@@ -66,11 +69,9 @@ PIP_NAMES = {"pyarrow": "pyarrow", "pyarrow.parquet": "pyarrow", "zstandard": "z
 # at least 8 per worker (down to MIN_TASK_BYTES), so that the workers also finish together.
 BATCH_BYTES = 1 << 20
 MIN_TASK_BYTES = 64 << 10
-COLUMN_BATCH_ROWS = 1024    # rows decoded at a time from a parquet row group larger than GROUP_BYTES
-GROUP_BYTES = 16 << 20      # a parquet row group / Arrow record batch of at most this much text: one task, read by
-                            # its worker (datasets and datatrove write 1,000 rows, ~1-10 MB of text, per group)
-
-
+COLUMN_BATCH_ROWS = 1024  # rows decoded at a time from a parquet row group larger than GROUP_BYTES
+GROUP_BYTES = 16 << 20  # a parquet row group / Arrow record batch of at most this much text: one task, read by
+# its worker (datasets and datatrove write 1,000 rows, ~1-10 MB of text, per group)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -102,12 +103,14 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise PreprocessError(f"cannot read input {path}: {_one_line(e)}; supported formats: {SUPPORTED}") from None
     if not isinstance(obj, dict):
-        raise PreprocessError(f"cannot read input {path}: a JSON {type(obj).__name__}, not the object `datasets` "
-                              f"writes; supported formats: {SUPPORTED}")
+        raise PreprocessError(
+            f"cannot read input {path}: a JSON {type(obj).__name__}, not the object `datasets` "
+            f"writes; supported formats: {SUPPORTED}"
+        )
     return obj
 
 
-def _dataset_dir_files(d: Path) -> Optional[List[Path]]:
+def _dataset_dir_files(d: Path) -> list[Path] | None:
     """The .arrow data files of a `datasets` directory, in the dataset's row order; None if ``d`` is none.
 
     Read with pyarrow, not through `datasets`: ``load_from_disk`` itself only concatenates the IPC streams that
@@ -117,15 +120,22 @@ def _dataset_dir_files(d: Path) -> Optional[List[Path]]:
     state = d / "state.json"
     if state.is_file():  # Dataset.save_to_disk
         entries = _read_json(state).get("_data_files")
-        if not isinstance(entries, list) or not entries or not all(
-                isinstance(e, dict) and isinstance(e.get("filename"), str) for e in entries):
-            raise PreprocessError(f"cannot read input {state}: no '_data_files' list of filenames, not a "
-                                  f"datasets save_to_disk directory; supported formats: {SUPPORTED}")
+        if (
+            not isinstance(entries, list)
+            or not entries
+            or not all(isinstance(e, dict) and isinstance(e.get("filename"), str) for e in entries)
+        ):
+            raise PreprocessError(
+                f"cannot read input {state}: no '_data_files' list of filenames, not a "
+                f"datasets save_to_disk directory; supported formats: {SUPPORTED}"
+            )
         files = [d / e["filename"] for e in entries]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise PreprocessError(f"input {d}: state.json lists {', '.join(missing)}, missing from the directory "
-                                  f"(incomplete copy?); copy or re-save the whole dataset")
+            raise PreprocessError(
+                f"input {d}: state.json lists {', '.join(missing)}, missing from the directory "
+                f"(incomplete copy?); copy or re-save the whole dataset"
+            )
         return files
     dict_json = d / "dataset_dict.json"
     if dict_json.is_file():  # DatasetDict.save_to_disk: one sub-directory per split
@@ -133,8 +143,10 @@ def _dataset_dir_files(d: Path) -> Optional[List[Path]]:
         if not isinstance(splits, list) or not splits:
             raise PreprocessError(f"cannot read input {dict_json}: no 'splits' list; supported formats: {SUPPORTED}")
         if len(splits) > 1:
-            raise PreprocessError(f"input {d} is a DatasetDict with the splits {', '.join(map(str, splits))}; "
-                                  f"name one split's directory, e.g. {d / str(splits[0])}")
+            raise PreprocessError(
+                f"input {d} is a DatasetDict with the splits {', '.join(map(str, splits))}; "
+                f"name one split's directory, e.g. {d / str(splits[0])}"
+            )
         return list(_walk(d / str(splits[0])))
     info = d / "dataset_info.json"
     arrows = sorted(p.name for p in d.glob("*.arrow") if p.is_file()) if info.is_file() else []
@@ -155,21 +167,27 @@ def _dataset_dir_files(d: Path) -> Optional[List[Path]]:
         if shards:
             found[split] = shards
     if not found:
-        raise PreprocessError(f"input {d} holds .arrow files ({', '.join(arrows[:4])}) but none of the splits its "
-                              f"dataset_info.json names; name the .arrow files to read (a glob keeps their order)")
+        raise PreprocessError(
+            f"input {d} holds .arrow files ({', '.join(arrows[:4])}) but none of the splits its "
+            f"dataset_info.json names; name the .arrow files to read (a glob keeps their order)"
+        )
     if len(found) > 1:
         split = next(iter(found))
-        raise PreprocessError(f"input {d} is a datasets cache with the splits {', '.join(map(str, found))}; name "
-                              f"one split's files, e.g. '{d / f'{name}-{split}*.arrow'}'")
+        raise PreprocessError(
+            f"input {d} is a datasets cache with the splits {', '.join(map(str, found))}; name "
+            f"one split's files, e.g. '{d / f'{name}-{split}*.arrow'}'"
+        )
     shards = next(iter(found.values()))
     counts = {n for _, n in shards.values()}  # every shard says how many there are: all must be there, once
     if len(counts) != 1 or sorted(shards) != list(range(counts.pop())):
-        raise PreprocessError(f"input {d}: the split's shards {', '.join(f for f, _ in shards.values())} are "
-                              f"incomplete; copy or rebuild the whole cache directory")
+        raise PreprocessError(
+            f"input {d}: the split's shards {', '.join(f for f, _ in shards.values())} are "
+            f"incomplete; copy or rebuild the whole cache directory"
+        )
     return [d / shards[i][0] for i in sorted(shards)]
 
 
-def expand_inputs(inputs: Sequence[Union[str, os.PathLike]]) -> List[Path]:
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Files named by ``inputs`` (files, directories searched recursively, globs), in order, each once; a
     `datasets` directory (save_to_disk, DatasetDict of one split, load_dataset cache of one split) stands for
     its .arrow files in the dataset's order."""
@@ -207,8 +225,7 @@ def expand_inputs(inputs: Sequence[Union[str, os.PathLike]]) -> List[Path]:
     return files
 
 
-def path_overlap(output: Union[str, os.PathLike],
-                 inputs: Iterable[Union[str, os.PathLike, None]]) -> Optional[Tuple[str, str]]:
+def path_overlap(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> tuple[str, str] | None:
     """``(relation, input)`` when ``output`` is one of ``inputs`` ("is"), contains one ("contains") or lies inside
     one ("lies inside"), compared as real paths (symlinks resolved), else None; ``None`` inputs are skipped.
     Writing or replacing such an output destroys that input, so the tools refuse it even with --force (used by
@@ -227,7 +244,7 @@ def path_overlap(output: Union[str, os.PathLike],
     return None
 
 
-def _format(path: Path) -> Tuple[Optional[str], Optional[str]]:
+def _format(path: Path) -> tuple[str | None, str | None]:
     """(``'json' | 'text' | 'parquet' | 'arrow'`` or None when unknown, ``'gzip' | 'zstd'`` or None), by name."""
     suffixes = [s.lower() for s in path.suffixes]
     comp = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
@@ -250,12 +267,14 @@ def _needs(module: str, path: Path, what: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise PreprocessError(f"input {path} is {what}, which needs the '{module.split('.')[0]}' package: "
-                              f"pip install {PIP_NAMES[module]} (or the project's extra: pip install "
-                              f"'megatron_slm[data]')") from None
+        raise PreprocessError(
+            f"input {path} is {what}, which needs the '{module.split('.')[0]}' package: "
+            f"pip install {PIP_NAMES[module]} (or the project's extra: pip install "
+            f"'megatron_slm[data]')"
+        ) from None
 
 
-def _open(path: Path, comp: Optional[str]):
+def _open(path: Path, comp: str | None):
     """A binary stream of the file's (decompressed) bytes, decompressed as it is read."""
     if comp == "gzip":
         return gzip.open(path, "rb")
@@ -319,14 +338,17 @@ def _text_column_type(schema, key: str, path: Path):
     import pyarrow as pa
 
     if key not in schema.names:
-        raise PreprocessError(f"{path} has no column {key!r} (columns: {', '.join(schema.names[:12])}); choose "
-                              f"the text column with --json-key")
+        raise PreprocessError(
+            f"{path} has no column {key!r} (columns: {', '.join(schema.names[:12])}); choose "
+            f"the text column with --json-key"
+        )
     t = schema.field(key).type
     if pa.types.is_dictionary(t):
         t = t.value_type
     if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)):
-        raise PreprocessError(f"{path}: column {key!r} holds {t}, expected strings; choose the text column "
-                              f"with --json-key")
+        raise PreprocessError(
+            f"{path}: column {key!r} holds {t}, expected strings; choose the text column with --json-key"
+        )
 
 
 def check_inputs(files: Sequence[Path], json_key: str) -> None:
@@ -335,8 +357,10 @@ def check_inputs(files: Sequence[Path], json_key: str) -> None:
     for path in files:
         fmt, comp = _format(path)
         if fmt is None:
-            raise PreprocessError(f"input {path}: unknown format (by its name); supported formats: {SUPPORTED} "
-                                  f"(a glob picks the files to read from a directory)")
+            raise PreprocessError(
+                f"input {path}: unknown format (by its name); supported formats: {SUPPORTED} "
+                f"(a glob picks the files to read from a directory)"
+            )
         if fmt == "parquet":
             pq = _needs("pyarrow.parquet", path, "a parquet file")
             try:
@@ -393,8 +417,9 @@ def _column_tasks(path: Path, fmt: str, key: str, task_bytes: int) -> Iterator[t
             if meta.column(column).total_uncompressed_size <= GROUP_BYTES:
                 yield ("parquet_group", str(path), key, (row, group))
             else:
-                for b in pf.iter_batches(batch_size=COLUMN_BATCH_ROWS, row_groups=[group], columns=[key],
-                                         use_threads=False):
+                for b in pf.iter_batches(
+                    batch_size=COLUMN_BATCH_ROWS, row_groups=[group], columns=[key], use_threads=False
+                ):
                     for piece in _column_pieces(b.column(0), row, task_bytes):
                         yield ("column", str(path), key, piece)
                     row += b.num_rows
@@ -406,8 +431,11 @@ def _column_tasks(path: Path, fmt: str, key: str, task_bytes: int) -> Iterator[t
         _, batches = _arrow_reader(path)
         for where, b in batches:
             col = b.column(key)
-            if where is not None and col.nbytes <= GROUP_BYTES and (pa.types.is_string(col.type) or
-                                                                     pa.types.is_large_string(col.type)):
+            if (
+                where is not None
+                and col.nbytes <= GROUP_BYTES
+                and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type))
+            ):
                 yield ("arrow_batch", str(path), key, (row, where))
             else:
                 for piece in _column_pieces(col, row, task_bytes):
@@ -415,7 +443,7 @@ def _column_tasks(path: Path, fmt: str, key: str, task_bytes: int) -> Iterator[t
             row += b.num_rows
 
 
-def _line_ranges(path: Path, task_bytes: int) -> Iterator[Tuple[int, int]]:
+def _line_ranges(path: Path, task_bytes: int) -> Iterator[tuple[int, int]]:
     """Byte ranges ``[start, end)`` of about ``task_bytes`` that end after a newline (or at the file's end).
     The main process only seeks to find them; the workers read the text, so the main process's cost per
     document stays small however many workers tokenize (reading and sending the text through the pool's pipes
@@ -472,8 +500,7 @@ def task_bytes_for(files: Sequence[Path], workers: int) -> int:
     return min(BATCH_BYTES, max(MIN_TASK_BYTES, total // (8 * workers)))
 
 
-def _tasks(files: Sequence[Path], json_key: str, split_lines: bool,
-           task_bytes: Optional[int] = None) -> Iterator[tuple]:
+def _tasks(files: Sequence[Path], json_key: str, split_lines: bool, task_bytes: int | None = None) -> Iterator[tuple]:
     """Worker tasks ``(fmt, file, json_key, text)`` in input order; a task never spans two files. ``text``:
     ``('range', start, end)``, bytes of an uncompressed file the worker reads itself, or ``('bytes', data)``
     (decompressed here); both whole lines (json / lines) or the whole file (text). Parquet / Arrow: see
@@ -503,7 +530,7 @@ def _tasks(files: Sequence[Path], json_key: str, split_lines: bool,
 
 
 # ------------------------------------------------------------------------------------------------ workers
-_TOKENIZER: Optional[Tokenizer] = None
+_TOKENIZER: Tokenizer | None = None
 _APPEND_EOD = True
 _DTYPE = np.int32
 
@@ -521,7 +548,7 @@ class _BadDocument(Exception):
     where the task starts, names the file's line) and the rest of the message, or ``line`` None and the whole
     message."""
 
-    def __init__(self, line: Optional[int], message: str):
+    def __init__(self, line: int | None, message: str):
         super().__init__(message)
         self.line, self.message = line, message
 
@@ -535,7 +562,7 @@ def _task_bytes(path: str, text) -> bytes:
     return text[1]
 
 
-def _lines(data: bytes) -> Iterator[Tuple[int, bytes]]:
+def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
     for no, line in enumerate(data.split(b"\n"), 1):
         if line and not line.isspace():  # a blank line is no document
             yield no, line
@@ -548,11 +575,13 @@ def _json_texts(data: bytes, key: str) -> Iterator[str]:
         except ValueError as e:
             raise _BadDocument(no, f" is not valid JSON ({_one_line(e)})") from None
         if not isinstance(obj, dict):
-            raise _BadDocument(no, f" is a JSON {type(obj).__name__}, expected an object with the text under "
-                                   f"{key!r}")
+            raise _BadDocument(no, f" is a JSON {type(obj).__name__}, expected an object with the text under {key!r}")
         if key not in obj:
-            raise _BadDocument(no, f" has no key {key!r} (keys: {', '.join(map(str, list(obj)[:8]))}); choose the "
-                                   f"text field with --json-key")
+            raise _BadDocument(
+                no,
+                f" has no key {key!r} (keys: {', '.join(map(str, list(obj)[:8]))}); choose the "
+                f"text field with --json-key",
+            )
         text = obj[key]
         if not isinstance(text, str):
             raise _BadDocument(no, f": {key!r} holds a JSON {type(text).__name__}, expected a string")
@@ -560,9 +589,12 @@ def _json_texts(data: bytes, key: str) -> Iterator[str]:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise _BadDocument(no, f": the text holds a lone UTF-16 surrogate (\\u{ord(text[e.start]):04x}, "
-                                       f"character {e.start}), which no tokenizer can encode; fix or drop that "
-                                       f"line") from None
+                raise _BadDocument(
+                    no,
+                    f": the text holds a lone UTF-16 surrogate (\\u{ord(text[e.start]):04x}, "
+                    f"character {e.start}), which no tokenizer can encode; fix or drop that "
+                    f"line",
+                ) from None
         yield text
 
 
@@ -618,12 +650,15 @@ def _column_texts(path: str, key: str, payload) -> Iterator[str]:
     try:
         texts = strings.to_pylist()
     except UnicodeDecodeError as e:  # parquet does not validate UTF-8 on write
-        raise _BadDocument(None, f"{path} rows {first}-{first + len(strings) - 1} (from 0): column {key!r} holds "
-                                 f"invalid UTF-8 ({e.reason})") from None
+        raise _BadDocument(
+            None,
+            f"{path} rows {first}-{first + len(strings) - 1} (from 0): column {key!r} holds invalid UTF-8 ({e.reason})",
+        ) from None
     for i, text in enumerate(texts, first):
         if text is None:
-            raise _BadDocument(None, f"{path} row {i} (from 0): column {key!r} is null, expected a string; fill "
-                                     f"or drop that row")
+            raise _BadDocument(
+                None, f"{path} row {i} (from 0): column {key!r} is null, expected a string; fill or drop that row"
+            )
         yield text
 
 
@@ -692,8 +727,7 @@ class _Progress:
 
     def _line(self, docs: int, tokens: int) -> str:
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        return (f"{docs:,} docs, {tokens:,} tokens | {docs / dt:,.0f} docs/s, {tokens / dt:,.0f} tokens/s | "
-                f"{dt:.1f} s")
+        return f"{docs:,} docs, {tokens:,} tokens | {docs / dt:,.0f} docs/s, {tokens / dt:,.0f} tokens/s | {dt:.1f} s"
 
     def update(self, docs: int, tokens: int) -> None:
         now = time.perf_counter()
@@ -760,7 +794,7 @@ def _results(tasks: Iterable[tuple], tokenizer: Tokenizer, workers: int, append_
         pool.join()
 
 
-def _add_documents(builder, flat: np.ndarray, lengths: List[int]) -> None:
+def _add_documents(builder, flat: np.ndarray, lengths: list[int]) -> None:
     """``builder.add_document(doc, [len(doc)])`` for each document of ``flat`` (the same .bin and .idx; a test
     compares), for a whole task at once: one add_document call per document was the main process's largest
     cost per document once the workers tokenize."""
@@ -772,10 +806,20 @@ def _add_documents(builder, flat: np.ndarray, lengths: List[int]) -> None:
     builder.document_indices.extend(range(n0 + 1, n0 + len(lengths) + 1))
 
 
-def preprocess(inputs: Sequence[Union[str, os.PathLike]], output_prefix: Union[str, os.PathLike],
-               tokenizer_path: Union[str, os.PathLike, Tokenizer], json_key: str = "text", workers: int = 2,
-               force: bool = False, append_eod: bool = True, log_every: float = 1.0, split_lines: bool = False,
-               eod_token: Optional[Union[str, int]] = None, quiet: bool = True, stream=None) -> dict:
+def preprocess(
+    inputs: Sequence[str | os.PathLike],
+    output_prefix: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | Tokenizer,
+    json_key: str = "text",
+    workers: int = 2,
+    force: bool = False,
+    append_eod: bool = True,
+    log_every: float = 1.0,
+    split_lines: bool = False,
+    eod_token: str | int | None = None,
+    quiet: bool = True,
+    stream=None,
+) -> dict:
     """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx/.json`` (see the module docstring); return the metadata.
 
     ``tokenizer_path`` may also be a loaded ``Tokenizer``. ``log_every``: seconds between progress lines on
@@ -784,19 +828,24 @@ def preprocess(inputs: Sequence[Union[str, os.PathLike]], output_prefix: Union[s
     if workers < 1:
         raise PreprocessError(f"workers must be >= 1, got {workers}")
     files = expand_inputs(inputs)
-    tokenizer = tokenizer_path if isinstance(tokenizer_path, Tokenizer) else load_tokenizer(tokenizer_path,
-                                                                                            eod_token=eod_token)
+    tokenizer = (
+        tokenizer_path if isinstance(tokenizer_path, Tokenizer) else load_tokenizer(tokenizer_path, eod_token=eod_token)
+    )
     prefix = _prefix(output_prefix)
     outputs = {ext: prefix + ext for ext in (".bin", ".idx", ".json")}
     for out in outputs.values():  # before the --force check: --force must not be suggested for these
         hit = path_overlap(out, [*files, getattr(tokenizer, "path", None)])
         if hit:
-            raise PreprocessError(f"output {out} {hit[0]} the input {hit[1]}: writing it would destroy that input "
-                                  "(even with --force); choose an --output-prefix whose .bin/.idx/.json are not inputs")
+            raise PreprocessError(
+                f"output {out} {hit[0]} the input {hit[1]}: writing it would destroy that input "
+                "(even with --force); choose an --output-prefix whose .bin/.idx/.json are not inputs"
+            )
     existing = [p for ext, p in outputs.items() if ext != ".json" and os.path.exists(p)]
     if existing and not force:
-        raise PreprocessError(f"output {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
-                              f"pass --force (force=True) to overwrite")
+        raise PreprocessError(
+            f"output {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+            f"pass --force (force=True) to overwrite"
+        )
     if not files:
         raise PreprocessError("empty input: the inputs name no file (empty directories?)")
     check_inputs(files, json_key)  # an unknown, unreadable or column-less file fails now, not hours in
@@ -838,18 +887,31 @@ def preprocess(inputs: Sequence[Union[str, os.PathLike]], output_prefix: Union[s
             empty += n_empty
             progress.update(docs, tokens)
         if docs == 0:
-            raise PreprocessError(f"empty input: {len(files)} file(s) hold no non-empty document "
-                                  f"({empty} empty skipped)")
+            raise PreprocessError(
+                f"empty input: {len(files)} file(s) hold no non-empty document ({empty} empty skipped)"
+            )
         builder.finalize(tmp[".idx"])
         bin_stat = os.stat(tmp[".bin"])  # the rename below keeps size and mtime
         elapsed = time.perf_counter() - progress.t0
-        meta = {"format": "megatron-core indexed dataset", "tool": TOOL, "tool_version": TOOL_VERSION,
-                **tokenizer.describe(), "append_eod": bool(append_eod), "dtype": np.dtype(dtype).name,
-                "num_documents": docs, "num_tokens": tokens, "num_empty_skipped": empty,
-                "inputs": [str(f) for f in files], "json_key": json_key, "split_lines": bool(split_lines),
-                "idx_sha256": file_sha256(tmp[".idx"]), "bin_bytes": bin_stat.st_size,
-                "min_token_id": lo, "max_token_id": hi,
-                "token_ids_bin": {"bytes": bin_stat.st_size, "mtime_ns": bin_stat.st_mtime_ns}}
+        meta = {
+            "format": "megatron-core indexed dataset",
+            "tool": TOOL,
+            "tool_version": TOOL_VERSION,
+            **tokenizer.describe(),
+            "append_eod": bool(append_eod),
+            "dtype": np.dtype(dtype).name,
+            "num_documents": docs,
+            "num_tokens": tokens,
+            "num_empty_skipped": empty,
+            "inputs": [str(f) for f in files],
+            "json_key": json_key,
+            "split_lines": bool(split_lines),
+            "idx_sha256": file_sha256(tmp[".idx"]),
+            "bin_bytes": bin_stat.st_size,
+            "min_token_id": lo,
+            "max_token_id": hi,
+            "token_ids_bin": {"bytes": bin_stat.st_size, "mtime_ns": bin_stat.st_mtime_ns},
+        }
         with open(tmp[".json"], "w") as f:
             f.write(json.dumps(meta, indent=1) + "\n")
         # The .idx is what makes a prefix look complete (IndexedDataset.exists): drop the old one first,
@@ -868,9 +930,11 @@ def preprocess(inputs: Sequence[Union[str, os.PathLike]], output_prefix: Union[s
             for p in tmp.values():
                 if os.path.exists(p):
                     os.remove(p)
-    progress.done(f"done: {docs:,} documents ({empty:,} empty skipped), {tokens:,} tokens in {elapsed:.2f} s: "
-                  f"{docs / max(elapsed, 1e-9):,.0f} docs/s, {tokens / max(elapsed, 1e-9):,.0f} tokens/s "
-                  f"-> {prefix}.bin/.idx ({np.dtype(dtype).name})")
+    progress.done(
+        f"done: {docs:,} documents ({empty:,} empty skipped), {tokens:,} tokens in {elapsed:.2f} s: "
+        f"{docs / max(elapsed, 1e-9):,.0f} docs/s, {tokens / max(elapsed, 1e-9):,.0f} tokens/s "
+        f"-> {prefix}.bin/.idx ({np.dtype(dtype).name})"
+    )
     meta_out = dict(meta)
     meta_out["seconds"] = elapsed
     return meta_out
@@ -881,37 +945,59 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="preprocess_data.py",
         description="Tokenize .jsonl/.json/.txt (also .gz/.zst), parquet and Arrow files or datasets "
-                    "directories into a megatron-core indexed dataset (<prefix>.bin/.idx) plus <prefix>.json "
-                    "metadata.")
+        "directories into a megatron-core indexed dataset (<prefix>.bin/.idx) plus <prefix>.json "
+        "metadata.",
+    )
     p.add_argument("inputs", nargs="*", help="input files, directories (recursive) or globs")
-    p.add_argument("--input", action="append", default=[], metavar="PATH",
-                   help="another input (repeatable; same as a positional input)")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="another input (repeatable; same as a positional input)",
+    )
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx and PREFIX.json")
-    p.add_argument("--tokenizer", required=True, metavar="PATH",
-                   help="a sentencepiece .model or a Hugging Face tokenizer.json")
-    p.add_argument("--eod-token", default=None,
-                   help="token (or id) appended after each document; default: the tokenizer's eos")
-    p.add_argument("--json-key", default="text",
-                   help="JSON field, or parquet / Arrow column, holding the text (default: text)")
-    p.add_argument("--split-lines", action="store_true",
-                   help="text files: each non-empty line is a document (default: each file is one document)")
+    p.add_argument(
+        "--tokenizer", required=True, metavar="PATH", help="a sentencepiece .model or a Hugging Face tokenizer.json"
+    )
+    p.add_argument(
+        "--eod-token", default=None, help="token (or id) appended after each document; default: the tokenizer's eos"
+    )
+    p.add_argument(
+        "--json-key", default="text", help="JSON field, or parquet / Arrow column, holding the text (default: text)"
+    )
+    p.add_argument(
+        "--split-lines",
+        action="store_true",
+        help="text files: each non-empty line is a document (default: each file is one document)",
+    )
     p.add_argument("--workers", type=int, default=2, help="tokenizer processes (default: 2)")
-    p.add_argument("--no-append-eod", dest="append_eod", action="store_false",
-                   help="do not append the EOD id after each document")
+    p.add_argument(
+        "--no-append-eod", dest="append_eod", action="store_false", help="do not append the EOD id after each document"
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing PREFIX.bin/.idx (never an input)")
     p.add_argument("--log-every", type=float, default=1.0, help="seconds between progress updates (default: 1)")
     p.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     try:
-        preprocess(list(args.inputs) + list(args.input), args.output_prefix, args.tokenizer,
-                   json_key=args.json_key, workers=args.workers, force=args.force, append_eod=args.append_eod,
-                   log_every=args.log_every, split_lines=args.split_lines, eod_token=args.eod_token,
-                   quiet=args.quiet)
+        preprocess(
+            list(args.inputs) + list(args.input),
+            args.output_prefix,
+            args.tokenizer,
+            json_key=args.json_key,
+            workers=args.workers,
+            force=args.force,
+            append_eod=args.append_eod,
+            log_every=args.log_every,
+            split_lines=args.split_lines,
+            eod_token=args.eod_token,
+            quiet=args.quiet,
+        )
     except (PreprocessError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

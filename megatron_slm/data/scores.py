@@ -48,7 +48,13 @@ def token_fingerprint(token_prefix: str) -> dict:
 def to_storage(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "fp32":
         return values.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return (
+        torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        .to(torch.bfloat16)
+        .view(torch.int16)
+        .numpy()
+        .view(np.uint16)
+    )
 
 
 def from_storage(raw: np.ndarray, dtype: str) -> torch.Tensor:
@@ -67,13 +73,18 @@ def write_sidecar(scores_prefix: str, token_prefix: str, flat_values: np.ndarray
     lengths, doc_starts = tokens.sequence_lengths, set(int(d) for d in tokens.document_indices[1:])
     start = 0
     for i, n in enumerate(lengths):
-        builder.add_item(torch.from_numpy(to_storage(flat_values[start:start + n], dtype)))
+        builder.add_item(torch.from_numpy(to_storage(flat_values[start : start + n], dtype)))
         start += int(n)
         if i + 1 in doc_starts:
             builder.end_document()
     builder.finalize(f"{tmp}.idx")
-    meta = dict(manifest, format=FORMAT, dtype=dtype, **token_fingerprint(token_prefix),
-                scores_idx_sha256=file_sha256(f"{tmp}.idx"))
+    meta = dict(
+        manifest,
+        format=FORMAT,
+        dtype=dtype,
+        **token_fingerprint(token_prefix),
+        scores_idx_sha256=file_sha256(f"{tmp}.idx"),
+    )
     Path(f"{tmp}.json").write_text(json.dumps(meta, indent=2))
     # The manifest goes first and comes back last: a reader (or a kill) in between finds no sidecar, never a
     # new .bin under an old manifest.
@@ -86,8 +97,17 @@ def write_sidecar(scores_prefix: str, token_prefix: str, flat_values: np.ndarray
 # The data flags that decide in which window each token was scored
 
 # What a manifest's "scoring" record must hold for training to compare it (older manifests lack some).
-COMPARED = ("seq_length", "seed", "blend", "train_fraction", "split", "data_path", "num_samples", "train_iters",
-            "global_batch_size")
+COMPARED = (
+    "seq_length",
+    "seed",
+    "blend",
+    "train_fraction",
+    "split",
+    "data_path",
+    "num_samples",
+    "train_iters",
+    "global_batch_size",
+)
 
 
 def _train_fraction(data_cfg) -> float:
@@ -121,31 +141,46 @@ def scoring_flags(cfg, train_iters: int | None = None, fingerprints: list[dict] 
     except Exception:  # noqa: BLE001 - informative only
         mcore = None
     return {
-        "data_path": [str(x) for x in cfg.data.data_path], "split": cfg.data.split,
+        "data_path": [str(x) for x in cfg.data.data_path],
+        "split": cfg.data.split,
         "valid_data_path": [str(x) for x in cfg.data.valid_data_path] if cfg.data.valid_data_path else None,
-        "seq_length": cfg.train.seq_length, "seed": cfg.train.seed,
-        "global_batch_size": cfg.train.global_batch_size, "train_iters": train_iters,
+        "seq_length": cfg.train.seq_length,
+        "seed": cfg.train.seed,
+        "global_batch_size": cfg.train.global_batch_size,
+        "train_iters": train_iters,
         "num_samples": train_iters * cfg.train.global_batch_size,
         "train_fraction": _train_fraction(cfg.data),
-        "blend": [{"weight": w, "token_idx_sha256": fp["token_idx_sha256"], "token_bin_bytes": fp["token_bin_bytes"]}
-                  for w, fp in zip(norm, fingerprints)],
+        "blend": [
+            {"weight": w, "token_idx_sha256": fp["token_idx_sha256"], "token_bin_bytes": fp["token_bin_bytes"]}
+            for w, fp in zip(norm, fingerprints)
+        ],
         "megatron_core_version": mcore,
     }
 
 
 # What a resumed scoring run must share exactly with the parts it resumes: each decides some sample's window
 # (train_iters too: with global_batch_size it sets each dataset's epochs, and so its shuffle).
-RESUME_FLAGS = (("data_path", "--data-path"), ("valid_data_path", "--valid-data-path"), ("split", "--split"),
-                ("seq_length", "--seq-length"), ("seed", "--seed"), ("global_batch_size", "--global-batch-size"),
-                ("train_iters", "--train-iters"), ("megatron_core_version", "megatron-core version"))
+RESUME_FLAGS = (
+    ("data_path", "--data-path"),
+    ("valid_data_path", "--valid-data-path"),
+    ("split", "--split"),
+    ("seq_length", "--seq-length"),
+    ("seed", "--seed"),
+    ("global_batch_size", "--global-batch-size"),
+    ("train_iters", "--train-iters"),
+    ("megatron_core_version", "megatron-core version"),
+)
 
 
 def scoring_flag_differences(recorded: dict, run: dict) -> list[tuple[str, str, str]]:
     """``(flag, recorded value, run value)`` for each flag of RESUME_FLAGS on which two scoring_flags records
     differ, and for the blend's token files (by content) when the paths agree."""
     fmt = lambda v: " ".join(map(str, v)) if isinstance(v, list) else "none" if v is None else str(v)  # noqa: E731
-    out = [(flag, fmt(recorded.get(key)), fmt(run.get(key))) for key, flag in RESUME_FLAGS
-           if recorded.get(key) != run.get(key)]
+    out = [
+        (flag, fmt(recorded.get(key)), fmt(run.get(key)))
+        for key, flag in RESUME_FLAGS
+        if recorded.get(key) != run.get(key)
+    ]
     if recorded.get("data_path") == run.get("data_path"):
         why = _blend_difference(recorded.get("blend") or [], run["blend"])
         if why:
@@ -170,10 +205,12 @@ def _split_words(rec: dict, long: bool) -> str:
     if rec.get("valid_data_path"):
         return "all documents (--valid-data-path set)"
     share = f"the first {rec['train_fraction'] * 100:g}%"
-    return f"{share} of each dataset's documents (--split {rec['split']})" if long else f"{share} (--split {rec['split']})"
+    return (
+        f"{share} of each dataset's documents (--split {rec['split']})" if long else f"{share} (--split {rec['split']})"
+    )
 
 
-def check_scoring_flags(sidecar: "ScoreSidecar", run: dict) -> None:
+def check_scoring_flags(sidecar: ScoreSidecar, run: dict) -> None:
     """Refuse a sidecar whose scores were computed in other windows than this run's (``run``: scoring_flags
     of the run), naming each differing flag with both values, or one that scored a token more than once."""
     rec = sidecar.meta.get("scoring") or {}
@@ -190,27 +227,41 @@ def check_scoring_flags(sidecar: "ScoreSidecar", run: dict) -> None:
     if "blend" in rec and "data_path" in rec:
         why = _blend_difference(rec["blend"], run["blend"])
         if why:
-            problems.append(f"data blend: scored with --data-path {' '.join(rec['data_path'])}, this run has "
-                            f"--data-path {' '.join(run['data_path'])} ({why})")
+            problems.append(
+                f"data blend: scored with --data-path {' '.join(rec['data_path'])}, this run has "
+                f"--data-path {' '.join(run['data_path'])} ({why})"
+            )
             hints.append(f"--data-path {' '.join(rec['data_path'])}")
     if "train_fraction" in rec and "split" in rec and abs(rec["train_fraction"] - run["train_fraction"]) > 1e-9:
         problems.append(f"split: scored on {_split_words(rec, True)}, this run trains on {_split_words(run, False)}")
-        hints.append(f"--valid-data-path {' '.join(rec['valid_data_path'])}" if rec.get("valid_data_path")
-                     else f"--split {rec['split']}" + (" without --valid-data-path" if run["valid_data_path"] else ""))
-    if all(k in rec for k in ("num_samples", "train_iters", "global_batch_size")) and run["num_samples"] > rec["num_samples"]:
+        hints.append(
+            f"--valid-data-path {' '.join(rec['valid_data_path'])}"
+            if rec.get("valid_data_path")
+            else f"--split {rec['split']}" + (" without --valid-data-path" if run["valid_data_path"] else "")
+        )
+    if (
+        all(k in rec for k in ("num_samples", "train_iters", "global_batch_size"))
+        and run["num_samples"] > rec["num_samples"]
+    ):
         G = run["global_batch_size"]
         problems.append(
             f"train_iters x global_batch_size: this run trains {run['train_iters']} x {G} = {run['num_samples']} "
             f"samples but the scoring run scored {rec['train_iters']} x {rec['global_batch_size']} = "
-            f"{rec['num_samples']}, so the tokens of the later samples have no reference score")
-        hints.append(f"--train-iters {rec['num_samples'] // G} (or fewer)" if rec["num_samples"] >= G
-                     else f"--train-iters {rec['train_iters']} --global-batch-size {rec['global_batch_size']}")
+            f"{rec['num_samples']}, so the tokens of the later samples have no reference score"
+        )
+        hints.append(
+            f"--train-iters {rec['num_samples'] // G} (or fewer)"
+            if rec["num_samples"] >= G
+            else f"--train-iters {rec['train_iters']} --global-batch-size {rec['global_batch_size']}"
+        )
     if problems:
         fix = "rerun tools/score_reference.py (slm score-reference) with this run's data flags"
         if hints:
             fix += f", or train with the scored ones: {' '.join(hints)}"
-        raise DataError(f"score sidecar '{sidecar.prefix}' was computed under other data flags than this run's, so its "
-                        f"scores belong to other context windows or miss tokens: {'; '.join(problems)}; {fix}")
+        raise DataError(
+            f"score sidecar '{sidecar.prefix}' was computed under other data flags than this run's, so its "
+            f"scores belong to other context windows or miss tokens: {'; '.join(problems)}; {fix}"
+        )
     twice = sidecar.meta["num_scored_more_than_once"]
     if twice:
         raise DataError(
@@ -243,7 +294,10 @@ class ScoreSidecar:
             if not Path(f"{self.prefix}{suffix}").is_file():
                 raise DataError(f"score sidecar {self.prefix}{suffix} is missing; {fix}")
         current = token_fingerprint(token_prefix)
-        if current["token_idx_sha256"] != self.meta["token_idx_sha256"] or current["token_bin_bytes"] != self.meta["token_bin_bytes"]:
+        if (
+            current["token_idx_sha256"] != self.meta["token_idx_sha256"]
+            or current["token_bin_bytes"] != self.meta["token_bin_bytes"]
+        ):
             raise DataError(
                 f"score sidecar '{self.prefix}' was computed for other token files than '{token_prefix}' "
                 f"(index checksum or size differs: the dataset was rebuilt or the wrong sidecar is named); {fix}"
@@ -260,9 +314,13 @@ class ScoreSidecar:
             raise DataError(f"score sidecar {self.prefix}.idx does not match its manifest (corrupt); {fix}")
         scores = IndexedDataset(self.prefix, mmap=True)
         token_ds = IndexedDataset(token_prefix, mmap=True)
-        if not (np.array_equal(scores.sequence_lengths, token_ds.sequence_lengths)
-                and np.array_equal(scores.document_indices, token_ds.document_indices)):
-            raise DataError(f"score sidecar '{self.prefix}' is not aligned with '{token_prefix}' (document structure differs); {fix}")
+        if not (
+            np.array_equal(scores.sequence_lengths, token_ds.sequence_lengths)
+            and np.array_equal(scores.document_indices, token_ds.document_indices)
+        ):
+            raise DataError(
+                f"score sidecar '{self.prefix}' is not aligned with '{token_prefix}' (document structure differs); {fix}"
+            )
         self.values = np.memmap(f"{self.prefix}.bin", dtype=STORAGE[self.meta["dtype"]], mode="r")
         self.token_prefix = token_prefix
         self.token_fp = current
@@ -286,7 +344,9 @@ class OfflineScores:
                 f"reference.scores_path names {len(scores_prefixes)} sidecars for {len(token_prefixes)} datasets; "
                 "give one per data_path prefix, in the same order"
             )
-        self.sidecars = [ScoreSidecar(p, scores_prefixes[i] if scores_prefixes else None) for i, p in enumerate(token_prefixes)]
+        self.sidecars = [
+            ScoreSidecar(p, scores_prefixes[i] if scores_prefixes else None) for i, p in enumerate(token_prefixes)
+        ]
         if cfg is not None:
             run = scoring_flags(cfg, fingerprints=[s.token_fp for s in self.sidecars])
             for sidecar in self.sidecars:

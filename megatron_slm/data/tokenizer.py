@@ -15,11 +15,12 @@ It also duck-types what megatron-core's GPTDataset / MegatronDataset read from `
 ``tokenize``/``detokenize``, ``vocab``/``inv_vocab``). It pickles as the file's bytes plus options, so
 worker processes rebuild the same tokenizer without touching the file system.
 """
+
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
 
 from megatron_slm.errors import TokenizerError
 
@@ -33,12 +34,10 @@ PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 SENTENCEPIECE, HUGGINGFACE = "sentencepiece", "huggingface"
 
 
-
-
 class Tokenizer:
     """One tokenizer file (see the module docstring). Build it with ``load_tokenizer``."""
 
-    def __init__(self, path, data: bytes, kind: str, eod_token: Optional[Union[str, int]] = None):
+    def __init__(self, path, data: bytes, kind: str, eod_token: str | int | None = None):
         self.path = str(path)
         self.kind = kind
         self.eod_token = eod_token
@@ -52,8 +51,9 @@ class Tokenizer:
         else:
             raise TokenizerError(f"tokenizer {self.path}: unknown kind {kind!r}; {EXPECTED}")
         if not 0 <= self.eod < self.vocab_size:
-            raise TokenizerError(f"tokenizer {self.path}: eod id {self.eod} is outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
+            raise TokenizerError(
+                f"tokenizer {self.path}: eod id {self.eod} is outside the vocabulary [0, {self.vocab_size})"
+            )
 
     # ----------------------------------------------------------------------------------------- loading
     def _init_sentencepiece(self):
@@ -73,8 +73,10 @@ class Tokenizer:
         elif sp.eos_id() >= 0:
             self.eod = int(sp.eos_id())
         else:
-            raise TokenizerError(f"sentencepiece model {self.path} defines no eos token to end documents; "
-                                 f"pass eod_token (a piece or an id)")
+            raise TokenizerError(
+                f"sentencepiece model {self.path} defines no eos token to end documents; "
+                f"pass eod_token (a piece or an id)"
+            )
         self.bos = int(sp.bos_id()) if sp.bos_id() >= 0 else None
         pad = int(sp.pad_id())
         self.pad = pad if pad >= 0 and pad not in (self.eod, self.bos) else -1
@@ -83,8 +85,10 @@ class Tokenizer:
         try:
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError:
-            raise TokenizerError(f"tokenizer {self.path} is a tokenizer.json, which needs the 'tokenizers' "
-                                 f"package: pip install tokenizers") from None
+            raise TokenizerError(
+                f"tokenizer {self.path} is a tokenizer.json, which needs the 'tokenizers' "
+                f"package: pip install tokenizers"
+            ) from None
         try:
             text = self._data.decode("utf-8")
             json.loads(text)
@@ -93,8 +97,9 @@ class Tokenizer:
         try:
             hf = HFTokenizer.from_str(text)
         except Exception:  # the Rust parser raises a bare Exception
-            raise TokenizerError(f"tokenizer {self.path} is JSON but not a Hugging Face tokenizer; "
-                                 f"{EXPECTED}") from None
+            raise TokenizerError(
+                f"tokenizer {self.path} is JSON but not a Hugging Face tokenizer; {EXPECTED}"
+            ) from None
         self._sp, self._hf = None, hf
         vocab = hf.get_vocab(with_added_tokens=True)
         if not vocab:
@@ -105,8 +110,10 @@ class Tokenizer:
         else:
             found = [t for t in EOD_CANDIDATES if t in vocab]
             if not found:
-                raise TokenizerError(f"tokenizer {self.path} has none of the end-of-document tokens "
-                                     f"{', '.join(EOD_CANDIDATES)}; pass eod_token (a token or an id)")
+                raise TokenizerError(
+                    f"tokenizer {self.path} has none of the end-of-document tokens "
+                    f"{', '.join(EOD_CANDIDATES)}; pass eod_token (a token or an id)"
+                )
             self.eod = int(vocab[found[0]])
         bos = [vocab[t] for t in BOS_CANDIDATES if t in vocab]
         self.bos = int(bos[0]) if bos else None
@@ -117,8 +124,9 @@ class Tokenizer:
         if isinstance(token, int) or (isinstance(token, str) and token.isdigit()):
             i = int(token)
             if not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"eod_token {token} is outside the vocabulary [0, {self.vocab_size}) "
-                                     f"of {self.path}")
+                raise TokenizerError(
+                    f"eod_token {token} is outside the vocabulary [0, {self.vocab_size}) of {self.path}"
+                )
             return i
         i = to_id(token)
         if i is None or (unk is not None and i == unk and token != "<unk>"):
@@ -126,7 +134,7 @@ class Tokenizer:
         return int(i)
 
     # ------------------------------------------------------------------------------------------ coding
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no BOS or EOS is added."""
         if self._sp is not None:
             return self._sp.encode(text)
@@ -139,7 +147,7 @@ class Tokenizer:
         return self._hf.decode(ids, skip_special_tokens=False)
 
     # megatron-core's tokenizer names
-    def tokenize(self, text: str) -> List[int]:
+    def tokenize(self, text: str) -> list[int]:
         return self.encode(text)
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -166,13 +174,27 @@ class Tokenizer:
     @property
     def unique_identifiers(self) -> "OrderedDict[str, object]":
         """What megatron-core's dataset cache hash records about the tokenizer (the file's content, not its path)."""
-        return OrderedDict([("class", type(self).__name__), ("kind", self.kind), ("fingerprint", self.fingerprint),
-                            ("vocab_size", self.vocab_size), ("eod", self.eod), ("pad", self.pad)])
+        return OrderedDict(
+            [
+                ("class", type(self).__name__),
+                ("kind", self.kind),
+                ("fingerprint", self.fingerprint),
+                ("vocab_size", self.vocab_size),
+                ("eod", self.eod),
+                ("pad", self.pad),
+            ]
+        )
 
     def describe(self) -> dict:
         """The tokenizer's identity as JSON-able metadata (written beside preprocessed data)."""
-        return {"tokenizer": self.path, "tokenizer_kind": self.kind, "tokenizer_fingerprint": self.fingerprint,
-                "vocab_size": self.vocab_size, "eod_token_id": self.eod, "bos_token_id": self.bos}
+        return {
+            "tokenizer": self.path,
+            "tokenizer_kind": self.kind,
+            "tokenizer_fingerprint": self.fingerprint,
+            "vocab_size": self.vocab_size,
+            "eod_token_id": self.eod,
+            "bos_token_id": self.bos,
+        }
 
     # ---------------------------------------------------------------------------------------- pickling
     def __getstate__(self):
@@ -182,8 +204,10 @@ class Tokenizer:
         self.__init__(state["path"], state["data"], state["kind"], state["eod_token"])
 
     def __repr__(self):
-        return (f"Tokenizer({self.kind}, {self.path!r}, vocab_size={self.vocab_size}, eod={self.eod}, "
-                f"bos={self.bos}, pad={self.pad})")
+        return (
+            f"Tokenizer({self.kind}, {self.path!r}, vocab_size={self.vocab_size}, eod={self.eod}, "
+            f"bos={self.bos}, pad={self.pad})"
+        )
 
 
 def _one_line(e: BaseException) -> str:
@@ -191,7 +215,7 @@ def _one_line(e: BaseException) -> str:
     return (msg[:200] + "...") if len(msg) > 200 else (msg or type(e).__name__)
 
 
-def load_tokenizer(path, eod_token: Optional[Union[str, int]] = None) -> Tokenizer:
+def load_tokenizer(path, eod_token: str | int | None = None) -> Tokenizer:
     """Load a SentencePiece ``.model`` or a Hugging Face ``tokenizer.json`` (``TokenizerError`` otherwise).
 
     The kind comes from the suffix (``.model`` / ``.json``) or, for any other name, from the content (a JSON

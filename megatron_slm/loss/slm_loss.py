@@ -19,8 +19,13 @@ from megatron_slm.slm import excess_loss
 
 # Order of the summed statistics a loss call returns; the trainer reduces them over micro-batches and DP.
 STAT_KEYS = (
-    "selected_loss_sum", "num_selected", "all_loss_sum", "num_valid", "ref_loss_sum",
-    "excess_selected_sum", "excess_unselected_sum",
+    "selected_loss_sum",
+    "num_selected",
+    "all_loss_sum",
+    "num_valid",
+    "ref_loss_sum",
+    "excess_selected_sum",
+    "excess_unselected_sum",
 )
 
 
@@ -39,7 +44,13 @@ class SLMLoss:
         excess = excess_loss(token_loss, ref) if ref is not None else None
         selected = self.selector(excess, valid, mb) & valid
         per_token = selective_head_cross_entropy(
-            hidden, weight, labels, selected, vocab_size=self.vocab_size, logits=logits, token_loss=token_loss,
+            hidden,
+            weight,
+            labels,
+            selected,
+            vocab_size=self.vocab_size,
+            logits=logits,
+            token_loss=token_loss,
             logsumexp=lse,
         )
         del logits
@@ -48,8 +59,10 @@ class SLMLoss:
             valid_f, selected_f = valid.double(), selected.double()
             zero = torch.zeros((), dtype=torch.float64, device=token_loss.device)
             stats = [
-                (token_loss.double() * selected_f).sum(), num_selected.double(),
-                (token_loss.double() * valid_f).sum(), valid_f.sum(),
+                (token_loss.double() * selected_f).sum(),
+                num_selected.double(),
+                (token_loss.double() * valid_f).sum(),
+                valid_f.sum(),
                 (ref.double() * valid_f).sum() if ref is not None else zero,
                 (excess.double() * selected_f).sum() if excess is not None else zero,
                 (excess.double() * (valid_f - selected_f)).sum() if excess is not None else zero,

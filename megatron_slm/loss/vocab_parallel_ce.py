@@ -122,7 +122,7 @@ def vocab_parallel_token_loss(logits, labels, vocab_size=None, tp_group=None) ->
     stats = _ShardStats(x.shape[0], x.device)
     rows = _block_rows(n_valid, x.device)
     for i in range(0, x.shape[0], rows):
-        stats.add_block(i, x[i:i + rows], lab[i:i + rows], start, n_valid)
+        stats.add_block(i, x[i : i + rows], lab[i : i + rows], start, n_valid)
     loss, lse = stats.reduce(group)
     return loss.view(labels.shape), lse.view(labels.shape)
 
@@ -146,7 +146,7 @@ def head_token_loss(hidden, weight, labels, vocab_size=None, tp_group=None) -> t
     stats = _ShardStats(h.shape[0], h.device)
     rows = _block_rows(part, h.device, _HEAD_BLOCK_BYTES)
     for i in range(0, h.shape[0], rows):
-        stats.add_block(i, F.linear(h[i:i + rows], weight), lab[i:i + rows], start, n_valid)
+        stats.add_block(i, F.linear(h[i : i + rows], weight), lab[i : i + rows], start, n_valid)
     loss, lse = stats.reduce(group)
     return loss.view(labels.shape), lse.view(labels.shape)
 
@@ -157,9 +157,9 @@ def _softmax_grad_blocks(rows, labels, lse, g, start, n_valid):
     ``rows`` (fp32 rows become their own gradient)."""
     step = _block_rows(n_valid, rows.device)
     for i in range(0, rows.shape[0], step):
-        gi, lab = g[i:i + step], labels[i:i + step]
+        gi, lab = g[i : i + step], labels[i : i + step]
         # In place on fp32 rows (they are this function's own copy), else on one fp32 block temporary.
-        p = rows[i:i + step, :n_valid].float().sub_(lse[i:i + step].unsqueeze(-1)).exp_().mul_(gi.unsqueeze(-1))
+        p = rows[i : i + step, :n_valid].float().sub_(lse[i : i + step].unsqueeze(-1)).exp_().mul_(gi.unsqueeze(-1))
         own = _owned(lab, start, n_valid).nonzero().squeeze(-1)
         p.index_put_((own, lab[own] - start), -gi[own], accumulate=True)
         yield i, i + p.shape[0], p
@@ -182,8 +182,9 @@ class SelectedHeadCrossEntropy(torch.autograd.Function):
         # Every row selected (CLM, k=1): keep the logits themselves, no copy; backward overwrites them.
         logits_sel = logits if sel_idx.numel() == logits.shape[0] else logits.index_select(0, sel_idx)
         hidden_sel = hidden.reshape(-1, hidden.shape[-1]).index_select(0, sel_idx).to(weight.dtype)
-        ctx.save_for_backward(logits_sel, hidden_sel, weight, sel_idx, labels.reshape(-1)[sel_idx],
-                              logsumexp.reshape(-1)[sel_idx])
+        ctx.save_for_backward(
+            logits_sel, hidden_sel, weight, sel_idx, labels.reshape(-1)[sel_idx], logsumexp.reshape(-1)[sel_idx]
+        )
         ctx.meta = (hidden.shape, hidden.dtype, start, n_valid)
         return token_loss.float() * selected
 
@@ -207,8 +208,9 @@ class SelectedHeadCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
-def selective_head_cross_entropy(hidden, weight, labels, selected, vocab_size=None, tp_group=None, logits=None,
-                                 token_loss=None, logsumexp=None) -> torch.Tensor:
+def selective_head_cross_entropy(
+    hidden, weight, labels, selected, vocab_size=None, tp_group=None, logits=None, token_loss=None, logsumexp=None
+) -> torch.Tensor:
     """Per-token CE of ``hidden @ weight.T`` over TP vocab shards, zero and gradient-free where not selected.
 
     Args:
@@ -224,5 +226,6 @@ def selective_head_cross_entropy(hidden, weight, labels, selected, vocab_size=No
         logits = head_logits(hidden, weight)
     if token_loss is None or logsumexp is None:
         token_loss, logsumexp = vocab_parallel_token_loss(logits, labels, vocab_size, tp_group)
-    return SelectedHeadCrossEntropy.apply(hidden, weight, logits, labels, token_loss, logsumexp, selected.bool(),
-                                          vocab_size, tp_group)
+    return SelectedHeadCrossEntropy.apply(
+        hidden, weight, logits, labels, token_loss, logsumexp, selected.bool(), vocab_size, tp_group
+    )

@@ -28,12 +28,21 @@ def recompute_settings(train) -> dict:
     the backward; SDPA keeps only its output and logsumexp, so this saves little unless the unfused fallback runs."""
     if train is None or train.recompute_granularity is None:
         return {}
-    return dict(recompute_granularity=train.recompute_granularity, recompute_method=train.recompute_method,
-                recompute_num_layers=train.recompute_num_layers)
+    return dict(
+        recompute_granularity=train.recompute_granularity,
+        recompute_method=train.recompute_method,
+        recompute_num_layers=train.recompute_num_layers,
+    )
 
 
-def transformer_config(m: ModelConfig, par: ParallelConfig, params_dtype: torch.dtype = torch.float32,
-                       recompute: dict | None = None, vp_size: int | None = None, initialize: bool = True):
+def transformer_config(
+    m: ModelConfig,
+    par: ParallelConfig,
+    params_dtype: torch.dtype = torch.float32,
+    recompute: dict | None = None,
+    vp_size: int | None = None,
+    initialize: bool = True,
+):
     """``recompute``: ``recompute_settings(train)`` for the policy; None (no recomputation) for everything else.
     ``vp_size``: model chunks per pipeline rank of an interleaved pipeline (config.virtual_pipeline_size), or None.
     ``initialize=False``: the weights will be loaded; megatron-core's init fills zeros instead of drawing (it still
@@ -41,7 +50,9 @@ def transformer_config(m: ModelConfig, par: ParallelConfig, params_dtype: torch.
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
-    no_draw = {} if initialize else dict(init_method=torch.nn.init.zeros_, output_layer_init_method=torch.nn.init.zeros_)
+    no_draw = (
+        {} if initialize else dict(init_method=torch.nn.init.zeros_, output_layer_init_method=torch.nn.init.zeros_)
+    )
     return TransformerConfig(
         **(recompute or {}),
         **no_draw,
@@ -106,20 +117,37 @@ def _layer_spec(meta: bool = False):
     return spec
 
 
-def build_model_chunks(m: ModelConfig, par: ParallelConfig, seed: int, params_dtype: torch.dtype = torch.float32,
-                       recompute: dict | None = None, vp_size: int | None = None, initialize: bool = True) -> list:
+def build_model_chunks(
+    m: ModelConfig,
+    par: ParallelConfig,
+    seed: int,
+    params_dtype: torch.dtype = torch.float32,
+    recompute: dict | None = None,
+    vp_size: int | None = None,
+    initialize: bool = True,
+) -> list:
     """This rank's model chunks: ``vp_size`` GPTModels, one per virtual pipeline stage (the policy's
     config.virtual_pipeline_size, which parallel_state was initialised with; the reference uses the same), else a
     list of one. Chunk i of pipeline rank r holds global layers from (i x PP + r) x layers-per-chunk on."""
     if vp_size is None:
         return [build_model(m, par, seed, params_dtype, recompute, initialize=initialize)]
-    return [build_model(m, par, seed, params_dtype, recompute, vp_stage=i, vp_size=vp_size, initialize=initialize)
-            for i in range(vp_size)]
+    return [
+        build_model(m, par, seed, params_dtype, recompute, vp_stage=i, vp_size=vp_size, initialize=initialize)
+        for i in range(vp_size)
+    ]
 
 
-def build_model(m: ModelConfig, par: ParallelConfig, seed: int, params_dtype: torch.dtype = torch.float32,
-                recompute: dict | None = None, vp_stage: int | None = None, vp_size: int | None = None,
-                meta: bool = False, initialize: bool = True):
+def build_model(
+    m: ModelConfig,
+    par: ParallelConfig,
+    seed: int,
+    params_dtype: torch.dtype = torch.float32,
+    recompute: dict | None = None,
+    vp_stage: int | None = None,
+    vp_size: int | None = None,
+    meta: bool = False,
+    initialize: bool = True,
+):
     """This rank's stage of the decoder, weights initialised from ``seed`` independently of TP/PP.
 
     ``recompute``: activation recomputation (``recompute_settings``), the policy's only. ``vp_stage``: which

@@ -116,12 +116,18 @@ def hf_config_to_model_config(cfg: dict) -> ModelConfig:
         if sliding < 1:
             raise ConvertError(f"unsupported model: sliding_window={window}")
     return ModelConfig(
-        num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
-        num_query_groups=groups, vocab_size=vocab,
+        num_layers=layers,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        vocab_size=vocab,
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
-        rotary_base=theta, norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        rotary_base=theta,
+        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
         untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),
-        sliding_window=sliding, init_method_std=float(cfg.get("initializer_range", 0.02)),
+        sliding_window=sliding,
+        init_method_std=float(cfg.get("initializer_range", 0.02)),
     )
 
 
@@ -132,11 +138,17 @@ def model_config_to_hf_config(m: ModelConfig, source: dict | None = None, dtype:
     source = source or {}
     mistral = bool(m.sliding_window) or source.get("model_type") == "mistral"
     kwargs = dict(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_query_groups or m.num_attention_heads, hidden_act="silu",
-        max_position_embeddings=m.max_position_embeddings or 4096, rms_norm_eps=m.norm_epsilon,
-        rope_theta=float(m.rotary_base), tie_word_embeddings=not m.untie_embeddings_and_output_weights,
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups or m.num_attention_heads,
+        hidden_act="silu",
+        max_position_embeddings=m.max_position_embeddings or 4096,
+        rms_norm_eps=m.norm_epsilon,
+        rope_theta=float(m.rotary_base),
+        tie_word_embeddings=not m.untie_embeddings_and_output_weights,
         initializer_range=m.init_method_std,
         torch_dtype="bfloat16" if dtype == torch.bfloat16 else "float32",  # transformers 5 reads it as dtype
     )
@@ -197,8 +209,9 @@ class HFWeights:
                     self.where[key] = file
         # Some checkpoints lack the "model." prefix (LlamaModel rather than LlamaForCausalLM).
         if self.where and not any(k.startswith("model.") for k in self.where):
-            self.where = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): f
-                          for k, f in self.where.items()}
+            self.where = {
+                ("lm_head.weight" if k == "lm_head.weight" else "model." + k): f for k, f in self.where.items()
+            }
             self._strip_prefix = True
         else:
             self._strip_prefix = False
@@ -225,11 +238,14 @@ class HFWeights:
 
                 why = refusal(exc)
                 if why:
-                    raise ConvertError(f"refused to load '{file}': it {why}, and loading it could run code (weights "
-                                       "may come from anyone, so only plain data is loaded); get the weights from a "
-                                       "source you trust, preferably as safetensors") from None
-                raise ConvertError(f"cannot read weights '{file}' ({type(exc).__name__}: "
-                                   f"{' '.join(str(exc).split())[:200]})") from None
+                    raise ConvertError(
+                        f"refused to load '{file}': it {why}, and loading it could run code (weights "
+                        "may come from anyone, so only plain data is loaded); get the weights from a "
+                        "source you trust, preferably as safetensors"
+                    ) from None
+                raise ConvertError(
+                    f"cannot read weights '{file}' ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+                ) from None
         return self._bin_cache[file]
 
     def keys(self):
@@ -239,7 +255,7 @@ class HFWeights:
         if key not in self.where:
             raise ConvertError(f"the HF weights lack '{key}'")
         file = self.where[key]
-        stored = key[len("model."):] if self._strip_prefix and key != "lm_head.weight" else key
+        stored = key[len("model.") :] if self._strip_prefix and key != "lm_head.weight" else key
         try:
             if file.suffix == ".safetensors":
                 from safetensors import safe_open
@@ -274,9 +290,17 @@ def megatron_names(m: ModelConfig) -> list[str]:
     names = ["embedding.word_embeddings.weight"]
     for i in range(m.num_layers):
         p = f"decoder.layers.{i}."
-        names += [p + s for s in ("input_layernorm.weight", "self_attention.linear_qkv.weight",
-                                  "self_attention.linear_proj.weight", "pre_mlp_layernorm.weight",
-                                  "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")]
+        names += [
+            p + s
+            for s in (
+                "input_layernorm.weight",
+                "self_attention.linear_qkv.weight",
+                "self_attention.linear_proj.weight",
+                "pre_mlp_layernorm.weight",
+                "mlp.linear_fc1.weight",
+                "mlp.linear_fc2.weight",
+            )
+        ]
     names.append("decoder.final_layernorm.weight")
     if m.untie_embeddings_and_output_weights:
         names.append("output_layer.weight")
@@ -337,10 +361,20 @@ def hf_names_used(m: ModelConfig) -> set[str]:
         names.add("lm_head.weight")
     for i in range(m.num_layers):
         p = f"model.layers.{i}."
-        names |= {p + s for s in ("input_layernorm.weight", "post_attention_layernorm.weight",
-                                  "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                                  "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-                                  "mlp.down_proj.weight")}
+        names |= {
+            p + s
+            for s in (
+                "input_layernorm.weight",
+                "post_attention_layernorm.weight",
+                "self_attn.q_proj.weight",
+                "self_attn.k_proj.weight",
+                "self_attn.v_proj.weight",
+                "self_attn.o_proj.weight",
+                "mlp.gate_proj.weight",
+                "mlp.up_proj.weight",
+                "mlp.down_proj.weight",
+            )
+        }
     return names
 
 
@@ -351,7 +385,11 @@ def megatron_to_hf_tensors(full: dict[str, torch.Tensor], m: ModelConfig) -> dic
         s, p = f"decoder.layers.{i}.", f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = full[s + "input_layernorm.weight"]
         q, k, v = split_qkv(full[s + "self_attention.linear_qkv.weight"], m)
-        out[p + "self_attn.q_proj.weight"], out[p + "self_attn.k_proj.weight"], out[p + "self_attn.v_proj.weight"] = q, k, v
+        out[p + "self_attn.q_proj.weight"], out[p + "self_attn.k_proj.weight"], out[p + "self_attn.v_proj.weight"] = (
+            q,
+            k,
+            v,
+        )
         out[p + "self_attn.o_proj.weight"] = full[s + "self_attention.linear_proj.weight"]
         out[p + "post_attention_layernorm.weight"] = full[s + "pre_mlp_layernorm.weight"]
         gate, up = torch.chunk(full[s + "mlp.linear_fc1.weight"], 2, dim=0)

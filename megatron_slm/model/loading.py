@@ -26,8 +26,13 @@ def build_eval_model(m: ModelConfig, parallel: ParallelConfig | None = None, see
     return model
 
 
-def load_model(directory: str | Path, m: ModelConfig, parallel: ParallelConfig | None = None, seed: int = 0,
-               expected_vocab: int | None = None):
+def load_model(
+    directory: str | Path,
+    m: ModelConfig,
+    parallel: ParallelConfig | None = None,
+    seed: int = 0,
+    expected_vocab: int | None = None,
+):
     """``build_eval_model`` with the weights of ``directory`` (saved with model config ``m``, any TP/PP, or a
     transformers Llama/Mistral directory). ``expected_vocab`` (default ``m.vocab_size``): the vocabulary the
     weights must have (e.g. the tokenizer's)."""

@@ -23,8 +23,18 @@ _APPLIED = False
 
 # Tensor factories whose ``device=`` megatron-core sets to "cuda" or to torch.cuda.current_device().
 _FACTORIES = {
-    torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.arange, torch.randn,
-    torch.rand, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.tensor,
+    torch.arange,
+    torch.randn,
+    torch.rand,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.empty_like,
+    torch.full_like,
 }
 _TENSOR_CUDA = torch.Tensor.cuda  # the original method, before ``apply`` replaces it on a CPU-only torch
 
@@ -167,8 +177,12 @@ def apply() -> None:
     from megatron.core.optimizer import optimizer as moptimizer
 
     moptim.get_megatron_optimizer = on_cpu(moptim.get_megatron_optimizer)
-    for cls in (moptimizer.MegatronOptimizer, moptimizer.FP32Optimizer, moptimizer.MixedPrecisionOptimizer,
-                moptimizer.ChainedOptimizer):
+    for cls in (
+        moptimizer.MegatronOptimizer,
+        moptimizer.FP32Optimizer,
+        moptimizer.MixedPrecisionOptimizer,
+        moptimizer.ChainedOptimizer,
+    ):
         for stage in ("step", "prepare_grads", "get_grad_norm", "step_with_ready_grads"):  # the trainer runs
             if stage in vars(cls):  # step()'s stages one by one (a non-finite step is vetoed before the update)
                 setattr(cls, stage, on_cpu(vars(cls)[stage]))
@@ -177,10 +191,10 @@ def apply() -> None:
     clip_grads.clip_grad_by_total_norm_fp32 = on_cpu(clip_grads.clip_grad_by_total_norm_fp32)
     mddp.DistributedDataParallel.__init__ = on_cpu(mddp.DistributedDataParallel.__init__)
 
-    from megatron.core.transformer import utils as tutils
     from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as tutils
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def causal_mask(sq, skv=None):
         skv = sq if skv is None else skv
         return torch.triu(torch.ones(sq, skv, dtype=torch.bool), diagonal=1 + skv - sq)

@@ -67,8 +67,9 @@ def _unpadded_param_offsets(optimizer):
                     shifts.append(start - unpadded_start)
                     unpadded_start += buffer.buckets[bucket_id].numel_unpadded
                 saved.append((buffer, buffer.param_index_map))
-                buffer.param_index_map = {p: (s - shifts[b], e - shifts[b], b)
-                                          for p, (s, e, b) in buffer.param_index_map.items()}
+                buffer.param_index_map = {
+                    p: (s - shifts[b], e - shifts[b], b) for p, (s, e, b) in buffer.param_index_map.items()
+                }
         yield
     finally:
         for buffer, index_map in saved:
@@ -86,8 +87,9 @@ def _ensure_torch_adam_state(optimizer) -> None:
         for group in inner.param_groups if inner is not None else ():
             for p in group["params"]:
                 if not inner.state[p]:
-                    inner.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
-                                          step=torch.tensor(0.0))
+                    inner.state[p].update(
+                        exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p), step=torch.tensor(0.0)
+                    )
 
 
 def _patch_state_copy(cls) -> None:

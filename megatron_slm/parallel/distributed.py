@@ -18,8 +18,13 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, seed: int = 1234,
-               timeout_minutes: int = 30, virtual_pipeline_model_parallel_size: int | None = None) -> None:
+def initialize(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+    virtual_pipeline_model_parallel_size: int | None = None,
+) -> None:
     """Initialise torch.distributed from the torchrun environment and megatron-core's model-parallel groups.
 
     ``virtual_pipeline_model_parallel_size``: model chunks per pipeline rank (the interleaved schedule), or None."""
@@ -27,7 +32,9 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
 
     cpu_shims.apply()
     if "RANK" not in os.environ:  # run without torchrun: a single process
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

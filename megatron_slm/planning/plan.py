@@ -100,7 +100,13 @@ import warnings
 from dataclasses import dataclass, field
 
 from megatron_slm.config import (
-    Config, ModelConfig, ParallelConfig, data_parallel_size, padded_vocab_size, reference_in_memory, validate,
+    Config,
+    ModelConfig,
+    ParallelConfig,
+    data_parallel_size,
+    padded_vocab_size,
+    reference_in_memory,
+    validate,
 )
 from megatron_slm.errors import ConfigError
 
@@ -145,12 +151,15 @@ def _standin_layout(tp: int, pp: int, tp_rank: int, pp_rank: int):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized() or ps.model_parallel_is_initialized():
-        raise RuntimeError("the plan builds its meta models under a stand-in process group; call it from a "
-                           "process without torch.distributed initialised (slm plan, slm check-config)")
+        raise RuntimeError(
+            "the plan builds its meta models under a stand-in process group; call it from a "
+            "process without torch.distributed initialised (slm plan, slm check-config)"
+        )
     dist.init_process_group("fake", store=FakeStore(), rank=tp_rank + tp * pp_rank, world_size=tp * pp)
     try:
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                     create_gloo_process_groups=False)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False
+        )
         got = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
         if got != (tp_rank, pp_rank):
             raise RuntimeError(f"stand-in layout: expected TP/PP rank {(tp_rank, pp_rank)}, got {got}")
@@ -248,20 +257,33 @@ class StageActivations:
     by_recompute: dict  # per-micro-batch bytes with none / selective / full recompute (for comparison)
 
 
-def stage_activations(cfg: Config, pp_rank: int, num_microbatches: int, e: int, recompute: str | None = None,
-                      method: str | None = None, num_layers: int | None = None) -> StageActivations:
+def stage_activations(
+    cfg: Config,
+    pp_rank: int,
+    num_microbatches: int,
+    e: int,
+    recompute: str | None = None,
+    method: str | None = None,
+    num_layers: int | None = None,
+) -> StageActivations:
     """Activations pipeline rank ``pp_rank`` holds for the policy's training pass (without the loss head)."""
     m, par, tr = cfg.model, cfg.parallel, cfg.train
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     sp = par.sequence_parallel and tp > 1
     s, b = tr.seq_length, tr.micro_batch_size
-    chunks = (m.num_layers // (pp * par.num_layers_per_virtual_pipeline_stage)
-              if par.num_layers_per_virtual_pipeline_stage else 1)
+    chunks = (
+        m.num_layers // (pp * par.num_layers_per_virtual_pipeline_stage)
+        if par.num_layers_per_virtual_pipeline_stage
+        else 1
+    )
     layers = m.num_layers // (pp * chunks)  # per model chunk
     lay = layer_activation_bytes(m, s, b, tp, sp, e)
     first, last = pp_rank == 0, pp_rank == pp - 1
-    extras = (s * b * 8 if first else 0) + (s * b * (2 * m.hidden_size * e / (tp if sp else 1) + 4) if last
-                                            else s * b * m.hidden_size * e / (tp if sp else 1))
+    extras = (s * b * 8 if first else 0) + (
+        s * b * (2 * m.hidden_size * e / (tp if sp else 1) + 4)
+        if last
+        else s * b * m.hidden_size * e / (tp if sp else 1)
+    )
     extras /= chunks  # the embedding / final norm / stage output belong to one chunk each
 
     def per_mb(kind, meth, n):
@@ -283,10 +305,14 @@ def stage_activations(cfg: Config, pp_rank: int, num_microbatches: int, e: int, 
         in_flight = min(pp - pp_rank, num_microbatches)
     else:
         in_flight = min((pp - pp_rank - 1) * 2 + (chunks - 1) * pp + 1, num_microbatches * chunks)
-    by = {"none": per_mb(None, None, None)[0], "selective": per_mb("selective", None, None)[0],
-          "full": per_mb("full", "uniform", 1)[0]}
-    return StageActivations(per_microbatch=mb, in_flight=in_flight, held=mb * in_flight,
-                            recompute_working_set=working, by_recompute=by)
+    by = {
+        "none": per_mb(None, None, None)[0],
+        "selective": per_mb("selective", None, None)[0],
+        "full": per_mb("full", "uniform", 1)[0],
+    }
+    return StageActivations(
+        per_microbatch=mb, in_flight=in_flight, held=mb * in_flight, recompute_working_set=working, by_recompute=by
+    )
 
 
 def loss_head_bytes(cfg: Config, e: int, on_gpu: bool) -> dict:
@@ -361,8 +387,14 @@ class StagePlan:
 
     def peak_part(self, distributed: bool) -> tuple[str, float]:
         """The largest transient phase: (name, bytes)."""
-        return max([("training pass", self.training_pass()), ("forward-only pass", self.forward_only),
-                    ("optimizer step", self.optimizer_step_transient(distributed))], key=lambda x: x[1])
+        return max(
+            [
+                ("training pass", self.training_pass()),
+                ("forward-only pass", self.forward_only),
+                ("optimizer step", self.optimizer_step_transient(distributed)),
+            ],
+            key=lambda x: x[1],
+        )
 
     def total(self, distributed: bool) -> float:
         return self.static(distributed) + self.peak_part(distributed)[1] + self.reserve
@@ -428,9 +460,11 @@ class Plan:
         verdict = "FITS" if self.fits(d) else "DOES NOT FIT"
         head = self.headroom(d)
         room = f"{head / GiB:.1f} GiB headroom" if head >= 0 else f"{-head / GiB:.1f} GiB over"
-        return (f"{verdict}: {self.layout}{', distributed optimizer' if d else ''}, recompute {self.recompute}: "
-                f"{st.total(d) / GiB:.1f} GiB of {self.gpu_memory / GiB:.0f} GiB on the most loaded rank "
-                f"({st.name}), {room}")
+        return (
+            f"{verdict}: {self.layout}{', distributed optimizer' if d else ''}, recompute {self.recompute}: "
+            f"{st.total(d) / GiB:.1f} GiB of {self.gpu_memory / GiB:.0f} GiB on the most loaded rank "
+            f"({st.name}), {room}"
+        )
 
 
 def _recompute_label(tr) -> str:
@@ -441,9 +475,14 @@ def _recompute_label(tr) -> str:
     return f"full ({tr.recompute_method or 'uniform'}, {tr.recompute_num_layers or 1})"
 
 
-def make_plan(cfg: Config, world_size: int, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
-              assumed_mfu: float = DEFAULT_ASSUMED_MFU, peak_tflops: float | None = DEFAULT_PEAK_TFLOPS,
-              on_gpu: bool = True) -> Plan:
+def make_plan(
+    cfg: Config,
+    world_size: int,
+    gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
+    assumed_mfu: float = DEFAULT_ASSUMED_MFU,
+    peak_tflops: float | None = DEFAULT_PEAK_TFLOPS,
+    on_gpu: bool = True,
+) -> Plan:
     """The memory and speed plan of ``cfg`` on ``world_size`` GPUs (see the module docstring).
 
     ``on_gpu``: the target machine; unset ``--bf16`` and ``--ref-dtype auto`` resolve as they would there
@@ -462,28 +501,42 @@ def make_plan(cfg: Config, world_size: int, gpu_memory_gib: float = DEFAULT_GPU_
     has_ref = reference_in_memory(cfg)
     ref_bf16 = (on_gpu if cfg.reference.dtype == "auto" else cfg.reference.dtype == "bf16") if has_ref else None
     e, e_ref = (2 if bf16 else 4), (2 if ref_bf16 else 4)
-    chunks = (m.num_layers // (pp * par.num_layers_per_virtual_pipeline_stage)
-              if par.num_layers_per_virtual_pipeline_stage else 1)
+    chunks = (
+        m.num_layers // (pp * par.num_layers_per_virtual_pipeline_stage)
+        if par.num_layers_per_virtual_pipeline_stage
+        else 1
+    )
     reserve = RUNTIME_RESERVE_GIB * GiB if on_gpu else 0.0
     tokens = tr.seq_length * tr.micro_batch_size
 
     stages = []
-    for name, p in ([("every rank", 0)] if pp == 1 else [("first stage", 0), ("last stage", pp - 1)]):
+    for name, p in [("every rank", 0)] if pp == 1 else [("first stage", 0), ("last stage", pp - 1)]:
         pol = rank_parameters(m, tp, pp, 0, p)
         ref = rank_parameters(ref_m, tp, pp, 0, p) if has_ref else RankParams(0, 0, 0)
         P, last = pol.held, p == pp - 1
         fwd = forward_only_bytes(ref_m, cfg, e_ref, last, on_gpu) if has_ref else 0.0
         if cfg.slm.loss_mode == "slm" and cfg.slm.selection_scope == "global_batch":
             fwd = max(fwd, forward_only_bytes(m, cfg, e, last, on_gpu))
-        stages.append(StagePlan(
-            name=f"{name}, PP rank {p}" if pp > 1 else name, pp_rank=p, policy_params=P, reference_params=ref.held,
-            weights=P * e, grads=P * 4.0, adam=P * 8.0, master=P * 4.0 if bf16 else 0.0,
-            adam_distributed=P * 8.0 / dp, master_distributed=(P * 4.0 / dp) if bf16 else 0.0,
-            reference_weights=ref.held * e_ref,
-            data=M * tokens * (DATA_BYTES_PER_TOKEN + (4 if last and cfg.slm.loss_mode == "slm" else 0)),
-            activations=stage_activations(cfg, p, M, e),
-            loss_head=loss_head_bytes(cfg, e, on_gpu) if last else {}, forward_only=fwd, reserve=reserve,
-        ))
+        stages.append(
+            StagePlan(
+                name=f"{name}, PP rank {p}" if pp > 1 else name,
+                pp_rank=p,
+                policy_params=P,
+                reference_params=ref.held,
+                weights=P * e,
+                grads=P * 4.0,
+                adam=P * 8.0,
+                master=P * 4.0 if bf16 else 0.0,
+                adam_distributed=P * 8.0 / dp,
+                master_distributed=(P * 4.0 / dp) if bf16 else 0.0,
+                reference_weights=ref.held * e_ref,
+                data=M * tokens * (DATA_BYTES_PER_TOKEN + (4 if last and cfg.slm.loss_mode == "slm" else 0)),
+                activations=stage_activations(cfg, p, M, e),
+                loss_head=loss_head_bytes(cfg, e, on_gpu) if last else {},
+                forward_only=fwd,
+                reserve=reserve,
+            )
+        )
 
     flops = training_step_flops(cfg)
     rec = 0.0
@@ -497,24 +550,46 @@ def make_plan(cfg: Config, world_size: int, gpu_memory_gib: float = DEFAULT_GPU_
     peak = peak_tflops or DEFAULT_PEAK_TFLOPS
     step_time = (flops + rec) / (world_size * peak * 1e12 * assumed_mfu) * (1 + bubble)
     if m.sliding_window:
-        notes.append("sliding window: counted SDPA's explicit s x s mask per layer (the local spec); "
-                     "TransformerEngine's attention needs none")
+        notes.append(
+            "sliding window: counted SDPA's explicit s x s mask per layer (the local spec); "
+            "TransformerEngine's attention needs none"
+        )
     if cfg.slm.loss_mode == "slm" and cfg.slm.selection_scope != "micro_batch":
-        notes.append(f"loss head: k = {cfg.slm.slm_select_ratio} of a micro-batch's tokens assumed selected "
-                     f"(exact only in the micro_batch scope)")
+        notes.append(
+            f"loss head: k = {cfg.slm.slm_select_ratio} of a micro-batch's tokens assumed selected "
+            f"(exact only in the micro_batch scope)"
+        )
     return Plan(
-        world_size=world_size, tp=tp, pp=pp, dp=dp, virtual_chunks=chunks,
-        sequence_parallel=par.sequence_parallel and tp > 1, num_microbatches=M,
-        micro_batch_size=tr.micro_batch_size, seq_length=tr.seq_length, global_batch_size=tr.global_batch_size,
-        bf16=bf16, reference_bf16=ref_bf16, distributed_optimizer=par.use_distributed_optimizer,
-        recompute=_recompute_label(tr), policy_total=model_parameters(m, tp, pp),
+        world_size=world_size,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        virtual_chunks=chunks,
+        sequence_parallel=par.sequence_parallel and tp > 1,
+        num_microbatches=M,
+        micro_batch_size=tr.micro_batch_size,
+        seq_length=tr.seq_length,
+        global_batch_size=tr.global_batch_size,
+        bf16=bf16,
+        reference_bf16=ref_bf16,
+        distributed_optimizer=par.use_distributed_optimizer,
+        recompute=_recompute_label(tr),
+        policy_total=model_parameters(m, tp, pp),
         policy_total_unpadded=unpadded_parameters(m, tp, pp),
         reference_total=model_parameters(ref_m, tp, pp) if has_ref else 0,
         reference_total_unpadded=unpadded_parameters(ref_m, tp, pp) if has_ref else 0,
         padded_vocab=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp),
-        stages=stages, gpu_memory=gpu_memory_gib * GiB, assumed_mfu=assumed_mfu, peak_tflops=peak,
-        step_flops=flops, recompute_flops=rec, bubble=bubble, step_time=step_time,
-        tokens_per_s_per_gpu=all_tokens / step_time / world_size, model_cfg=m, notes=notes,
+        stages=stages,
+        gpu_memory=gpu_memory_gib * GiB,
+        assumed_mfu=assumed_mfu,
+        peak_tflops=peak,
+        step_flops=flops,
+        recompute_flops=rec,
+        bubble=bubble,
+        step_time=step_time,
+        tokens_per_s_per_gpu=all_tokens / step_time / world_size,
+        model_cfg=m,
+        notes=notes,
     )
 
 
@@ -594,26 +669,39 @@ class ScoringPlan:
         return max(st.total for st in self.stages)
 
 
-def make_scoring_plan(cfg: Config, world_size: int, tokens: int, documents: int | None = None, datasets: int = 1,
-                      assumed_mfu: float = DEFAULT_ASSUMED_MFU, peak_tflops: float | None = DEFAULT_PEAK_TFLOPS,
-                      disk_gbps: float = DEFAULT_DISK_GBPS, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
-                      on_gpu: bool = True) -> ScoringPlan:
+def make_scoring_plan(
+    cfg: Config,
+    world_size: int,
+    tokens: int,
+    documents: int | None = None,
+    datasets: int = 1,
+    assumed_mfu: float = DEFAULT_ASSUMED_MFU,
+    peak_tflops: float | None = DEFAULT_PEAK_TFLOPS,
+    disk_gbps: float = DEFAULT_DISK_GBPS,
+    gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
+    on_gpu: bool = True,
+) -> ScoringPlan:
     """The plan of ``slm score-reference`` of ``cfg`` on ``world_size`` GPUs over datasets of ``tokens`` tokens
     (``documents`` documents, ``datasets`` of them): time, memory per GPU, sidecar, part and merge bytes (see the
     module docstring)."""
     from megatron_slm.planning.flops import forward_flops_per_token, reference_forward_flops
 
     if tokens < 1 or datasets < 1 or (documents is not None and documents < 1) or disk_gbps <= 0:
-        raise ConfigError(f"scoring plan: tokens, datasets, documents and the disk bandwidth must be positive (got "
-                         f"{tokens}, {datasets}, {documents}, {disk_gbps})")
+        raise ConfigError(
+            f"scoring plan: tokens, datasets, documents and the disk bandwidth must be positive (got "
+            f"{tokens}, {datasets}, {documents}, {disk_gbps})"
+        )
     validate(cfg, world_size=world_size, check_reference=True)
     ref_m, par, tr = cfg.reference.model, cfg.parallel, cfg.train
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     dp = data_parallel_size(world_size, tp, pp)
     G, s, b = tr.global_batch_size, tr.seq_length, tr.micro_batch_size
     M = G // (b * dp)
-    chunks = (cfg.model.num_layers // (pp * par.num_layers_per_virtual_pipeline_stage)
-              if par.num_layers_per_virtual_pipeline_stage else 1)
+    chunks = (
+        cfg.model.num_layers // (pp * par.num_layers_per_virtual_pipeline_stage)
+        if par.num_layers_per_virtual_pipeline_stage
+        else 1
+    )
     iters = tokens // (G * s)
     if iters < 1:
         raise ConfigError(f"scoring plan: {tokens:,} tokens hold no global batch of {G} x {s} tokens")
@@ -633,13 +721,19 @@ def make_scoring_plan(cfg: Config, world_size: int, tokens: int, documents: int 
     e_ref = 2 if ref_bf16 else 4
     reserve = RUNTIME_RESERVE_GIB * GiB if on_gpu else 0.0
     stages = []
-    for name, p in ([("every rank", 0)] if pp == 1 else [("first stage", 0), ("last stage", pp - 1)]):
+    for name, p in [("every rank", 0)] if pp == 1 else [("first stage", 0), ("last stage", pp - 1)]:
         last = p == pp - 1
         ref = rank_parameters(ref_m, tp, pp, 0, p)
-        stages.append(ScoringStage(
-            name=f"{name}, PP rank {p}" if pp > 1 else name, reference_params=ref.held, weights=ref.held * e_ref,
-            data=M * b * s * (DATA_BYTES_PER_TOKEN + (4 if last else 0)),
-            forward_only=forward_only_bytes(ref_m, cfg, e_ref, last, on_gpu), reserve=reserve))
+        stages.append(
+            ScoringStage(
+                name=f"{name}, PP rank {p}" if pp > 1 else name,
+                reference_params=ref.held,
+                weights=ref.held * e_ref,
+                data=M * b * s * (DATA_BYTES_PER_TOKEN + (4 if last else 0)),
+                forward_only=forward_only_bytes(ref_m, cfg, e_ref, last, on_gpu),
+                reserve=reserve,
+            )
+        )
 
     # disk
     docs = documents if documents is not None else max(1, round(tokens / ASSUMED_TOKENS_PER_DOCUMENT))
@@ -654,14 +748,43 @@ def make_scoring_plan(cfg: Config, world_size: int, tokens: int, documents: int 
     read = {d: parts_bytes + flat + 4 * index for d in values}
     write = {d: flat + values[d] + index for d in values}
     return ScoringPlan(
-        world_size=world_size, tp=tp, pp=pp, dp=dp, corpus_tokens=tokens, documents=docs,
-        documents_assumed=documents is None, datasets=datasets, seq_length=s, global_batch_size=G,
-        num_microbatches=M, train_iters=iters, samples=samples, scored_tokens=scored, flops_per_token=per_token,
-        flops=flops, reference_bf16=ref_bf16, assumed_mfu=assumed_mfu, peak_tflops=peak, bubble=bubble,
-        step_time=step_time, wall_seconds=wall, gpu_hours=wall * world_size / 3600, stages=stages,
-        gpu_memory=gpu_memory_gib * GiB, sidecar_values=values, sidecar_index=index, num_parts=num_parts,
-        samples_per_part=per_part, dataset_id_bytes=id_bytes, part_bytes=part, parts_bytes=parts_bytes,
-        flat_bytes=flat, merge_read=read, merge_write=write, disk_bandwidth=disk_gbps * 1e9, model_cfg=ref_m,
+        world_size=world_size,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        corpus_tokens=tokens,
+        documents=docs,
+        documents_assumed=documents is None,
+        datasets=datasets,
+        seq_length=s,
+        global_batch_size=G,
+        num_microbatches=M,
+        train_iters=iters,
+        samples=samples,
+        scored_tokens=scored,
+        flops_per_token=per_token,
+        flops=flops,
+        reference_bf16=ref_bf16,
+        assumed_mfu=assumed_mfu,
+        peak_tflops=peak,
+        bubble=bubble,
+        step_time=step_time,
+        wall_seconds=wall,
+        gpu_hours=wall * world_size / 3600,
+        stages=stages,
+        gpu_memory=gpu_memory_gib * GiB,
+        sidecar_values=values,
+        sidecar_index=index,
+        num_parts=num_parts,
+        samples_per_part=per_part,
+        dataset_id_bytes=id_bytes,
+        part_bytes=part,
+        parts_bytes=parts_bytes,
+        flat_bytes=flat,
+        merge_read=read,
+        merge_write=write,
+        disk_bandwidth=disk_gbps * 1e9,
+        model_cfg=ref_m,
     )
 
 
@@ -674,9 +797,11 @@ def _g(x: float) -> str:
 
 
 def _shape(m: ModelConfig) -> str:
-    return (f"{m.num_layers} layers, hidden {m.hidden_size}, FFN {m.ffn_hidden_size}, {m.num_attention_heads} heads / "
-            f"{m.num_query_groups} KV groups, vocab {m.vocab_size}"
-            f"{', tied' if not m.untie_embeddings_and_output_weights else ''}")
+    return (
+        f"{m.num_layers} layers, hidden {m.hidden_size}, FFN {m.ffn_hidden_size}, {m.num_attention_heads} heads / "
+        f"{m.num_query_groups} KV groups, vocab {m.vocab_size}"
+        f"{', tied' if not m.untie_embeddings_and_output_weights else ''}"
+    )
 
 
 def summary_row(plan: Plan) -> dict:
@@ -684,7 +809,8 @@ def summary_row(plan: Plan) -> dict:
     d = plan.distributed_optimizer
     st = plan.worst(d)
     return {
-        "layout": plan.layout + (" distopt" if d else "")
+        "layout": plan.layout
+        + (" distopt" if d else "")
         + (f" recompute {plan.recompute}" if plan.recompute != "none" else ""),
         "params/rank policy+ref": f"{st.policy_params / 1e6:,.0f}M + {st.reference_params / 1e6:,.0f}M",
         "weights": f"{st.weights / GiB:.1f} + {st.reference_weights / GiB:.1f}",
@@ -706,8 +832,10 @@ def format_plan(plan: Plan) -> str:
         f"{plan.padded_vocab}), {plan.policy_total_unpadded:,} unpadded",
     ]
     if plan.reference_bf16 is not None:
-        lines.append(f"  reference: {plan.reference_total:,} parameters as built, {plan.reference_total_unpadded:,} "
-                     f"unpadded, {'bf16' if plan.reference_bf16 else 'fp32'}, forward only")
+        lines.append(
+            f"  reference: {plan.reference_total:,} parameters as built, {plan.reference_total_unpadded:,} "
+            f"unpadded, {'bf16' if plan.reference_bf16 else 'fp32'}, forward only"
+        )
     else:
         lines.append("  reference: none in memory (CLM or offline scores)")
     lines += [
@@ -730,20 +858,28 @@ def format_plan(plan: Plan) -> str:
     row("reference parameters on the rank", [f"{st.reference_params:,}" for st in plan.stages])
     row(f"policy weights ({pdt})", [_g(st.weights) for st in plan.stages])
     row("gradients (fp32 main_grad buffer)", [_g(st.grads) for st in plan.stages])
-    row("Adam moments (fp32)" + (f", / DP={plan.dp} distributed" if d else ""),
-        [_g(st.adam_distributed if d else st.adam) for st in plan.stages])
+    row(
+        "Adam moments (fp32)" + (f", / DP={plan.dp} distributed" if d else ""),
+        [_g(st.adam_distributed if d else st.adam) for st in plan.stages],
+    )
     if plan.bf16:
-        row("fp32 master weights" + (f", / DP={plan.dp} distributed" if d else ""),
-            [_g(st.master_distributed if d else st.master) for st in plan.stages])
+        row(
+            "fp32 master weights" + (f", / DP={plan.dp} distributed" if d else ""),
+            [_g(st.master_distributed if d else st.master) for st in plan.stages],
+        )
     if plan.reference_bf16 is not None:
-        row(f"reference weights ({'bf16' if plan.reference_bf16 else 'fp32'})",
-            [_g(st.reference_weights) for st in plan.stages])
+        row(
+            f"reference weights ({'bf16' if plan.reference_bf16 else 'fp32'})",
+            [_g(st.reference_weights) for st in plan.stages],
+        )
     row("step's micro-batches on the device", [_g(st.data) for st in plan.stages])
     row("activations per micro-batch", [_g(st.activations.per_microbatch) for st in plan.stages])
     row("  x micro-batches in flight (1F1B)", [f"{st.activations.in_flight:g}" for st in plan.stages])
     row("  + recompute working set", [_g(st.activations.recompute_working_set) for st in plan.stages])
-    row("  + loss head (kept rows + logits while it runs)",
-        [_g(sum(st.loss_head.values())) if st.loss_head else "-" for st in plan.stages])
+    row(
+        "  + loss head (kept rows + logits while it runs)",
+        [_g(sum(st.loss_head.values())) if st.loss_head else "-" for st in plan.stages],
+    )
     row("= training pass", [_g(st.training_pass()) for st in plan.stages])
     row("forward-only pass working set (reference)", [_g(st.forward_only) for st in plan.stages])
     row("optimizer step temporaries (torch foreach Adam)", [_g(st.optimizer_step_transient(d)) for st in plan.stages])
@@ -753,12 +889,16 @@ def format_plan(plan: Plan) -> str:
     row("TOTAL", [_g(st.total(d)) for st in plan.stages])
     row(f"  with{'out' if d else ''} the distributed optimizer", [_g(st.total(not d)) for st in plan.stages])
     lines += rows + [""]
-    lines.append("activations per micro-batch by recompute (most loaded stage): " + ", ".join(
-        f"{k} {_g(v)} GiB" for k, v in plan.worst().activations.by_recompute.items()))
+    lines.append(
+        "activations per micro-batch by recompute (most loaded stage): "
+        + ", ".join(f"{k} {_g(v)} GiB" for k, v in plan.worst().activations.by_recompute.items())
+    )
     lines.append(plan.fit_line())
     other = plan.fit_line(not d)
-    lines.append(f"  ({'without' if d else 'with'} the distributed optimizer: {other.split(':', 1)[0]}, "
-                 f"{plan.total(not d) / GiB:.1f} GiB)")
+    lines.append(
+        f"  ({'without' if d else 'with'} the distributed optimizer: {other.split(':', 1)[0]}, "
+        f"{plan.total(not d) / GiB:.1f} GiB)"
+    )
     if not plan.fits():
         hints = []
         if not d and plan.dp > 1:
@@ -766,8 +906,10 @@ def format_plan(plan: Plan) -> str:
         if plan.recompute == "none":
             st = plan.worst()
             saved = st.activations.held - st.activations.by_recompute["full"] * st.activations.in_flight
-            hints.append(f"--recompute-granularity full --recompute-method uniform --recompute-num-layers 1 "
-                         f"(about {saved / GiB:.1f} GiB less)")
+            hints.append(
+                f"--recompute-granularity full --recompute-method uniform --recompute-num-layers 1 "
+                f"(about {saved / GiB:.1f} GiB less)"
+            )
         hints.append("a larger TP or PP, or a smaller micro-batch")
         lines.append("  try: " + "; ".join(hints))
     lines += [
@@ -783,7 +925,6 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-
 def _gb(x: float) -> str:
     return f"{x / 1e9:,.2f} GB"
 
@@ -796,8 +937,11 @@ def format_scoring_plan(sp: ScoringPlan) -> str:
     """The scoring section of ``slm plan``: every number with the assumption it rests on."""
     G, s = sp.global_batch_size, sp.seq_length
     rdt = "bf16" if sp.reference_bf16 else "fp32"
-    docs = (f"{sp.documents:,} documents assumed: one per {ASSUMED_TOKENS_PER_DOCUMENT:,} tokens, "
-            f"--scoring-documents" if sp.documents_assumed else f"{sp.documents:,} documents")
+    docs = (
+        f"{sp.documents:,} documents assumed: one per {ASSUMED_TOKENS_PER_DOCUMENT:,} tokens, --scoring-documents"
+        if sp.documents_assumed
+        else f"{sp.documents:,} documents"
+    )
     ids = "int64: one dataset" if sp.datasets == 1 else "int16: a blend"
     worst = max(sp.stages, key=lambda st: st.total)
     fits = "FITS" if worst.total <= sp.gpu_memory else "DOES NOT FIT"
@@ -831,8 +975,11 @@ def format_scoring_plan(sp: ScoringPlan) -> str:
     for d in ("fp32", "bf16"):
         lines.append(
             f"    --dtype {d}: reads {_gb(sp.merge_read[d])} (parts, flat file, indices), writes "
-            f"{_gb(sp.merge_write[d])} (flat file, sidecars): {_hours(sp.merge_seconds(d))}")
-    lines.append("    disk at the merge's peak (parts + flat file + sidecars): "
-                 + ", ".join(f"{_gb(sp.disk_peak(d))} ({d})" for d in ("fp32", "bf16")))
+            f"{_gb(sp.merge_write[d])} (flat file, sidecars): {_hours(sp.merge_seconds(d))}"
+        )
+    lines.append(
+        "    disk at the merge's peak (parts + flat file + sidecars): "
+        + ", ".join(f"{_gb(sp.disk_peak(d))} ({d})" for d in ("fp32", "bf16"))
+    )
     lines.append(f"  not modelled: opening the {sp.num_parts:,} part files, the merge's per-sample Python loop")
     return "\n".join(lines)

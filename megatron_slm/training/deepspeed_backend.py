@@ -57,12 +57,16 @@ def load_ds_config(path: str, cfg, dp_size: int) -> dict:
         raise ConfigError(f"--deepspeed {path}: not valid JSON ({exc})") from None
     tr = cfg.train
     gas = tr.global_batch_size // (tr.micro_batch_size * dp_size)
-    wanted = {"train_micro_batch_size_per_gpu": tr.micro_batch_size, "gradient_accumulation_steps": gas,
-              "train_batch_size": tr.global_batch_size, "gradient_clipping": tr.clip_grad}
+    wanted = {
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": tr.global_batch_size,
+        "gradient_clipping": tr.clip_grad,
+    }
     for key, value in wanted.items():
         if ds.get(key, "auto") not in ("auto", value):
             raise ConfigError(
-                f"{path}: {key}={ds[key]} disagrees with the run ({value}); set it to \"auto\" or to {value}"
+                f'{path}: {key}={ds[key]} disagrees with the run ({value}); set it to "auto" or to {value}'
             )
         ds[key] = value
     ds["bf16"] = dict(ds.get("bf16", {}), enabled=bf16_enabled(tr))
@@ -111,10 +115,16 @@ def verify_engine_files(path: Path) -> None:
         return
     file, why, *damage = failures[0].split("\t")
     if why:
-        raise refused(file, why, "restore the checkpoint from a copy you trust, or point "
-                                 "latest_checkpointed_iteration.txt at an earlier iteration")
-    raise CheckpointError(f"DeepSpeed checkpoint {path} is damaged or incomplete ({file}: {damage[0]}); restore it "
-                          "from a copy, or point latest_checkpointed_iteration.txt at an earlier iteration")
+        raise refused(
+            file,
+            why,
+            "restore the checkpoint from a copy you trust, or point "
+            "latest_checkpointed_iteration.txt at an earlier iteration",
+        )
+    raise CheckpointError(
+        f"DeepSpeed checkpoint {path} is damaged or incomplete ({file}: {damage[0]}); restore it "
+        "from a copy, or point latest_checkpointed_iteration.txt at an earlier iteration"
+    )
 
 
 class DeepSpeedBackend:
@@ -135,12 +145,19 @@ class DeepSpeedBackend:
         no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() <= 1]  # norms, as megatron
         optimizer = torch.optim.AdamW(
             # wd_mult as megatron's param groups carry it: its LR/WD scheduler rescales weight_decay each step
-            [{"params": decay, "weight_decay": tr.weight_decay, "wd_mult": 1.0},
-             {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}],
-            lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
+            [
+                {"params": decay, "weight_decay": tr.weight_decay, "wd_mult": 1.0},
+                {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
+            ],
+            lr=tr.lr,
+            betas=(tr.adam_beta1, tr.adam_beta2),
+            eps=tr.adam_eps,
         )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(),
+            model=module,
+            optimizer=optimizer,
+            config=ds_config,
+            mpu=MegatronMPU(),
         )
         self.dp_size = dp_size
 

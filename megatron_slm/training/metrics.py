@@ -153,8 +153,14 @@ class MetricsLogger:
                 id_file.parent.mkdir(parents=True, exist_ok=True)
                 id_file.write_text(run_id + "\n")
         # WANDB_MODE (online, offline, disabled) and the other WANDB_* variables are read by wandb itself.
-        return wandb.init(project=cfg.train.wandb_project, name=cfg.train.wandb_exp_name, dir=str(directory),
-                          config=cfg.to_dict(), resume="allow", id=run_id)
+        return wandb.init(
+            project=cfg.train.wandb_project,
+            name=cfg.train.wandb_exp_name,
+            dir=str(directory),
+            config=cfg.to_dict(),
+            resume="allow",
+            id=run_id,
+        )
 
     def start(self, total_iters: int, start_iter: int) -> None:
         self.total, self.first, self.t0 = total_iters, start_iter, time.perf_counter()
@@ -194,14 +200,18 @@ class MetricsLogger:
         eta = elapsed / max(done, 1) * (self.total - iteration)
         nan = float("nan")
         mode = self.cfg.slm.loss_mode
-        line = (f"[{mode}] step {iteration:>5}/{self.total} | loss(sel) {avg.get('loss_selected', nan):.4f}"
-                f" | loss(all) {avg.get('loss_all', nan):.4f}")
+        line = (
+            f"[{mode}] step {iteration:>5}/{self.total} | loss(sel) {avg.get('loss_selected', nan):.4f}"
+            f" | loss(all) {avg.get('loss_all', nan):.4f}"
+        )
         if mode == "slm":
             frac = avg.get("selected_fraction", nan)
             unsel = avg.get("excess_unselected", nan)
             unsel_s = "n/a" if frac >= 1 or math.isnan(unsel) else f"{unsel:+.3f}"
-            line += (f" | ref {avg.get('ref_loss', nan):.4f} | excess sel/unsel {avg.get('excess_selected', nan):+.3f}/{unsel_s}"
-                     f" | selected {frac:.3f}")
+            line += (
+                f" | ref {avg.get('ref_loss', nan):.4f} | excess sel/unsel {avg.get('excess_selected', nan):+.3f}/{unsel_s}"
+                f" | selected {frac:.3f}"
+            )
         line += f" | gnorm {avg.get('grad_norm', nan):.3f} | lr {avg.get('lr', nan):.2e}"
         if "tokens_per_s" in avg:
             line += f" | {avg['tokens_per_s_per_gpu']:,.0f} tok/s/GPU ({avg['tokens_per_s']:,.0f} total)"
@@ -214,7 +224,9 @@ class MetricsLogger:
     def eval(self, iteration: int, loss: float | None) -> None:
         if not self.enabled or loss is None:
             return
-        log.info(f"[{self.cfg.slm.loss_mode}] step {iteration:>5} | held-out loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}")
+        log.info(
+            f"[{self.cfg.slm.loss_mode}] step {iteration:>5} | held-out loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}"
+        )
         self._write(iteration, {"loss": loss}, "eval")
 
     def _write(self, iteration: int, values: dict, prefix: str) -> None:

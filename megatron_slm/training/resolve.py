@@ -22,10 +22,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from megatron_slm.config import (Config, TrainConfig, draft_copy, freeze, is_frozen, lr_decay_steps,
-                                 reference_in_memory, uses_offline_scores, validate)
+from megatron_slm.config import (
+    Config,
+    TrainConfig,
+    draft_copy,
+    freeze,
+    is_frozen,
+    lr_decay_steps,
+    reference_in_memory,
+    uses_offline_scores,
+    validate,
+)
 from megatron_slm.errors import CheckpointError, ConfigError
 from megatron_slm.log import get_logger
 
@@ -70,15 +79,16 @@ class ResolvedRun:
     config: Config  # frozen
     data: Any = None  # the data's TokenInfo (None without --data-path)
     offline_scores: Any = None  # OfflineScores with --reference-mode offline
-    resume: Optional[Resume] = None
+    resume: Resume | None = None
 
     @property
     def tokenizer_fingerprints(self) -> tuple:
         return (self.data.fingerprint,) if self.data is not None and self.data.fingerprint else ()
 
 
-def resolve_run(draft: Config, world_size: Optional[int] = None, require_data: bool = True,
-                scoring: bool = False) -> ResolvedRun:
+def resolve_run(
+    draft: Config, world_size: int | None = None, require_data: bool = True, scoring: bool = False
+) -> ResolvedRun:
     """The one resolution of a run (see the module docstring). ``draft`` is not changed.
 
     ``require_data=False`` (check-config, library use without data): the data checks run only when --data-path is
@@ -103,33 +113,53 @@ def resolve_run(draft: Config, world_size: Optional[int] = None, require_data: b
     if policy_source:
         _adopt_architecture(cfg, ("model",), policy_source, f"the policy's checkpoint ({policy_flag} {policy_source})")
     if reference:
-        _adopt_architecture(cfg, ("reference", "model"), reference, f"the reference checkpoint (--ref-load {reference})",
-                            "--ref-")
-    info, scores = _check_data(cfg, policy_source, policy_flag, reference, require_data, world_size,
-                               offline_scores=uses_offline_scores(cfg) and not scoring)
+        _adopt_architecture(
+            cfg, ("reference", "model"), reference, f"the reference checkpoint (--ref-load {reference})", "--ref-"
+        )
+    info, scores = _check_data(
+        cfg,
+        policy_source,
+        policy_flag,
+        reference,
+        require_data,
+        world_size,
+        offline_scores=uses_offline_scores(cfg) and not scoring,
+    )
     if resume is not None:
         _check_resume_format(cfg, resume)
         resume = _resolve_optimizer_settings(cfg, resume)
-    validate(cfg, world_size=world_size, require_vocab=require_data or bool(cfg.data.data_path),
-             check_reference=True if scoring else None)
+    validate(
+        cfg,
+        world_size=world_size,
+        require_vocab=require_data or bool(cfg.data.data_path),
+        check_reference=True if scoring else None,
+    )
     freeze(cfg)
     return ResolvedRun(config=cfg, data=info, offline_scores=scores, resume=resume)
 
 
-def _resume_source(cfg: Config) -> Optional[Resume]:
+def _resume_source(cfg: Config) -> Resume | None:
     from megatron_slm import checkpoint
 
     ck = cfg.checkpoint
     source = checkpoint.resume_source(ck)
     if source is None:
         if ck.load:
-            raise CheckpointError(f"--load {ck.load}: no training checkpoint there (no {checkpoint.LATEST}); check "
-                                  "the path, or drop --load to start fresh")
+            raise CheckpointError(
+                f"--load {ck.load}: no training checkpoint there (no {checkpoint.LATEST}); check "
+                "the path, or drop --load to start fresh"
+            )
         return None
     path = checkpoint.resolve(source)
     state = checkpoint.read_trainer_state(path)
-    return Resume(source=source, path=path, iteration=int(state["iteration"]), flag="--load" if ck.load else "--save",
-                  changed={}, decision="same")
+    return Resume(
+        source=source,
+        path=path,
+        iteration=int(state["iteration"]),
+        flag="--load" if ck.load else "--save",
+        changed={},
+        decision="same",
+    )
 
 
 def _adopt_architecture(cfg: Config, section: tuple, source: str, who: str, flag_prefix: str = "--") -> None:
@@ -147,16 +177,20 @@ def _adopt_architecture(cfg: Config, section: tuple, source: str, who: str, flag
     if conflicts:
         raise ConfigError(
             f"{who} was saved with another architecture than configured: "
-            + "; ".join(f"{flag_prefix}{f.replace('_', '-')} {mine} (config) vs {theirs} (checkpoint)"
-                        for f, (mine, theirs) in conflicts.items())
-            + "; drop those settings to take the checkpoint's values, or load a checkpoint of this architecture")
+            + "; ".join(
+                f"{flag_prefix}{f.replace('_', '-')} {mine} (config) vs {theirs} (checkpoint)"
+                for f, (mine, theirs) in conflicts.items()
+            )
+            + "; drop those settings to take the checkpoint's values, or load a checkpoint of this architecture"
+        )
     for f in ARCH_FIELDS + ("max_position_embeddings",):
         if f not in explicit and getattr(saved, f) is not None:
             setattr(model, f, getattr(saved, f))
 
 
-def _check_data(cfg: Config, policy_source, policy_flag, reference, require_data: bool, world_size: int,
-                offline_scores: bool):
+def _check_data(
+    cfg: Config, policy_source, policy_flag, reference, require_data: bool, world_size: int, offline_scores: bool
+):
     """The tokenizer file, the DeepSpeed config, then the data (vocabulary, token ids, split), each checkpoint's
     tokenizer against the data's and the score sidecars. Fills ``vocab_size`` from the data when unset."""
     from megatron_slm.checkpoint.weights import check_tokenizer
@@ -172,18 +206,24 @@ def _check_data(cfg: Config, policy_source, policy_flag, reference, require_data
         from megatron_slm.training.deepspeed_backend import load_ds_config
 
         par = cfg.parallel
-        load_ds_config(cfg.train.deepspeed, cfg,
-                       data_parallel_size(world_size, par.tensor_model_parallel_size, par.pipeline_model_parallel_size))
+        load_ds_config(
+            cfg.train.deepspeed,
+            cfg,
+            data_parallel_size(world_size, par.tensor_model_parallel_size, par.pipeline_model_parallel_size),
+        )
     if not (require_data or cfg.data.data_path):
         return None, None
-    info = token_info([parse_blend(cfg.data.data_path), parse_blend(cfg.data.valid_data_path)],
-                      cfg.model.vocab_size, fingerprint)
+    info = token_info(
+        [parse_blend(cfg.data.data_path), parse_blend(cfg.data.valid_data_path)], cfg.model.vocab_size, fingerprint
+    )
     check_split(cfg.data, dataset_sizes(cfg))
     for m in (cfg.model, cfg.reference.model):
         if m.vocab_size is None:
             m.vocab_size = info.vocab_size
-    for who, source in ((f"the policy's checkpoint ({policy_flag} {policy_source})", policy_source),
-                        (f"the reference checkpoint (--ref-load {reference})", reference)):
+    for who, source in (
+        (f"the policy's checkpoint ({policy_flag} {policy_source})", policy_source),
+        (f"the reference checkpoint (--ref-load {reference})", reference),
+    ):
         if source:
             check_tokenizer(source, who, info.fingerprint)
     scores = None
@@ -211,13 +251,15 @@ def _check_resume_format(cfg: Config, resume: Resume) -> None:
         how = "with" if saved_dopt else "without"
         raise CheckpointError(
             f"'{resume.path}' was written {how} --use-distributed-optimizer, whose optimizer state has another "
-            f"format; resume {how} it (any DP size), or start a new run from its weights with --pretrained-checkpoint")
+            f"format; resume {how} it (any DP size), or start a new run from its weights with --pretrained-checkpoint"
+        )
     saved_ds = bool((recorded.get("train") or {}).get("deepspeed"))
     if saved_ds != bool(cfg.train.deepspeed):
         how = "with" if saved_ds else "without"
         raise CheckpointError(
             f"'{resume.path}' was written {how} --deepspeed, whose optimizer state has another format; resume {how} "
-            "it, or start a new run from its weights with --pretrained-checkpoint")
+            "it, or start a new run from its weights with --pretrained-checkpoint"
+        )
 
 
 def _saved_train_config(resume: Resume) -> TrainConfig:
@@ -267,10 +309,13 @@ def _resolve_optimizer_settings(cfg: Config, resume: Resume) -> Resume:
         log.info(f"resume: keeping the checkpoint's optimizer and LR schedule settings ({listed})")
         return dataclasses.replace(resume, changed=changed, decision="checkpoint")
     if ck.override_opt_param_scheduler:
-        log.info(f"resume: this run's optimizer and LR schedule settings replace the checkpoint's from the next step "
-                 f"on ({listed})")
+        log.info(
+            f"resume: this run's optimizer and LR schedule settings replace the checkpoint's from the next step "
+            f"on ({listed})"
+        )
         return dataclasses.replace(resume, changed=changed, decision="override")
     raise ConfigError(
         f"resuming with optimizer or schedule settings that differ from the checkpoint's: {listed}. Pass "
         "--override-opt-param-scheduler to run this run's values from here on, or --use-checkpoint-opt-param-scheduler "
-        "to keep the checkpoint's (or restore the flags)")
+        "to keep the checkpoint's (or restore the flags)"
+    )

@@ -76,30 +76,40 @@ def summarize(cfg: Config, trainer, result: dict) -> dict | None:
     history = _run_history(cfg, trainer, result["history"]) if trainer.is_last_stage else []
     if not history:
         return None
-    keys = [k for k in history[-1] if isinstance(history[-1][k], (int, float)) and k != "iteration"
-            and not k.startswith(("selected_tokens_ds", "valid_tokens_ds"))]
-    tail = history[len(history) // 2:] or history  # the second half: past warm-up
+    keys = [
+        k
+        for k in history[-1]
+        if isinstance(history[-1][k], (int, float))
+        and k != "iteration"
+        and not k.startswith(("selected_tokens_ds", "valid_tokens_ds"))
+    ]
+    tail = history[len(history) // 2 :] or history  # the second half: past warm-up
     selective = trainer.selective
     by_dataset = None
     if selective and any("valid_tokens_ds0" in h for h in history):
         sel = [sum(h.get(f"selected_tokens_ds{i}", 0.0) for h in history) for i in range(trainer.num_datasets)]
         val = [sum(h.get(f"valid_tokens_ds{i}", 0.0) for h in history) for i in range(trainer.num_datasets)]
         by_dataset = [s / v if v else None for s, v in zip(sel, val)]
-    return finite_or_none({
-        "loss_mode": cfg.slm.loss_mode,
-        "selection_scope": cfg.slm.selection_scope if selective else None,
-        "k": cfg.slm.slm_select_ratio if selective else 1.0,
-        "iterations": trainer.iteration,
-        "stopped_by": result.get("stopped_by"),
-        "nonfinite_steps": result.get("nonfinite_steps", []),
-        "eval_loss": result.get("eval_loss"),
-        "final": {k: history[-1][k] for k in keys},
-        "mean_second_half": {k: sum(h.get(k, math.nan) for h in tail) / len(tail) for k in keys},
-        "data_path": cfg.data.data_path,
-        "selected_fraction_by_dataset": by_dataset,
-        "parallel": {"tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size,
-                     "dp": trainer.dp_size},
-    })
+    return finite_or_none(
+        {
+            "loss_mode": cfg.slm.loss_mode,
+            "selection_scope": cfg.slm.selection_scope if selective else None,
+            "k": cfg.slm.slm_select_ratio if selective else 1.0,
+            "iterations": trainer.iteration,
+            "stopped_by": result.get("stopped_by"),
+            "nonfinite_steps": result.get("nonfinite_steps", []),
+            "eval_loss": result.get("eval_loss"),
+            "final": {k: history[-1][k] for k in keys},
+            "mean_second_half": {k: sum(h.get(k, math.nan) for h in tail) / len(tail) for k in keys},
+            "data_path": cfg.data.data_path,
+            "selected_fraction_by_dataset": by_dataset,
+            "parallel": {
+                "tp": cfg.parallel.tensor_model_parallel_size,
+                "pp": cfg.parallel.pipeline_model_parallel_size,
+                "dp": trainer.dp_size,
+            },
+        }
+    )
 
 
 def write_resolved_config(cfg: Config) -> Path:
@@ -107,8 +117,11 @@ def write_resolved_config(cfg: Config) -> Path:
     from megatron_slm.checkpoint import write_atomic
 
     path = Path(cfg.checkpoint.save) / CONFIG_FILE
-    write_atomic(path, "# the resolved config of this run: `slm train --config` this file to rerun or resume it\n"
-                 + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_atomic(
+        path,
+        "# the resolved config of this run: `slm train --config` this file to rerun or resume it\n"
+        + yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+    )
     return path
 
 
@@ -164,5 +177,6 @@ def run_train(run: ResolvedRun | Config) -> dict:
             f"training stopped at iteration {trainer.iteration}: non-finite loss or gradient norm at step(s) "
             f"{', '.join(map(str, steps[-10:]))} (--on-nonfinite {cfg.train.on_nonfinite}, --max-nonfinite-skips "
             f"{cfg.train.max_nonfinite_skips}); nothing of it was saved, the latest checkpoint is unchanged. Lower "
-            "--lr or check the data, then rerun to resume from the latest checkpoint")
+            "--lr or check the data, then rerun to resume from the latest checkpoint"
+        )
     return summary

@@ -117,8 +117,11 @@ class RNGPart:
     def state_dict(self) -> dict:
         from megatron.core import tensor_parallel
 
-        state = {"cpu": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-                 "layout": self.layout}
+        state = {
+            "cpu": torch.get_rng_state(),
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+            "layout": self.layout,
+        }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state()
         return state
@@ -160,9 +163,11 @@ class DeepSpeedEnginePart:
 
     def load_files(self, directory: Path) -> None:
         if not any(directory.glob("*optim_states.pt")) and not any(directory.glob("*model_states.pt")):
-            raise CheckpointError(f"'{directory}' is not a DeepSpeed training checkpoint of megatron_slm (no engine "
-                                  "files); resume it without --deepspeed, or start from its weights with "
-                                  "--pretrained-checkpoint")
+            raise CheckpointError(
+                f"'{directory}' is not a DeepSpeed training checkpoint of megatron_slm (no engine "
+                "files); resume it without --deepspeed, or start from its weights with "
+                "--pretrained-checkpoint"
+            )
         self.ds.load(str(directory.parent), directory.name)
         apply_optimizer_settings(self.ds.optimizer.param_groups, self.train_cfg)
 
@@ -171,5 +176,8 @@ def layout() -> dict:
     """This run's TP, PP and world size (what per-rank state belongs to)."""
     from megatron.core import parallel_state as ps
 
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "world": dist.get_world_size()}
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "world": dist.get_world_size(),
+    }

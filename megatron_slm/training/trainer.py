@@ -16,8 +16,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_slm import checkpoint, lifecycle
-from megatron_slm.config import (Config, bf16_enabled, lr_decay_steps, reference_bf16, reference_in_memory,
-                                 virtual_pipeline_size)
+from megatron_slm.config import (
+    Config,
+    bf16_enabled,
+    lr_decay_steps,
+    reference_bf16,
+    reference_in_memory,
+    virtual_pipeline_size,
+)
 from megatron_slm.data.batches import to_device
 from megatron_slm.errors import DivergenceError
 from megatron_slm.log import get_logger
@@ -31,7 +37,6 @@ from megatron_slm.training.metrics import MetricsLogger
 from megatron_slm.training.passes import data_iterators, model_forward, score_pass
 from megatron_slm.training.resolve import ResolvedRun, resolve_run
 
-
 log = get_logger(__name__)
 
 
@@ -39,9 +44,14 @@ def build_reference(cfg: Config):
     """The frozen reference: same TP/PP layout (and virtual pipeline chunks), no grads, no optimizer, not in DDP,
     eval mode. A GPTModel, or with --num-layers-per-virtual-pipeline-stage the list of this rank's chunks."""
     dtype = torch.bfloat16 if reference_bf16(cfg) else torch.float32
-    chunks = build_model_chunks(cfg.reference.model, cfg.parallel, seed=cfg.train.seed + 1, params_dtype=dtype,
-                                vp_size=virtual_pipeline_size(cfg.parallel, cfg.model.num_layers),  # the policy's
-                                initialize=not cfg.reference.load)  # loaded weights: no random draw first
+    chunks = build_model_chunks(
+        cfg.reference.model,
+        cfg.parallel,
+        seed=cfg.train.seed + 1,
+        params_dtype=dtype,
+        vp_size=virtual_pipeline_size(cfg.parallel, cfg.model.num_layers),  # the policy's
+        initialize=not cfg.reference.load,
+    )  # loaded weights: no random draw first
     ref = chunks[0] if len(chunks) == 1 else chunks
     for c in chunks:
         c.to(dtype)  # megatron's torch norms ignore params_dtype; casting everything as Float16Module would
@@ -63,8 +73,12 @@ class Trainer:
         self.cfg = cfg = self.run.config
         par, tr = cfg.parallel, cfg.train
         self.vp_size = virtual_pipeline_size(par, cfg.model.num_layers)  # model chunks per rank (None: one)
-        distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed,
-                               virtual_pipeline_model_parallel_size=self.vp_size)
+        distributed.initialize(
+            par.tensor_model_parallel_size,
+            par.pipeline_model_parallel_size,
+            seed=tr.seed,
+            virtual_pipeline_model_parallel_size=self.vp_size,
+        )
         from megatron.core import parallel_state as ps
 
         self.ps = ps
@@ -99,7 +113,11 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def _build_policy(self):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
 
@@ -123,11 +141,14 @@ class Trainer:
             DistributedDataParallel(
                 config=m.config,
                 ddp_config=DistributedDataParallelConfig(
-                    grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+                    grad_reduce_in_fp32=True,
+                    overlap_grad_reduce=par.overlap_grad_reduce,
                     use_distributed_optimizer=par.use_distributed_optimizer,
-                    overlap_param_gather=par.overlap_param_gather, bucket_size=par.ddp_bucket_size,
+                    overlap_param_gather=par.overlap_param_gather,
+                    bucket_size=par.ddp_bucket_size,
                 ),
-                module=m, disable_bucketing=i > 0,
+                module=m,
+                disable_bucketing=i > 0,
             )
             for i, m in enumerate(modules)
         ]
@@ -145,9 +166,16 @@ class Trainer:
             m.config.finalize_model_grads_func = finalize_model_grads
         optimizer = get_megatron_optimizer(
             OptimizerConfig(
-                optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
-                adam_beta1=tr.adam_beta1, adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps,
-                clip_grad=tr.clip_grad, bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+                optimizer="adam",
+                lr=tr.lr,
+                min_lr=tr.min_lr,
+                weight_decay=tr.weight_decay,
+                adam_beta1=tr.adam_beta1,
+                adam_beta2=tr.adam_beta2,
+                adam_eps=tr.adam_eps,
+                clip_grad=tr.clip_grad,
+                bf16=self.dtype == torch.bfloat16,
+                params_dtype=self.dtype,
                 use_distributed_optimizer=par.use_distributed_optimizer,
             ),
             chunks,
@@ -161,14 +189,20 @@ class Trainer:
         Loaded before DDP/optimizer wrapping so mixed-precision master weights start from it."""
         cfg = self.cfg
         pretrained = cfg.checkpoint.pretrained_checkpoint
-        chunks = build_model_chunks(cfg.model, cfg.parallel, seed=cfg.train.seed, params_dtype=dtype,
-                                    recompute=recompute_settings(cfg.train),  # the reference never recomputes
-                                    vp_size=self.vp_size,
-                                    # weights from a checkpoint (resume) or pretrained: no random draw first
-                                    initialize=self.run.resume is None and not pretrained)
+        chunks = build_model_chunks(
+            cfg.model,
+            cfg.parallel,
+            seed=cfg.train.seed,
+            params_dtype=dtype,
+            recompute=recompute_settings(cfg.train),  # the reference never recomputes
+            vp_size=self.vp_size,
+            # weights from a checkpoint (resume) or pretrained: no random draw first
+            initialize=self.run.resume is None and not pretrained,
+        )
         if pretrained and self.run.resume is None:
-            checkpoint.load_weights(chunks[0] if len(chunks) == 1 else chunks, pretrained, cfg.model,
-                                    expected_vocab=cfg.model.vocab_size)
+            checkpoint.load_weights(
+                chunks[0] if len(chunks) == 1 else chunks, pretrained, cfg.model, expected_vocab=cfg.model.vocab_size
+            )
             for c in chunks:
                 c.to(dtype)
         return chunks
@@ -184,12 +218,21 @@ class Trainer:
 
         tr = self.cfg.train
         return OptimizerParamScheduler(
-            optimizer, init_lr=0.0, max_lr=tr.lr, min_lr=tr.min_lr,
-            lr_warmup_steps=tr.lr_warmup_iters, lr_decay_steps=lr_decay_steps(tr),
-            lr_decay_style=tr.lr_decay_style, start_wd=tr.weight_decay, end_wd=tr.weight_decay,
-            wd_incr_steps=max(tr.train_iters, 1), wd_incr_style="constant",
-            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
-            wsd_decay_steps=tr.lr_wsd_decay_iters, lr_wsd_decay_style=tr.lr_wsd_decay_style,
+            optimizer,
+            init_lr=0.0,
+            max_lr=tr.lr,
+            min_lr=tr.min_lr,
+            lr_warmup_steps=tr.lr_warmup_iters,
+            lr_decay_steps=lr_decay_steps(tr),
+            lr_decay_style=tr.lr_decay_style,
+            start_wd=tr.weight_decay,
+            end_wd=tr.weight_decay,
+            wd_incr_steps=max(tr.train_iters, 1),
+            wd_incr_style="constant",
+            override_opt_param_scheduler=True,
+            use_checkpoint_opt_param_scheduler=False,
+            wsd_decay_steps=tr.lr_wsd_decay_iters,
+            lr_wsd_decay_style=tr.lr_wsd_decay_style,
         )
 
     @property
@@ -275,8 +318,12 @@ class Trainer:
             for sub in getattr(opt, "chained_optimizers", [opt]):
                 params = sub.get_parameters()
                 if params:
-                    clip_grad_by_total_norm_fp32(params, self.cfg.train.clip_grad, grad_norm,
-                                                 sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+                    clip_grad_by_total_norm_fp32(
+                        params,
+                        self.cfg.train.clip_grad,
+                        grad_norm,
+                        sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                    )
         return opt.step_with_ready_grads(), grad_norm
 
     def _finish_step(self, outputs, micro_batches, update_ok, grad_norm, start) -> dict:
@@ -291,11 +338,14 @@ class Trainer:
                     metrics[f"selected_tokens_ds{i}"], metrics[f"valid_tokens_ds{i}"] = counts[:, i].tolist()
         metrics.update(
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            lr=self.optimizer.param_groups[0]["lr"], step_time=time.perf_counter() - start,
+            lr=self.optimizer.param_groups[0]["lr"],
+            step_time=time.perf_counter() - start,
             update_ok=bool(update_ok),
         )
         # Per-token details of each micro-batch (last stage): selection masks, policy and reference losses.
-        metrics["token_details"] = [{k: o[k] for k in ("selected", "token_loss", "ref_loss")} for o in outputs] if self.is_last_stage else None
+        metrics["token_details"] = (
+            [{k: o[k] for k in ("selected", "token_loss", "ref_loss")} for o in outputs] if self.is_last_stage else None
+        )
         return metrics
 
     def _count_selection_by_dataset(self, outputs, micro_batches) -> torch.Tensor | None:
@@ -354,8 +404,12 @@ class Trainer:
             parts["engine"] = state.DeepSpeedEnginePart(self.ds, self.position, self.cfg.train)
         else:
             parts["optimizer"] = state.OptimizerPart(self.optimizer, modules, self.cfg.train)
-        parts.update(scheduler=state.SchedulerPart(self.scheduler), data=self.position,
-                     rng=state.RNGPart(state.layout()), selector=state.SelectorPart(self.selector))
+        parts.update(
+            scheduler=state.SchedulerPart(self.scheduler),
+            data=self.position,
+            rng=state.RNGPart(state.layout()),
+            selector=state.SelectorPart(self.selector),
+        )
         return parts
 
     def resume(self) -> bool:
@@ -381,14 +435,22 @@ class Trainer:
         --async-save it returns once the state is in host memory; a previous async save is finished first."""
         root = root or self.cfg.checkpoint.save
         if root and not self._params_finite():
-            raise DivergenceError(f"the policy's weights hold NaN/inf at iteration {self.iteration}; refusing to save "
-                                  "them (earlier checkpoints are kept)")
+            raise DivergenceError(
+                f"the policy's weights hold NaN/inf at iteration {self.iteration}; refusing to save "
+                "them (earlier checkpoints are kept)"
+            )
         if root:
             self.finish_async_save()
             path = checkpoint.save_training_checkpoint(
-                self.checkpoint_parts(), root, self.iteration, model_config=self.cfg.model,
-                config=self.cfg.to_dict(), tokenizer_fingerprints=self.run.tokenizer_fingerprints,
-                keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save)
+                self.checkpoint_parts(),
+                root,
+                self.iteration,
+                model_config=self.cfg.model,
+                config=self.cfg.to_dict(),
+                tokenizer_fingerprints=self.run.tokenizer_fingerprints,
+                keep_last=self.cfg.checkpoint.keep_last,
+                async_save=self.cfg.checkpoint.async_save,
+            )
             if self.cfg.checkpoint.async_save:
                 self._async_save = path
                 log.info(f"writing checkpoint {path.final} in the background")
@@ -431,25 +493,42 @@ class Trainer:
 
         Written by the last stage's first TP/DP rank to <save>/selection_dumps/iter_NNNNNNN.pt."""
         tr = self.cfg.train
-        if not (self.selective and details and tr.selection_dump_interval and self.cfg.checkpoint.save
-                and self.iteration % tr.selection_dump_interval == 0
-                and self.dp_rank == 0 and self.ps.get_tensor_model_parallel_rank() == 0):
+        if not (
+            self.selective
+            and details
+            and tr.selection_dump_interval
+            and self.cfg.checkpoint.save
+            and self.iteration % tr.selection_dump_interval == 0
+            and self.dp_rank == 0
+            and self.ps.get_tensor_model_parallel_rank() == 0
+        ):
             return
         rows = []
         for mb, d in zip(micro_batches, details):
             for r in range(mb["tokens"].shape[0]):
                 if len(rows) < tr.selection_dump_sequences:
-                    rows.append({
-                        "tokens": mb["tokens"][r].cpu(), "labels": mb["labels"][r].cpu(),
-                        "loss_mask": mb["loss_mask"][r].cpu(), "policy_loss": d["token_loss"][r].cpu(),
-                        "ref_loss": d["ref_loss"][r].cpu(), "selected": d["selected"][r].cpu(),
-                    })
+                    rows.append(
+                        {
+                            "tokens": mb["tokens"][r].cpu(),
+                            "labels": mb["labels"][r].cpu(),
+                            "loss_mask": mb["loss_mask"][r].cpu(),
+                            "policy_loss": d["token_loss"][r].cpu(),
+                            "ref_loss": d["ref_loss"][r].cpu(),
+                            "selected": d["selected"][r].cpu(),
+                        }
+                    )
         out = Path(self.cfg.checkpoint.save) / "selection_dumps"
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({
-            "iteration": self.iteration, "k": self.cfg.slm.slm_select_ratio, "scope": self.cfg.slm.selection_scope,
-            "tokenizer": self.cfg.data.tokenizer_model, "sequences": rows,
-        }, out / f"iter_{self.iteration:07d}.pt")
+        torch.save(
+            {
+                "iteration": self.iteration,
+                "k": self.cfg.slm.slm_select_ratio,
+                "scope": self.cfg.slm.selection_scope,
+                "tokenizer": self.cfg.data.tokenizer_model,
+                "sequences": rows,
+            },
+            out / f"iter_{self.iteration:07d}.pt",
+        )
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self, train_batches, eval_batches=None) -> dict:
@@ -470,8 +549,10 @@ class Trainer:
             if not m["update_ok"]:
                 self.nonfinite_steps.append(self.iteration)
                 skipped_in_a_row += 1
-                log.warning(f"step {self.iteration}: non-finite loss or gradient norm (grad norm {m['grad_norm']}); "
-                            f"update skipped, {skipped_in_a_row} in a row")
+                log.warning(
+                    f"step {self.iteration}: non-finite loss or gradient norm (grad norm {m['grad_norm']}); "
+                    f"update skipped, {skipped_in_a_row} in a row"
+                )
                 if tr.on_nonfinite == "stop" or self.ds is not None or skipped_in_a_row >= tr.max_nonfinite_skips:
                     stopped = "non-finite"
                     break
@@ -516,4 +597,3 @@ def broadcast_from_last(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
     return box[0]
-

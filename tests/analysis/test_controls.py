@@ -6,15 +6,16 @@ import sys
 
 import pytest
 
-from megatron_slm.cli import main
 from megatron_slm.analysis.controls import matched_weights, reweight
+from megatron_slm.cli import main
 
 
 def write_summary(tmp_path, data_path, fractions, loss_mode="slm"):
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
-    (run / "summary.json").write_text(json.dumps(dict(
-        loss_mode=loss_mode, data_path=data_path, selected_fraction_by_dataset=fractions, k=0.6)))
+    (run / "summary.json").write_text(
+        json.dumps(dict(loss_mode=loss_mode, data_path=data_path, selected_fraction_by_dataset=fractions, k=0.6))
+    )
     return run
 
 
@@ -71,8 +72,10 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys, case):
 
 def test_reweight_imports_no_torch(tmp_path):
     run = write_summary(tmp_path, ["0.5", "a", "0.5", "b"], [0.5, 0.25])
-    code = ("import sys; from megatron_slm.cli import main; rc = main(['reweight', '--run', sys.argv[1]]); "
-            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    code = (
+        "import sys; from megatron_slm.cli import main; rc = main(['reweight', '--run', sys.argv[1]]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("--data-path 0.6667 a 0.3333 b")

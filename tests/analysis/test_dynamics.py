@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from dist_helpers import run_distributed
 from helpers.data import tiny_text_dataset
 from helpers.hf_losses import window_token_ce
 
+from megatron_slm.analysis.dynamics import CLASSES, classify, default_threshold, parse_run
 from megatron_slm.cli import main
 from megatron_slm.errors import ConfigError
-from megatron_slm.analysis.dynamics import CLASSES, classify, default_threshold, parse_run
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ, SAMPLES = 16, 8
@@ -40,12 +39,16 @@ def test_classes_shares_and_means_by_hand():
     assert res["tokens"] == 5 and res["threshold"] == 2.0
     assert [CLASSES[c] for c in res["classes"]] == ["H->H", "H->L", "L->H", "L->L", "L->H"]
     share = {"H->H": 0.2, "L->H": 0.4, "H->L": 0.2, "L->L": 0.2}
-    so_far = [{"H->H": 0.4, "L->H": 0.0, "H->L": 0.0, "L->L": 0.6},  # first vs first: levels only
-              {"H->H": 0.2, "L->H": 0.2, "H->L": 0.2, "L->L": 0.4},  # mid: t0 H, t1 L, t2 L, t3 H, t4 L
-              share]
-    means = [{"H->H": 3.0, "L->H": 1.5, "H->L": 3.0, "L->L": 1.0},
-             {"H->H": 2.5, "L->H": 1.25, "H->L": 1.5, "L->L": 3.0},
-             {"H->H": 3.0, "L->H": 2.75, "H->L": 1.0, "L->L": 1.0}]
+    so_far = [
+        {"H->H": 0.4, "L->H": 0.0, "H->L": 0.0, "L->L": 0.6},  # first vs first: levels only
+        {"H->H": 0.2, "L->H": 0.2, "H->L": 0.2, "L->L": 0.4},  # mid: t0 H, t1 L, t2 L, t3 H, t4 L
+        share,
+    ]
+    means = [
+        {"H->H": 3.0, "L->H": 1.5, "H->L": 3.0, "L->L": 1.0},
+        {"H->H": 2.5, "L->H": 1.25, "H->L": 1.5, "L->L": 3.0},
+        {"H->H": 3.0, "L->H": 2.75, "H->L": 1.0, "L->L": 1.0},
+    ]
     for c, s, m in zip(res["checkpoints"], so_far, means):
         assert c["share"] == pytest.approx(share) and c["share_so_far"] == pytest.approx(s)
         assert c["mean_loss"] == pytest.approx(m)
@@ -79,12 +82,49 @@ def test_bad_run_syntax_is_refused(spec):
 
 
 def _train(root, save, *flags):
-    cmd = [sys.executable, "-m", "megatron_slm.cli", "train", "--preset", "tiny", "--num-layers", "2",
-           "--hidden-size", "32", "--ffn-hidden-size", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
-           "--seq-length", str(SEQ), "--data-path", str(root / "data" / "train"), "--split", "99,1,0",
-           "--log-interval", "1", "--save", str(save), "--data-cache-path", str(root / "cache"),
-           "--train-iters", "3", "--save-interval", "1", "--keep-last", "3", "--lr", "2e-2",
-           "--lr-warmup-iters", "0", "--init-method-std", "0.3", *flags]  # wide init: losses spread over nats
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_slm.cli",
+        "train",
+        "--preset",
+        "tiny",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--ffn-hidden-size",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--seq-length",
+        str(SEQ),
+        "--data-path",
+        str(root / "data" / "train"),
+        "--split",
+        "99,1,0",
+        "--log-interval",
+        "1",
+        "--save",
+        str(save),
+        "--data-cache-path",
+        str(root / "cache"),
+        "--train-iters",
+        "3",
+        "--save-interval",
+        "1",
+        "--keep-last",
+        "3",
+        "--lr",
+        "2e-2",
+        "--lr-warmup-iters",
+        "0",
+        "--init-method-std",
+        "0.3",
+        *flags,
+    ]  # wide init: losses spread over nats
     res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -120,12 +160,35 @@ def test_dynamics_of_two_runs_equals_transformers_losses_classified(runs, tmp_pa
 
     # under torchrun at DP=2 (4 + 4 windows, micro-batches of 3 and a remainder), losses reduced to rank 0;
     # torchrun's parser needs the long spelling of --run
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "megatron_slm.cli", "dynamics", "--run-checkpoints", f"clm={root / 'clm'}",
-           "--run-checkpoints", "slm=" + ",".join(slm_cks), "--data-path", prefix, "--seq-length", str(SEQ),
-           "--eval-samples", str(SAMPLES), "--micro-batch-size", "3", "--out", str(out)]
-    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
-                         cwd=str(ROOT))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "megatron_slm.cli",
+        "dynamics",
+        "--run-checkpoints",
+        f"clm={root / 'clm'}",
+        "--run-checkpoints",
+        "slm=" + ",".join(slm_cks),
+        "--data-path",
+        prefix,
+        "--seq-length",
+        str(SEQ),
+        "--eval-samples",
+        str(SAMPLES),
+        "--micro-batch-size",
+        "3",
+        "--out",
+        str(out),
+    ]
+    res = subprocess.run(
+        cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300, cwd=str(ROOT)
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "H->L share" in res.stdout and "threshold" in res.stdout
     got = json.loads((out / "dynamics.json").read_text())
@@ -147,7 +210,8 @@ def test_dynamics_of_two_runs_equals_transformers_losses_classified(runs, tmp_pa
     assert [r["name"] for r in got["runs"]] == ["clm", "slm"]
     for run, ls, cks in zip(got["runs"], (clm_l, slm_l), (clm_cks, slm_cks)):
         assert [c["path"] for c in run["checkpoints"]] == cks and [c["iteration"] for c in run["checkpoints"]] == [
-            int(c[-7:]) for c in cks]
+            int(c[-7:]) for c in cks
+        ]
         want = classify(ls, t, mask)
         assert run["tokens"] == want["tokens"] == int(mask.sum())
         for c, w in zip(run["checkpoints"], want["checkpoints"]):
@@ -170,8 +234,19 @@ def test_errors_are_one_line(tmp_path, capsys, case):
     one = f"clm={tmp_path / 'clm' / 'iter_0000001'}"
     missing = f"clm={tmp_path / 'clm' / 'iter_0000001'},{tmp_path / 'nope'}"
     run = {"syntax": "clm", "one": one, "missing": missing}[case]
-    argv = ["dynamics", "--run", run, "--run", f"slm={tmp_path / 'slm'}", "--data-path", str(tmp_path / "valid"),
-            "--seq-length", str(SEQ), "--out", str(tmp_path / "never")]
+    argv = [
+        "dynamics",
+        "--run",
+        run,
+        "--run",
+        f"slm={tmp_path / 'slm'}",
+        "--data-path",
+        str(tmp_path / "valid"),
+        "--seq-length",
+        str(SEQ),
+        "--out",
+        str(tmp_path / "never"),
+    ]
     assert main(argv) == 2
     out = capsys.readouterr()
     lines = [ln for ln in out.err.strip().splitlines() if ln.strip()]
@@ -184,8 +259,17 @@ def test_errors_are_one_line(tmp_path, capsys, case):
 def test_data_of_another_tokenizer_is_refused_even_with_the_same_vocab_size(runs, tmp_path, capsys):
     # the runs' checkpoints record the tokenizer of their data; this data is another sentencepiece model's
     other = tiny_text_dataset(tmp_path / "other", vocab=128, seed=1)
-    argv = ["dynamics", "--run", f"clm={runs / 'clm'}", "--data-path", str(other / "valid"), "--seq-length", str(SEQ),
-            "--out", str(tmp_path / "never")]
+    argv = [
+        "dynamics",
+        "--run",
+        f"clm={runs / 'clm'}",
+        "--data-path",
+        str(other / "valid"),
+        "--seq-length",
+        str(SEQ),
+        "--out",
+        str(tmp_path / "never"),
+    ]
     assert main(argv) == 2
     out = capsys.readouterr()
     lines = [ln for ln in out.err.strip().splitlines() if ln.strip()]

@@ -46,8 +46,18 @@ def _slm(args, nproc=1, timeout=120):
     if nproc == 1:
         cmd = [PY, "-m", "megatron_slm.cli", *args]
     else:
-        cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(_port()), "-m", "megatron_slm.cli", *args]
+        cmd = [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(_port()),
+            "-m",
+            "megatron_slm.cli",
+            *args,
+        ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
 
 
@@ -67,7 +77,7 @@ def _reference_losses(model, prefix):
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(SAMPLES):
-            w = torch.from_numpy(toks[i * SEQ: i * SEQ + SEQ + 1])
+            w = torch.from_numpy(toks[i * SEQ : i * SEQ + SEQ + 1])
             logits = model(input_ids=w[None, :-1]).logits[0].double()
             ce = torch.nn.functional.cross_entropy(logits, w[1:], reduction="none")
             mask = w[1:] != eod
@@ -81,9 +91,18 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     data = tiny_text_dataset(root / "data", vocab=128)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                   num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
-                                   rms_norm_eps=1e-5, initializer_range=0.2, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(str(root / "hf"))
     run_distributed(_convert, 1, str(root / "hf"), str(root / "ck"))
@@ -95,8 +114,25 @@ def setup(tmp_path_factory):
 def _run(setup, out, extra=(), nproc=1, ckpts=None):
     root = setup["root"]
     ckpts = ckpts or [str(root / "hf"), str(root / "ck")]
-    r = _slm(["evaluate", "--load", *ckpts, "--data-path", *setup["prefixes"], "--seq-length", str(SEQ),
-              "--eval-samples", str(SAMPLES), "--micro-batch-size", str(MBS), "--out", str(out), *extra], nproc)
+    r = _slm(
+        [
+            "evaluate",
+            "--load",
+            *ckpts,
+            "--data-path",
+            *setup["prefixes"],
+            "--seq-length",
+            str(SEQ),
+            "--eval-samples",
+            str(SAMPLES),
+            "--micro-batch-size",
+            str(MBS),
+            "--out",
+            str(out),
+            *extra,
+        ],
+        nproc,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads((Path(out) / "eval.json").read_text())["results"]
 
@@ -115,7 +151,9 @@ def test_matches_transformers_seed_free_and_paired(setup, tmp_path):
 
 
 def test_tp2_equals_tp1(setup, tmp_path):
-    rows = _run(setup, tmp_path / "tp2", ["--tensor-model-parallel-size", "2"], nproc=2, ckpts=[str(setup["root"] / "ck")])
+    rows = _run(
+        setup, tmp_path / "tp2", ["--tensor-model-parallel-size", "2"], nproc=2, ckpts=[str(setup["root"] / "ck")]
+    )
     for r in rows:
         loss, count = setup["expected"][r["dataset"]]
         assert abs(r["loss"] - loss) < 1e-5 and r["tokens"] == count
@@ -237,8 +275,9 @@ def _check_split_rows(rows, split, q, models):
 
 def test_learnable_split_matches_numpy_on_transformers_losses(setup, split, tmp_path):
     ck = str(setup["root"] / "ck")
-    rows = _run(setup, tmp_path / "s", ["--split-reference", split["ref"], "--split-ratio", "0.3"],
-                ckpts=[ck, split["ref"]])  # base: the first --load (the converted model)
+    rows = _run(
+        setup, tmp_path / "s", ["--split-reference", split["ref"], "--split-ratio", "0.3"], ckpts=[ck, split["ref"]]
+    )  # base: the first --load (the converted model)
     assert len(rows) == 4
     _check_split_rows(rows, split, 0.3, {ck: "base", split["ref"]: "ref"})
     # the reference's own loss is lower on the tokens chosen for a high base-minus-reference excess
@@ -253,17 +292,33 @@ def test_learnable_split_matches_numpy_on_transformers_losses(setup, split, tmp_
 def test_learnable_split_over_two_data_parallel_ranks(setup, split, tmp_path):
     # DP=2: 5 windows split 2 + 3, the per-token losses gathered; the base given as the transformers directory
     ck = str(setup["root"] / "ck")
-    rows = _run(setup, tmp_path / "dp2", ["--split-reference", split["ref"], "--split-base", str(setup["root"] / "hf")],
-                nproc=2, ckpts=[ck])
+    rows = _run(
+        setup,
+        tmp_path / "dp2",
+        ["--split-reference", split["ref"], "--split-base", str(setup["root"] / "hf")],
+        nproc=2,
+        ckpts=[ck],
+    )
     _check_split_rows(rows, split, 0.6, {ck: "base"})  # the default ratio
 
 
 def test_rows_without_a_split_leave_its_columns_empty(tmp_path):
     from megatron_slm.analysis.evaluate import format_table, write_outputs
 
-    row = {"checkpoint": "a", "path": "a", "iteration": None, "dataset": "d", "loss": 1.5, "perplexity": 4.48,
-           "tokens": 10, "windows": 1, "learnable_loss": None, "learnable_tokens": None, "not_learnable_loss": None,
-           "not_learnable_tokens": None}
+    row = {
+        "checkpoint": "a",
+        "path": "a",
+        "iteration": None,
+        "dataset": "d",
+        "loss": 1.5,
+        "perplexity": 4.48,
+        "tokens": 10,
+        "windows": 1,
+        "learnable_loss": None,
+        "learnable_tokens": None,
+        "not_learnable_loss": None,
+        "not_learnable_tokens": None,
+    }
     write_outputs([row], str(tmp_path), {})
     lines = (tmp_path / "eval.csv").read_text().splitlines()
     assert lines[1] == "a,a,,d,1.5,4.48,10,1,,,," and "learnable" not in format_table([row])
@@ -276,13 +331,19 @@ def test_split_errors_are_one_line(setup, capsys, case):
     from megatron_slm.cli import main
 
     ck = str(setup["root"] / "ck")
-    extra = {"ratio": ["--split-reference", str(setup["root"] / "hf"), "--split-ratio", "1.5"],
-             "without": ["--split-ratio", "0.5"],
-             "missing": ["--split-reference", str(setup["root"] / "nope")],
-             "same": ["--split-reference", ck]}[case]
+    extra = {
+        "ratio": ["--split-reference", str(setup["root"] / "hf"), "--split-ratio", "1.5"],
+        "without": ["--split-ratio", "0.5"],
+        "missing": ["--split-reference", str(setup["root"] / "nope")],
+        "same": ["--split-reference", ck],
+    }[case]
     assert main(["evaluate", "--load", ck, "--data-path", setup["prefixes"][1], *extra]) == 2
     out = capsys.readouterr()
     lines = [ln for ln in out.err.strip().splitlines() if ln.strip()]
     assert out.out == "" and len(lines) == 1 and lines[0].startswith("error:"), out.err
-    assert {"ratio": "(0, 1]", "without": "only with --split-reference", "missing": "does not exist",
-            "same": "same checkpoint"}[case] in lines[0]
+    assert {
+        "ratio": "(0, 1]",
+        "without": "only with --split-reference",
+        "missing": "does not exist",
+        "same": "same checkpoint",
+    }[case] in lines[0]

@@ -92,8 +92,22 @@ def title_number(title: str, name: str) -> float:
 class FakeTokenizer:
     """id -> sentencepiece-style piece; HTML special characters on purpose."""
 
-    PIECES = ["<unk>", "</s>", "\u2581hello", "<script>", "&", '"', "\u2581world", "<0x0A>", "'", "</script>",
-              "\u2581a\u2581b", "x<y", "&amp;", "\u2581"]
+    PIECES = [
+        "<unk>",
+        "</s>",
+        "\u2581hello",
+        "<script>",
+        "&",
+        '"',
+        "\u2581world",
+        "<0x0A>",
+        "'",
+        "</script>",
+        "\u2581a\u2581b",
+        "x<y",
+        "&amp;",
+        "\u2581",
+    ]
 
     def id_to_piece(self, i):
         return self.PIECES[i]
@@ -105,8 +119,22 @@ class FakeTokenizer:
         return i == 1
 
 
-EXPECTED_TEXT = {0: "<unk>", 1: "</s>", 2: " hello", 3: "<script>", 4: "&", 5: '"', 6: " world", 7: "\n", 8: "'",
-                 9: "</script>", 10: " a b", 11: "x<y", 12: "&amp;", 13: " "}
+EXPECTED_TEXT = {
+    0: "<unk>",
+    1: "</s>",
+    2: " hello",
+    3: "<script>",
+    4: "&",
+    5: '"',
+    6: " world",
+    7: "\n",
+    8: "'",
+    9: "</script>",
+    10: " a b",
+    11: "x<y",
+    12: "&amp;",
+    13: " ",
+}
 
 
 def make_dump(iteration=10, k=0.5, seed=0, n_seq=2, s=16, tokens=None):
@@ -128,8 +156,16 @@ def make_dump(iteration=10, k=0.5, seed=0, n_seq=2, s=16, tokens=None):
         n_sel = round(k * int(mask.sum()))
         selected = torch.zeros(s, dtype=torch.bool)
         selected[order[:n_sel]] = True
-        seqs.append({"tokens": inputs, "labels": labels, "loss_mask": mask, "policy_loss": pol, "ref_loss": ref,
-                     "selected": selected})
+        seqs.append(
+            {
+                "tokens": inputs,
+                "labels": labels,
+                "loss_mask": mask,
+                "policy_loss": pol,
+                "ref_loss": ref,
+                "selected": selected,
+            }
+        )
     return {"iteration": iteration, "k": k, "scope": "micro_batch", "tokenizer": None, "sequences": seqs}
 
 
@@ -175,7 +211,7 @@ def test_html_tokens_selection_titles_escaping():
     # header: k, scope, iteration, selected fraction over the shown sequences
     valid = sum(int(s["loss_mask"].sum()) for s in seqs)
     chosen = sum(int(s["selected"].sum()) for s in seqs)
-    head = page[page.index("<header>"):page.index("</header>")]
+    head = page[page.index("<header>") : page.index("</header>")]
     assert "k = 0.5" in head and "scope = micro_batch" in head and "iteration 10" in head
     assert f"{100 * chosen / valid:.1f}%" in head
 
@@ -193,9 +229,19 @@ def test_sentencepiece_pieces_round_trip(tmp_path):
     text = 'The integral of x dx is x**2/2 + C.\n<script>alert("x") & y</script>\nSpaces   and\ttabs; caf\u00e9 \u2192 \u222b.\n'
     corpus = (text * 3 + " ".join(f"word{i} token{i % 7} value{i % 13}" for i in range(300))).split("\n")
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=330, model_type="bpe",
-                                   byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
-                                   remove_extra_whitespaces=False, hard_vocab_limit=False, eos_id=2, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=330,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        hard_vocab_limit=False,
+        eos_id=2,
+        minloglevel=2,
+    )
     path = tmp_path / "tok.model"
     path.write_bytes(model.getvalue())
     from megatron_slm.data.tokenizer import load_tokenizer
@@ -205,9 +251,22 @@ def test_sentencepiece_pieces_round_trip(tmp_path):
     assert any(tok._sp.id_to_piece(i).startswith("<0x") for i in ids)  # byte fallback exercised (\u2192, \u222b)
     assert "".join(heatmap.token_texts(tok, ids)) == text
     s = len(ids) - 1
-    dump = {"iteration": 3, "k": 0.6, "scope": "sequence", "tokenizer": str(path), "sequences": [{
-        "tokens": torch.tensor(ids[:-1]), "labels": torch.tensor(ids[1:]), "loss_mask": torch.ones(s),
-        "policy_loss": torch.linspace(0, 4, s), "ref_loss": torch.full((s,), 2.0), "selected": torch.arange(s) % 2 == 0}]}
+    dump = {
+        "iteration": 3,
+        "k": 0.6,
+        "scope": "sequence",
+        "tokenizer": str(path),
+        "sequences": [
+            {
+                "tokens": torch.tensor(ids[:-1]),
+                "labels": torch.tensor(ids[1:]),
+                "loss_mask": torch.ones(s),
+                "policy_loss": torch.linspace(0, 4, s),
+                "ref_loss": torch.full((s,), 2.0),
+                "selected": torch.arange(s) % 2 == 0,
+            }
+        ],
+    }
     page = heatmap.render_html(dump)  # the tokenizer from the dump's path
     parsed = parse(page)
     assert len(parsed.toks) == s
@@ -262,18 +321,36 @@ def _write_run(path: Path, mode: str, k: float, eval_losses, iters=40, seed=0, d
     lines = []
     for it in range(1, iters + 1):
         base = 6.0 - 2.0 * it / iters + 0.1 * float(torch.rand(1, generator=g))
-        row = {"iteration": it, "split": "train", "loss_selected": base + (0.4 if mode == "slm" else 0.0),
-               "loss_all": base, "grad_norm": 1.0, "lr": 1e-3, "step_time": 0.5, "tokens_per_s": 4000.0}
+        row = {
+            "iteration": it,
+            "split": "train",
+            "loss_selected": base + (0.4 if mode == "slm" else 0.0),
+            "loss_all": base,
+            "grad_norm": 1.0,
+            "lr": 1e-3,
+            "step_time": 0.5,
+            "tokens_per_s": 4000.0,
+        }
         if mode == "slm":
-            row.update(ref_loss=4.0, excess_selected=1.5 - it / iters, excess_unselected=-0.5,
-                       selected_fraction=k + 0.01 * float(torch.rand(1, generator=g)))
+            row.update(
+                ref_loss=4.0,
+                excess_selected=1.5 - it / iters,
+                excess_unselected=-0.5,
+                selected_fraction=k + 0.01 * float(torch.rand(1, generator=g)),
+            )
         lines.append(json.dumps(row))
         if it % 10 == 0:
             lines.append(json.dumps({"iteration": it, "split": "eval", "loss": eval_losses[it // 10 - 1]}))
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"iteration": 41, "spl')  # a cut-off last line
-    summary = {"loss_mode": mode, "k": k, "iterations": iters, "eval_loss": eval_losses[-1],
-               "final": {}, "mean_second_half": {"selected_fraction": k, "excess_selected": 1.0, "excess_unselected": -0.5},
-               "selected_fraction_by_dataset": [0.7, 0.4] if mode == "slm" else None}
+    summary = {
+        "loss_mode": mode,
+        "k": k,
+        "iterations": iters,
+        "eval_loss": eval_losses[-1],
+        "final": {},
+        "mean_second_half": {"selected_fraction": k, "excess_selected": 1.0, "excess_unselected": -0.5},
+        "selected_fraction_by_dataset": [0.7, 0.4] if mode == "slm" else None,
+    }
     (path / "summary.json").write_text(json.dumps(summary))
     if dumps:
         (path / "selection_dumps").mkdir()
@@ -298,8 +375,15 @@ def test_plots_from_runs(tmp_path):
 
     out = tmp_path / "plots"
     tool = _tool("plot_runs")
-    args = [f"SLM k=0.6={tmp_path / 'slm'}", str(tmp_path / "slm_k04"), str(tmp_path / "slm_k08"),
-            f"CLM={tmp_path / 'clm'}", "--out", str(out), "--k-sweep"]
+    args = [
+        f"SLM k=0.6={tmp_path / 'slm'}",
+        str(tmp_path / "slm_k04"),
+        str(tmp_path / "slm_k08"),
+        f"CLM={tmp_path / 'clm'}",
+        "--out",
+        str(out),
+        "--k-sweep",
+    ]
     assert tool.main(args) == 0
     for name in ("slm_vs_clm", "selection_stats", "k_sweep", "excess_hist"):
         _assert_png(out / f"{name}.png")
@@ -307,7 +391,11 @@ def test_plots_from_runs(tmp_path):
     with open(out / "k_sweep.csv") as f:
         rows = list(__import__("csv").DictReader(f))
     assert [(r["loss_mode"], r["k"], r["eval_loss"]) for r in rows] == [
-        ("slm", "0.4000", "4.2500"), ("slm", "0.6000", "4.1000"), ("slm", "0.8000", "4.2000"), ("clm", "1.0000", "4.3000")]
+        ("slm", "0.4000", "4.2500"),
+        ("slm", "0.6000", "4.1000"),
+        ("slm", "0.8000", "4.2000"),
+        ("clm", "1.0000", "4.3000"),
+    ]
     md = (out / "k_sweep.md").read_text()
     assert "SLM k=0.6 **best**" in md and "-0.2000" in md  # 4.10 - 4.30
 
@@ -334,9 +422,18 @@ def _checkpoint_mode(tmp):
     distributed.initialize(1, 1)
     truth = {}
     for name, seed in (("policy", 1), ("reference", 2)):
-        m = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                        vocab_size=tok.vocab_size, max_position_embeddings=64, rotary_base=10000.0, norm_epsilon=1e-5,
-                        untie_embeddings_and_output_weights=False)
+        m = ModelConfig(
+            num_layers=2,
+            hidden_size=32,
+            ffn_hidden_size=64,
+            num_attention_heads=4,
+            num_query_groups=2,
+            vocab_size=tok.vocab_size,
+            max_position_embeddings=64,
+            rotary_base=10000.0,
+            norm_epsilon=1e-5,
+            untie_embeddings_and_output_weights=False,
+        )
         model = build_model(m, ParallelConfig(), seed=seed)
         save_model_weights(model, str(Path(tmp) / name), m)
         model.eval()
@@ -348,10 +445,18 @@ def _checkpoint_mode(tmp):
                 logits = model(t, torch.arange(t.shape[1])[None], attention_mask=None)[0, :, : tok.vocab_size]
                 losses.append(F.cross_entropy(logits.float(), torch.tensor(ids[1:]), reduction="none"))
         truth[name] = losses
-    dumps = text_selection.compute_selection(str(Path(tmp) / "policy"), str(Path(tmp) / "reference"), texts,
-                                      str(Path(tmp) / "tok.model"), k=0.5)
-    batch = text_selection.compute_selection(str(Path(tmp) / "policy"), str(Path(tmp) / "reference"), texts,
-                                      str(Path(tmp) / "tok.model"), k=0.3, scope="batch", seq_length=8)
+    dumps = text_selection.compute_selection(
+        str(Path(tmp) / "policy"), str(Path(tmp) / "reference"), texts, str(Path(tmp) / "tok.model"), k=0.5
+    )
+    batch = text_selection.compute_selection(
+        str(Path(tmp) / "policy"),
+        str(Path(tmp) / "reference"),
+        texts,
+        str(Path(tmp) / "tok.model"),
+        k=0.3,
+        scope="batch",
+        seq_length=8,
+    )
     return dumps, batch, truth, texts
 
 
@@ -361,9 +466,18 @@ def test_checkpoint_mode_matches_plain_cross_entropy(tmp_path):
 
     corpus = ['f(x) = <b>x</b> & "y"', "  g(x) = x"] + [f"word{i} token{i % 7} value{i % 13}" for i in range(200)]
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=300, model_type="bpe",
-                                   byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
-                                   remove_extra_whitespaces=False, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     (tmp_path / "tok.model").write_bytes(model.getvalue())
     dumps, batch, truth, texts = run_distributed(_checkpoint_mode, 1, str(tmp_path))[0]
     (d,) = dumps
@@ -385,10 +499,14 @@ def test_checkpoint_mode_matches_plain_cross_entropy(tmp_path):
     pool = [t for t in range(len(ex)) if valid[t]]
     top = sorted(pool, key=lambda t: (-ex[t], t))[: math.floor(0.3 * len(pool) + 0.5)]
     assert torch.nonzero(torch.cat([s["selected"] for s in b["sequences"]])).flatten().tolist() == sorted(top)
-    assert torch.equal(torch.cat([s["labels"] for s in b["sequences"]]), torch.cat([s["labels"] for s in d["sequences"]]))
+    assert torch.equal(
+        torch.cat([s["labels"] for s in b["sequences"]]), torch.cat([s["labels"] for s in d["sequences"]])
+    )
 
     page = heatmap.render_html(dumps)
     parsed = parse(page)
     assert len(parsed.toks) == sum(len(s["labels"]) for s in d["sequences"])
     assert "<b>x" not in page  # escaped in the page, the text itself once parsed:
-    assert texts[0] in parsed.ctx[0]["text"] + "".join(t["text"] for t in parsed.toks[: len(d["sequences"][0]["labels"])])
+    assert texts[0] in parsed.ctx[0]["text"] + "".join(
+        t["text"] for t in parsed.toks[: len(d["sequences"][0]["labels"])]
+    )

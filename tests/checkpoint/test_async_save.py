@@ -50,8 +50,8 @@ def _run(save, async_save, slow=False, kill_at=None, **ck):
     """Train STEPS steps saving every 2; ``slow``: each bucket's write takes WRITE_S longer (timings returned);
     ``kill_at``: SIGKILL this rank partway through writing that iteration's first bucket file."""
     import torch.distributed as dist
-
     from helpers.gather import gather_full
+
     from megatron_slm.training.trainer import Trainer
 
     trainer = Trainer(_cfg(save, async_save, save_interval=2, **ck))
@@ -95,8 +95,8 @@ def _run(save, async_save, slow=False, kill_at=None, **ck):
 def _resume(path):
     """A fresh run loaded from the iteration directory ``path``, trained to STEPS (no saving)."""
     import torch.distributed as dist
-
     from helpers.gather import gather_full
+
     from megatron_slm.training.trainer import Trainer
 
     trainer = Trainer(_cfg(None, False))
@@ -148,8 +148,10 @@ def test_kill_during_background_write_keeps_previous_checkpoint(tmp_path, sync_r
     # both ranks are SIGKILLed while the background thread writes iteration 4 (iteration 2 was committed)
     ctx = mp.get_context("fork")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_child, args=(r, 2, port, queue, _run, (tmp_path, True), {"kill_at": 4}, 1, 100))
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_child, args=(r, 2, port, queue, _run, (tmp_path, True), {"kill_at": 4}, 1, 100))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -36,10 +36,38 @@ class Payload:
 
 
 def _argv(root, save, *extra):
-    return ["train", "--preset", "tiny", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-            "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "16", "--loss-mode", "clm",
-            "--data-path", str(root / "data" / "train"), "--split", "99,1,0", "--log-interval", "100",
-            "--eval-iters", "0", "--data-cache-path", str(root / "cache"), "--save", str(save), *extra]
+    return [
+        "train",
+        "--preset",
+        "tiny",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--ffn-hidden-size",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--seq-length",
+        "16",
+        "--loss-mode",
+        "clm",
+        "--data-path",
+        str(root / "data" / "train"),
+        "--split",
+        "99,1,0",
+        "--log-interval",
+        "100",
+        "--eval-iters",
+        "0",
+        "--data-cache-path",
+        str(root / "cache"),
+        "--save",
+        str(save),
+        *extra,
+    ]
 
 
 def _cli(argv):
@@ -97,9 +125,14 @@ def test_resume_refuses_a_planted_dcp_index_in_a_real_process(runs, tmp_path):
         metadata = pickle.load(f)  # our own file, just written: the test may read it any way
     metadata.planner_data = Payload(marker)  # a real index with one extra object
     index.write_bytes(pickle.dumps(metadata))
-    res = subprocess.run([sys.executable, "-m", "megatron_slm.cli", *_argv(runs, save, "--train-iters", "2")],
-                         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "megatron_slm.cli", *_argv(runs, save, "--train-iters", "2")],
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     _refused(res.returncode, res.stderr, marker, str(index))
 
 
@@ -131,8 +164,9 @@ def test_ref_load_refuses_a_planted_sharded_object(runs, tmp_path):
     it = ref / "iter_0000001"
     with open(it / ".metadata", "rb") as f:
         metadata = pickle.load(f)
-    index = next(i for i in metadata.storage_data if isinstance(metadata.state_dict_metadata[i.fqn],
-                                                               BytesStorageMetadata))
+    index = next(
+        i for i in metadata.storage_data if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata)
+    )
     info = metadata.storage_data[index]
     shard = it / info.relative_path
     buf = io.BytesIO()
@@ -152,9 +186,18 @@ def test_ref_load_refuses_a_planted_transformers_bin(runs, tmp_path):
     import transformers
 
     hf, marker = tmp_path / "hf", tmp_path / "marker"
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=1, max_position_embeddings=64, tie_word_embeddings=False))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=1,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    )
     model.config.save_pretrained(str(hf))
     shutil.copy(runs / "data" / "tok.model", hf / "tokenizer.model")
     torch.save({**model.state_dict(), "x": Payload(marker)}, hf / "pytorch_model.bin")

@@ -23,12 +23,14 @@ from dist_helpers import run_distributed
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from megatron_slm.conversion import cli, converters  # noqa: E402
 from megatron_slm.checkpoint import load_model_weights, read_model_config, save_model_weights  # noqa: E402
 from megatron_slm.config import ParallelConfig  # noqa: E402
+from megatron_slm.conversion import cli, converters  # noqa: E402
 from megatron_slm.conversion.tokenizer_export import TOKENIZER_DIR, TOKENIZER_FILES  # noqa: E402
-from megatron_slm.model import build  # noqa: E402,F401 - import megatron before forking ranks
-from megatron_slm.model import hf  # noqa: E402
+from megatron_slm.model import (  # noqa: E402
+    build,  # noqa: F401 - import megatron before forking ranks
+    hf,  # noqa: E402
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, BATCH, SEQ, WINDOW = 100, 2, 24, 8  # vocab 100 pads to 128 (TP=1) and 256 (TP=2)
@@ -36,16 +38,28 @@ VOCAB, BATCH, SEQ, WINDOW = 100, 2, 24, 8  # vocab 100 pads to 128 (TP=1) and 25
 
 def _tiny(kind: str, path: Path):
     """A transformers-built tiny model with large enough weights that attention and RoPE matter."""
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        initializer_range=0.2,
+    )
     if kind == "llama":
         torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            num_hidden_layers=4, rope_theta=10000.0, tie_word_embeddings=False, **common))
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(num_hidden_layers=4, rope_theta=10000.0, tie_word_embeddings=False, **common)
+        )
     else:
         torch.manual_seed(1)
-        model = transformers.MistralForCausalLM(transformers.MistralConfig(
-            num_hidden_layers=2, rope_theta=1000.0, tie_word_embeddings=True, sliding_window=WINDOW, **common))
+        model = transformers.MistralForCausalLM(
+            transformers.MistralConfig(
+                num_hidden_layers=2, rope_theta=1000.0, tie_word_embeddings=True, sliding_window=WINDOW, **common
+            )
+        )
     with torch.no_grad():  # norms away from 1 so that swapping them would show
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -68,7 +82,9 @@ def _quiet(*_a, **_k):
 
 def _convert_in(jobs):
     """Single process: hf_to_megatron jobs (in, out, dtype, verify); returns the verify differences."""
-    return [converters.hf_to_megatron(src, dst, dtype=dtype, verify=verify, log=_quiet) for src, dst, dtype, verify in jobs]
+    return [
+        converters.hf_to_megatron(src, dst, dtype=dtype, verify=verify, log=_quiet) for src, dst, dtype, verify in jobs
+    ]
 
 
 def _export(jobs):
@@ -107,8 +123,13 @@ def _tp2pp2(ckpts, tokens, resave):
 
         with torch.no_grad():
             collected = get_forward_backward_func()(
-                forward_step_func=step, data_iterator=iter([tokens]), model=[model], num_microbatches=1,
-                seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True,
+                forward_step_func=step,
+                data_iterator=iter([tokens]),
+                model=[model],
+                num_microbatches=1,
+                seq_length=tokens.shape[1],
+                micro_batch_size=tokens.shape[0],
+                forward_only=True,
                 collect_non_loss_data=True,
             )
         if ps.is_pipeline_last_stage():
@@ -142,8 +163,9 @@ def test_tp2_pp2_logits_match_transformers_and_round_trip(tiny):
     assert hf.hf_config_to_model_config(json.loads((root / "hf_mistral/config.json").read_text())) == m
     assert not m.untie_embeddings_and_output_weights and m.sliding_window is not None
 
-    ranks = run_distributed(_tp2pp2, 4, {k: str(root / f"ck_{k}") for k in kinds}, tokens,
-                            {k: str(root / f"ck_{k}_tp2pp2") for k in kinds})
+    ranks = run_distributed(
+        _tp2pp2, 4, {k: str(root / f"ck_{k}") for k in kinds}, tokens, {k: str(root / f"ck_{k}_tp2pp2") for k in kinds}
+    )
     last = [r for r in ranks if r]
     assert len(last) == 2  # the two TP ranks of the last stage
     for kind in kinds:
@@ -157,8 +179,12 @@ def test_tp2_pp2_logits_match_transformers_and_round_trip(tiny):
             assert diff < 1e-4, f"{kind}: TP2xPP2 logits differ from transformers by {diff}"
 
     # TP=2 x PP=2 checkpoint -> transformers directory: bitwise the original weights.
-    run_distributed(_export, 1, [(str(root / f"ck_{k}_tp2pp2"), str(root / f"back_{k}")) for k in kinds]
-                    + [(str(root / "ck_llama_bf16"), str(root / "back_llama_bf16"))])
+    run_distributed(
+        _export,
+        1,
+        [(str(root / f"ck_{k}_tp2pp2"), str(root / f"back_{k}")) for k in kinds]
+        + [(str(root / "ck_llama_bf16"), str(root / "back_llama_bf16"))],
+    )
     for kind in kinds:
         orig, back = _tensors(root / f"hf_{kind}"), _tensors(root / f"back_{kind}")
         assert sorted(orig) == sorted(back)
@@ -182,8 +208,15 @@ def test_verify_reports_logit_difference(tiny):
 
 
 def test_sliding_window_maps_transformers_window_exactly():
-    cfg = {"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-           "intermediate_size": 96, "vocab_size": VOCAB, "sliding_window": 4096}
+    cfg = {
+        "model_type": "mistral",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "intermediate_size": 96,
+        "vocab_size": VOCAB,
+        "sliding_window": 4096,
+    }
     m = hf.hf_config_to_model_config(cfg)
     from megatron_slm.model.build import transformer_config
 
@@ -206,10 +239,14 @@ def test_qkv_fuse_split_inverse_and_layout():
 
 
 def test_transformer_engine_names_map_to_local_names():
-    assert hf.canonical_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight") == \
-        "decoder.layers.3.input_layernorm.weight"
-    assert hf.canonical_name("decoder.layers.0.mlp.linear_fc1.layer_norm_weight") == \
-        "decoder.layers.0.pre_mlp_layernorm.weight"
+    assert (
+        hf.canonical_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight")
+        == "decoder.layers.3.input_layernorm.weight"
+    )
+    assert (
+        hf.canonical_name("decoder.layers.0.mlp.linear_fc1.layer_norm_weight")
+        == "decoder.layers.0.pre_mlp_layernorm.weight"
+    )
     assert hf.canonical_name("decoder.layers.0.mlp.linear_fc1.weight") == "decoder.layers.0.mlp.linear_fc1.weight"
 
 
@@ -273,13 +310,25 @@ def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused_even_with
     (tmp_path / "alias").symlink_to(run, target_is_directory=True)
     before = {d: _tree(d) for d in (run, outer)}
     cases = [
-        (["megatron-to-hf", "--input", str(run), "--output", str(run / "iter_0000006")],
-         f"lies inside the input '{run}'"),
+        (
+            ["megatron-to-hf", "--input", str(run), "--output", str(run / "iter_0000006")],
+            f"lies inside the input '{run}'",
+        ),
         (["megatron-to-hf", "--input", str(run), "--output", str(tmp_path / "alias" / "iter_0000006")], "lies inside"),
         (["megatron-to-hf", "--input", str(run / "iter_0000006"), "--output", str(run)], "contains the input"),
         (["megatron-to-hf", "--input", str(run), "--output", str(run)], "is the input"),
-        (["megatron-to-hf", "--input", str(root / "ck_llama"), "--output", str(outer), "--hf-config",
-          str(outer / "hf")], "contains the input"),
+        (
+            [
+                "megatron-to-hf",
+                "--input",
+                str(root / "ck_llama"),
+                "--output",
+                str(outer),
+                "--hf-config",
+                str(outer / "hf"),
+            ],
+            "contains the input",
+        ),
         (["hf-to-megatron", "--input", str(outer / "hf"), "--output", str(outer / "hf" / "ck")], "lies inside"),
         (["hf-to-megatron", "--input", str(outer / "hf"), "--output", str(outer)], "contains the input"),
         (["hf-to-megatron", "--input", str(outer / "hf"), "--output", str(outer / "hf")], "is the input"),
@@ -309,17 +358,27 @@ def test_cli_truncated_checkpoint_exits_2_with_one_line(tiny, tmp_path):
     assert shards
     shards[0].write_bytes(shards[0].read_bytes()[:100])  # a truncated shard
     # torch DCP raises CheckpointException, a BaseException: it must still become one error line.
-    rc, err = run_distributed(_main_captured, 1, ["megatron-to-hf", "--input", str(broken),
-                                                  "--output", str(tmp_path / "out")])[0]
+    rc, err = run_distributed(
+        _main_captured, 1, ["megatron-to-hf", "--input", str(broken), "--output", str(tmp_path / "out")]
+    )[0]
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "broken" in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
 def test_cli_script_exit_status_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/convert_checkpoint.py"), "hf-to-megatron", "--input",
-         str(tmp_path / "missing"), "--output", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "tools/convert_checkpoint.py"),
+            "hf-to-megatron",
+            "--input",
+            str(tmp_path / "missing"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: input '{tmp_path / 'missing'}' does not exist"]
@@ -351,8 +410,9 @@ def test_smollm2_135m_converts_and_verifies(tmp_path):
     del loaded
     model.save_pretrained(str(tmp_path / "hf"))
     del model
-    diff = run_distributed(_smollm2, 1, str(tmp_path / "hf"), str(tmp_path / "ck"), str(tmp_path / "back"),
-                           timeout=600)[0]
+    diff = run_distributed(
+        _smollm2, 1, str(tmp_path / "hf"), str(tmp_path / "ck"), str(tmp_path / "back"), timeout=600
+    )[0]
     print(f"SmolLM2-135M: max abs logit difference megatron vs transformers = {diff:.3e}")
     assert diff < 2e-3
     orig, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
@@ -369,20 +429,41 @@ def _trainer_from_hf(root, tokens):
     from megatron_slm.training.passes import score_pass
     from megatron_slm.training.trainer import Trainer
 
-    shape = dict(num_attention_heads=4, num_query_groups=2, hidden_size=64, ffn_hidden_size=96, vocab_size=VOCAB,
-                 max_position_embeddings=64, norm_epsilon=1e-5)
-    cfg = load_config(overrides=dict(
-        model=dict(num_layers=4, rotary_base=10000.0, untie_embeddings_and_output_weights=True, **shape),
-        reference=dict(load=str(root / "hf_mistral"), dtype="fp32",
-                       model=dict(num_layers=2, rotary_base=1000.0, untie_embeddings_and_output_weights=False,
-                                  sliding_window=WINDOW, **shape)),
-        parallel=dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
-        checkpoint=dict(pretrained_checkpoint=str(root / "hf_llama")),
-        train=dict(micro_batch_size=BATCH, global_batch_size=BATCH, seq_length=SEQ - 1),
-    ))
+    shape = dict(
+        num_attention_heads=4,
+        num_query_groups=2,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        norm_epsilon=1e-5,
+    )
+    cfg = load_config(
+        overrides=dict(
+            model=dict(num_layers=4, rotary_base=10000.0, untie_embeddings_and_output_weights=True, **shape),
+            reference=dict(
+                load=str(root / "hf_mistral"),
+                dtype="fp32",
+                model=dict(
+                    num_layers=2,
+                    rotary_base=1000.0,
+                    untie_embeddings_and_output_weights=False,
+                    sliding_window=WINDOW,
+                    **shape,
+                ),
+            ),
+            parallel=dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
+            checkpoint=dict(pretrained_checkpoint=str(root / "hf_llama")),
+            train=dict(micro_batch_size=BATCH, global_batch_size=BATCH, seq_length=SEQ - 1),
+        )
+    )
     trainer = Trainer(cfg)
-    mb = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(BATCH, SEQ - 1),
-              position_ids=torch.arange(SEQ - 1).expand(BATCH, SEQ - 1))
+    mb = dict(
+        tokens=tokens[:, :-1],
+        labels=tokens[:, 1:],
+        loss_mask=torch.ones(BATCH, SEQ - 1),
+        position_ids=torch.arange(SEQ - 1).expand(BATCH, SEQ - 1),
+    )
     policy = score_pass(trainer.policy_module, [mb], VOCAB)
     ref = score_pass(trainer.reference, [mb], VOCAB)
     return (policy[0], ref[0]) if dist.get_rank() == dist.get_world_size() - 1 else None
@@ -393,7 +474,9 @@ def test_policy_and_reference_load_straight_from_transformers_dirs(tiny):
     labels = tiny["tokens"][:, 1:]
 
     def ce(logits):  # transformers' logits at positions 0..S-2 predict tokens 1..S-1
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels.reshape(-1), reduction="none").view_as(labels)
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, VOCAB), labels.reshape(-1), reduction="none"
+        ).view_as(labels)
 
     torch.testing.assert_close(policy, ce(tiny["llama"]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ref, ce(tiny["mistral"]), atol=1e-4, rtol=1e-4)
@@ -420,12 +503,14 @@ def test_hf_tokenizer_files_travel_through_the_checkpoint(tiny, tmp_path):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>",
-                                         unk_token="<unk>").save_pretrained(str(src))
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(str(src))
     files = sorted(n for n in TOKENIZER_FILES if (src / n).is_file())
     assert "tokenizer.json" in files and "tokenizer_config.json" in files
-    kept = run_distributed(_convert_with_tokenizer, 1, str(src), str(tmp_path / "ck"), str(tmp_path / "out"),
-                           str(tmp_path / "out_legacy"))[0]
+    kept = run_distributed(
+        _convert_with_tokenizer, 1, str(src), str(tmp_path / "ck"), str(tmp_path / "out"), str(tmp_path / "out_legacy")
+    )[0]
     assert kept == files
     assert json.loads((tmp_path / "ck" / converters.HF_SOURCE).read_text())["tokenizer_files"] == files
     original = transformers.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
@@ -444,8 +529,19 @@ def test_hf_tokenizer_files_travel_through_the_checkpoint(tiny, tmp_path):
 def test_output_folders_are_created(tiny, tmp_path):
     # in a subprocess: a conversion in the test process would leave its gloo group's threads behind for later forks
     nested = tmp_path / "a" / "b" / "ck"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "hf-to-megatron", "--input",
-                           str(tiny["root"] / "hf_llama"), "--output", str(nested)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_checkpoint.py"),
+            "hf-to-megatron",
+            "--input",
+            str(tiny["root"] / "hf_llama"),
+            "--output",
+            str(nested),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (nested / "slm_model.json").is_file()

@@ -45,11 +45,13 @@ VOCAB = 128  # tiny_text_dataset's sentencepiece vocabulary, and the model's
 
 # Several lines: unicode (accents, CJK, emoji, full-width digits, a ligature), digits, runs of spaces, tabs,
 # leading/trailing whitespace, empty lines.
-TEXT = ("  the sum of a prime number  is 12345 + 0.678 = x\n"
-        "café naïve 中文 🙂 ＡＢＣ １２３ ﬁ ½\n"
-        "\tmatrix\t\tvalue   of the\u3000function\u00a0returns\n"
-        "\n"
-        "given x, y: n = 42;   list[0] -> integer \n")
+TEXT = (
+    "  the sum of a prime number  is 12345 + 0.678 = x\n"
+    "café naïve 中文 🙂 ＡＢＣ １２３ ﬁ ½\n"
+    "\tmatrix\t\tvalue   of the\u3000function\u00a0returns\n"
+    "\n"
+    "given x, y: n = 42;   list[0] -> integer \n"
+)
 
 LMEVAL_DOCS = [
     {"question": "the sum of a prime", "choices": ["number", "matrix", "list"], "answer": 0},
@@ -63,19 +65,42 @@ LMEVAL_DOCS = [
 # The sentencepiece -> tokenizer.json builder, against sentencepiece itself
 
 CORPUS = [" ".join(random.Random(i).choice(WORDS) for _ in range(8 + i % 30)) for i in range(300)] + [
-    "x = 12 + 345; y = 6.78 é ü ß 中文", "The sum\tof 1 2 3 4 5 6 7 8 9 0", "line one\nline two\n\nend"]
+    "x = 12 + 345; y = 6.78 é ü ß 中文",
+    "The sum\tof 1 2 3 4 5 6 7 8 9 0",
+    "line one\nline two\n\nend",
+]
 
 SP_KINDS = {  # name -> sentencepiece trainer options (vocab sizes fit the corpus)
     "test_default_nfkc": dict(model_type="bpe", vocab_size=128),  # tests/helpers/data.py
-    "demo_identity_bytes": dict(model_type="bpe", vocab_size=400, byte_fallback=True, character_coverage=1.0,
-                                normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                add_dummy_prefix=False, user_defined_symbols=["\n"],
-                                allow_whitespace_only_pieces=True),  # megatron_slm/data/demo_corpus.py
-    "llama_style": dict(model_type="bpe", vocab_size=400, byte_fallback=True, character_coverage=1.0,
-                        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-                        user_defined_symbols=["\n"], allow_whitespace_only_pieces=True),
-    "nfkc_user_symbols": dict(model_type="bpe", vocab_size=400, byte_fallback=True, character_coverage=1.0,
-                              user_defined_symbols=["\n", "<|sep|>", "<|s", "12"]),
+    "demo_identity_bytes": dict(
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        user_defined_symbols=["\n"],
+        allow_whitespace_only_pieces=True,
+    ),  # megatron_slm/data/demo_corpus.py
+    "llama_style": dict(
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        user_defined_symbols=["\n"],
+        allow_whitespace_only_pieces=True,
+    ),
+    "nfkc_user_symbols": dict(
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        character_coverage=1.0,
+        user_defined_symbols=["\n", "<|sep|>", "<|s", "12"],
+    ),
     "unigram": dict(model_type="unigram", vocab_size=45),
 }
 
@@ -83,8 +108,26 @@ SP_KINDS = {  # name -> sentencepiece trainer options (vocab sizes fit the corpu
 def _random_texts(n=400, seed=0):
     rng = random.Random(seed)
     alphabet = list("the sum of a prime x y 0123456789 +-*/=()[]{}<>|_.,;:!?'\"\\") + [
-        " ", "  ", "\t", "\n", "\n\n", "\r\n", "é", "ü", "中", "🙂", "１", "ﬁ", "\u3000", "\u00a0", "\u200b", "▁",
-        "<|sep|>", "<|s", "12"]
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\n\n",
+        "\r\n",
+        "é",
+        "ü",
+        "中",
+        "🙂",
+        "１",
+        "ﬁ",
+        "\u3000",
+        "\u00a0",
+        "\u200b",
+        "▁",
+        "<|sep|>",
+        "<|s",
+        "12",
+    ]
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(n)]
 
 
@@ -106,9 +149,17 @@ def test_sentencepiece_builder_encodes_exactly_like_sentencepiece(kind, tmp_path
             pytest.skip("mistral-common (tokenizer.model.v1) is not installed; tools/setup.sh installs it")
         data = path.read_bytes()
     else:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(tmp_path / "m"),
-                                       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
-                                       **SP_KINDS[kind])
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(CORPUS),
+            model_prefix=str(tmp_path / "m"),
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=1,
+            minloglevel=2,
+            **SP_KINDS[kind],
+        )
         data = (tmp_path / "m.model").read_bytes()
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(data)
@@ -116,8 +167,10 @@ def test_sentencepiece_builder_encodes_exactly_like_sentencepiece(kind, tmp_path
     assert unk == sp.id_to_piece(sp.unk_id())
     texts = [TEXT, "", " ", "\n", "\na", "  leading and trailing  ", "▁\n", *TEXT.splitlines(), *_random_texts()]
     bad = [t for t in texts if built.encode(t).ids != sp.encode(t)]
-    assert not bad, f"{kind}: {len(bad)} of {len(texts)} texts encode differently, e.g. {bad[0]!r}: " \
-                    f"{sp.encode(bad[0])} (sentencepiece) vs {built.encode(bad[0]).ids}"
+    assert not bad, (
+        f"{kind}: {len(bad)} of {len(texts)} texts encode differently, e.g. {bad[0]!r}: "
+        f"{sp.encode(bad[0])} (sentencepiece) vs {built.encode(bad[0]).ids}"
+    )
     if sp.piece_to_id("<0x41>") != sp.unk_id():  # with byte fallback every text decodes back through the bytes
         assert built.decode(sp.encode(TEXT)) == sp.decode(sp.encode(TEXT))
 
@@ -160,19 +213,56 @@ def _pipeline(root, sequences):
     (root / "unrecorded" / "slm_model.json").write_text(json.dumps(meta))
     tok, other = str(root / "data" / "tok.model"), str(root / "other" / "tok.model")
     runs = {
-        "policy_flag": ["--input", str(root / "policy"), "--output", str(root / "export_flag"), "--tokenizer-model", tok],
-        "policy_hf_dir": ["--input", str(root / "policy"), "--output", str(root / "export_dir"),
-                          "--tokenizer-model", str(root / "export")],
+        "policy_flag": [
+            "--input",
+            str(root / "policy"),
+            "--output",
+            str(root / "export_flag"),
+            "--tokenizer-model",
+            tok,
+        ],
+        "policy_hf_dir": [
+            "--input",
+            str(root / "policy"),
+            "--output",
+            str(root / "export_dir"),
+            "--tokenizer-model",
+            str(root / "export"),
+        ],
         "mismatch": ["--input", str(root / "policy"), "--output", str(root / "bad"), "--tokenizer-model", other],
         "no_tokenizer": ["--input", str(root / "policy"), "--output", str(root / "weights_only")],
-        "unrecorded_json": ["--input", str(root / "unrecorded"), "--output", str(root / "export_json"),
-                            "--tokenizer-model", str(root / "export" / "tokenizer.json")],
-        "missing": ["--input", str(root / "policy"), "--output", str(root / "bad_missing"),
-                    "--tokenizer-model", str(root / "nope.model")],
-        "not_a_tokenizer": ["--input", str(root / "policy"), "--output", str(root / "bad_json"),
-                            "--tokenizer-model", str(root / "hf" / "config.json")],
-        "too_large": ["--input", str(root / "unrecorded"), "--output", str(root / "bad_vocab"),
-                      "--tokenizer-model", str(root / "big" / "tok.model")],
+        "unrecorded_json": [
+            "--input",
+            str(root / "unrecorded"),
+            "--output",
+            str(root / "export_json"),
+            "--tokenizer-model",
+            str(root / "export" / "tokenizer.json"),
+        ],
+        "missing": [
+            "--input",
+            str(root / "policy"),
+            "--output",
+            str(root / "bad_missing"),
+            "--tokenizer-model",
+            str(root / "nope.model"),
+        ],
+        "not_a_tokenizer": [
+            "--input",
+            str(root / "policy"),
+            "--output",
+            str(root / "bad_json"),
+            "--tokenizer-model",
+            str(root / "hf" / "config.json"),
+        ],
+        "too_large": [
+            "--input",
+            str(root / "unrecorded"),
+            "--output",
+            str(root / "bad_vocab"),
+            "--tokenizer-model",
+            str(root / "big" / "tok.model"),
+        ],
     }
     results = {k: _main_captured(["megatron-to-hf", *argv]) for k, argv in runs.items()}
     return results, _megatron_logits(str(root / "ck"), sequences)
@@ -194,25 +284,54 @@ def _lmeval_sequences(sp):
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_lm_eval")
     data = tiny_text_dataset(root / "data", vocab=VOCAB)  # the project's tiny tokenizer and indexed data
-    for name, options in (("other", SP_KINDS["test_default_nfkc"]),  # another tokenizer, same vocabulary size
-                          ("big", SP_KINDS["demo_identity_bytes"])):  # more tokens than the model has
+    for name, options in (
+        ("other", SP_KINDS["test_default_nfkc"]),  # another tokenizer, same vocabulary size
+        ("big", SP_KINDS["demo_identity_bytes"]),
+    ):  # more tokens than the model has
         (root / name).mkdir()
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(root / name / "tok"),
-                                       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
-                                       **options)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(CORPUS),
+            model_prefix=str(root / name / "tok"),
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=1,
+            minloglevel=2,
+            **options,
+        )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=2, max_position_embeddings=128, initializer_range=0.2, tie_word_embeddings=False))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            max_position_embeddings=128,
+            initializer_range=0.2,
+            tie_word_embeddings=False,
+        )
+    )
     model.save_pretrained(str(root / "hf"))
     shutil.copyfile(data / "tok.model", root / "hf" / "tokenizer.model")  # an HF directory with its tokenizer
     sp = spm.SentencePieceProcessor(model_file=str(data / "tok.model"))
     requests = _lmeval_sequences(sp)
     random_ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    results, logits = run_distributed(_pipeline, 1, root, [random_ids, sp.encode(TEXT)] + [w for _, w in requests],
-                                      timeout=300)[0]
-    return {"root": root, "sp": sp, "data": data, "runs": results, "random_ids": random_ids,
-            "logits": logits[:2], "requests": requests, "request_logits": logits[2:]}
+    results, logits = run_distributed(
+        _pipeline, 1, root, [random_ids, sp.encode(TEXT)] + [w for _, w in requests], timeout=300
+    )[0]
+    return {
+        "root": root,
+        "sp": sp,
+        "data": data,
+        "runs": results,
+        "random_ids": random_ids,
+        "logits": logits[:2],
+        "requests": requests,
+        "request_logits": logits[2:],
+    }
 
 
 @pytest.mark.parametrize("export", ["export", "export_flag", "export_dir"])
@@ -265,22 +384,54 @@ def test_lm_eval_runs_offline_on_local_task(exported, tmp_path):
         'doc_to_choice: "{{choices}}"\n'
         "doc_to_target: answer\n"
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "metadata:\n  version: 1.0\n")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        "metadata:\n  version: 1.0\n"
+    )
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     export, out = exported["root"] / "export", tmp_path / "lm_eval_out"
     proc = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-         "--model_args", f"pretrained={export},dtype=float32", "--tasks", "slm_local_mc",
-         "--include_path", str(tasks), "--device", "cpu", "--batch_size", "4",
-         "--output_path", str(out), "--log_samples"],
-        capture_output=True, text=True, timeout=300, env=env)
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "run",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={export},dtype=float32",
+            "--tasks",
+            "slm_local_mc",
+            "--include_path",
+            str(tasks),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(out),
+            "--log_samples",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(Path(glob.glob(str(out / "**" / "results_*.json"), recursive=True)[0]).read_text())
     acc = results["results"]["slm_local_mc"]["acc,none"]
     assert math.isfinite(acc) and 0 <= acc <= 1
-    samples = [json.loads(line) for f in glob.glob(str(out / "**" / "samples_slm_local_mc_*.jsonl"), recursive=True)
-               for line in Path(f).read_text().splitlines()]
+    samples = [
+        json.loads(line)
+        for f in glob.glob(str(out / "**" / "samples_slm_local_mc_*.jsonl"), recursive=True)
+        for line in Path(f).read_text().splitlines()
+    ]
     assert len(samples) == len(LMEVAL_DOCS)
     got = [float(r[0][0]) for s in sorted(samples, key=lambda s: s["doc_id"]) for r in s["resps"]]
     expected = []

@@ -6,6 +6,7 @@ must reproduce, with one worker and with two (document order is the input order)
 checked against megatron-core's IndexedDatasetBuilder fed one document at a time with sentencepiece's ids. The
 real files are written by pyarrow, datasets and zstandard, not by the code under test.
 """
+
 import gzip
 import io
 import json
@@ -25,17 +26,19 @@ from megatron_slm.data import preprocess as pp
 from megatron_slm.data.preprocess import PreprocessError, preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
-WORDS = ("the reference scores every token and only the top fraction enters the loss; integral sum prime 12 345 "
-         "x^2 + y^2 = z^2, café naïve über — “quotes” 数学 \\ backslash \"quoted\"").split()
+WORDS = (
+    "the reference scores every token and only the top fraction enters the loss; integral sum prime 12 345 "
+    'x^2 + y^2 = z^2, café naïve über — “quotes” 数学 \\ backslash "quoted"'
+).split()
 
 
 def _documents(seed: int, n: int) -> list:
     rng = random.Random(seed)
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 60))) for _ in range(n)]
-    docs[3] = ""                                   # empty: skipped and counted
-    docs[4] = " \t\n  "                            # blank: skipped and counted
+    docs[3] = ""  # empty: skipped and counted
+    docs[4] = " \t\n  "  # blank: skipped and counted
     docs[5] = "line one\nline two\r\n\n  indented"  # newlines inside a document survive (JSON escapes)
-    docs[6] = " ".join(WORDS) * 8                  # longer than the tests' BATCH_BYTES: a task of its own
+    docs[6] = " ".join(WORDS) * 8  # longer than the tests' BATCH_BYTES: a task of its own
     return docs
 
 
@@ -44,10 +47,15 @@ def sp_model(tmp_path_factory) -> Path:
     """A tiny sentencepiece BPE model (vocab 200) trained here."""
     rng = random.Random(0)
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(" ".join(rng.choice(WORDS) for _ in range(12))
-                                                          for _ in range(400)),
-                                   model_writer=buf, vocab_size=200, model_type="bpe", character_coverage=1.0,
-                                   num_threads=1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)),
+        model_writer=buf,
+        vocab_size=200,
+        model_type="bpe",
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
     path = tmp_path_factory.mktemp("sp") / "tiny.model"
     path.write_bytes(buf.getvalue())
     return path
@@ -61,8 +69,9 @@ def small_tasks(monkeypatch):
 
 def _jsonl_bytes(docs, key="text") -> bytes:
     """One JSON object per line, with a blank and a whitespace-only line (no documents) every 50 lines."""
-    return "".join(json.dumps({"id": i, key: t}) + ("\n\n  \r\n" if i % 50 == 7 else "\n")
-                   for i, t in enumerate(docs)).encode()
+    return "".join(
+        json.dumps({"id": i, key: t}) + ("\n\n  \r\n" if i % 50 == 7 else "\n") for i, t in enumerate(docs)
+    ).encode()
 
 
 def _outputs(prefix: Path):
@@ -157,9 +166,15 @@ def _write_gz(docs, d: Path) -> Path:
     return d / "docs.jsonl.gz"
 
 
-WRITERS = {"parquet": _write_parquet, "save_to_disk": _write_save_to_disk, "dataset_dict": _write_dataset_dict,
-           "load_dataset_cache": _write_load_dataset_cache, "arrow_file_format": _write_arrow_file_format,
-           "jsonl.zst": _write_zst, "jsonl.gz": _write_gz}
+WRITERS = {
+    "parquet": _write_parquet,
+    "save_to_disk": _write_save_to_disk,
+    "dataset_dict": _write_dataset_dict,
+    "load_dataset_cache": _write_load_dataset_cache,
+    "arrow_file_format": _write_arrow_file_format,
+    "jsonl.zst": _write_zst,
+    "jsonl.gz": _write_gz,
+}
 
 
 @pytest.mark.parametrize("kind", list(WRITERS))
@@ -208,7 +223,7 @@ def test_directory_of_mixed_formats_in_sorted_order(tmp_path, sp_model, corpus, 
     docs, _ = corpus
     root = tmp_path / "root"
     (root / "b_dataset").mkdir(parents=True)
-    _write_parquet(docs[:100], root)                       # root/docs.parquet
+    _write_parquet(docs[:100], root)  # root/docs.parquet
     _write_save_to_disk(docs[100:180], root / "b_dataset")  # root/b_dataset/ds/
     (root / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_jsonl_bytes(docs[180:])))
     for workers in (1, 2):
@@ -231,8 +246,9 @@ def test_text_files_compressed(tmp_path, sp_model):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(str(tmp_path / "zst"))
-    assert [ds[i].tolist() for i in range(len(ds))] == [sp.encode(t) + [sp.eos_id()] for t in
-                                                        ("first line", "second  line", "third — 数学")]
+    assert [ds[i].tolist() for i in range(len(ds))] == [
+        sp.encode(t) + [sp.eos_id()] for t in ("first line", "second  line", "third — 数学")
+    ]
 
 
 # ------------------------------------------------------------------------------------------------- refusals
@@ -249,8 +265,15 @@ def test_unknown_and_unreadable_inputs_are_refused_naming_file_and_formats(tmp_p
     good = tmp_path / "good.jsonl"
     good.write_bytes(_jsonl_bytes(["the loss"]))
     junk = random.Random(3).randbytes(3000)
-    files = {"notes.md": b"# a readme", "data.csv": b"text\nthe loss\n", "x.parquet": junk,
-             "x.arrow": junk, "x.jsonl.zst": junk, "x.jsonl.gz": junk, "x.parquet.gz": junk}
+    files = {
+        "notes.md": b"# a readme",
+        "data.csv": b"text\nthe loss\n",
+        "x.parquet": junk,
+        "x.arrow": junk,
+        "x.jsonl.zst": junk,
+        "x.jsonl.gz": junk,
+        "x.parquet.gz": junk,
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         # the bad file comes last: refused before the good one is tokenized
@@ -273,10 +296,14 @@ def test_missing_or_wrong_text_column_is_refused_naming_columns(tmp_path, sp_mod
     msg = _refused([tmp_path / "c.parquet"], sp_model, tmp_path, r"has no column 'text' \(columns: id, content\)")
     assert "c.parquet" in msg and "--json-key" in msg
     datasets.Dataset.from_dict({"body": ["a"], "n": [1]}).save_to_disk(tmp_path / "ds")
-    _refused([tmp_path / "ds"], sp_model, tmp_path, r"data-00000-of-00001\.arrow has no column 'text' "
-                                                     r"\(columns: body, n\)")
-    _refused([tmp_path / "c.parquet"], sp_model, tmp_path, r"column 'id' holds int64, expected strings",
-             json_key="id")
+    _refused(
+        [tmp_path / "ds"],
+        sp_model,
+        tmp_path,
+        r"data-00000-of-00001\.arrow has no column 'text' "
+        r"\(columns: body, n\)",
+    )
+    _refused([tmp_path / "c.parquet"], sp_model, tmp_path, r"column 'id' holds int64, expected strings", json_key="id")
 
 
 def test_null_text_is_refused_naming_its_row(tmp_path, sp_model, small_tasks, monkeypatch):
@@ -298,8 +325,9 @@ def test_null_text_is_refused_naming_its_row(tmp_path, sp_model, small_tasks, mo
 def test_datasets_directories_that_name_no_single_split_are_refused(tmp_path, sp_model):
     import datasets
 
-    two = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]}),
-                                "test": datasets.Dataset.from_dict({"text": ["b"]})})
+    two = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": ["a"]}), "test": datasets.Dataset.from_dict({"text": ["b"]})}
+    )
     two.save_to_disk(tmp_path / "dd")
     msg = _refused([tmp_path / "dd"], sp_model, tmp_path, r"DatasetDict with the splits train, test")
     assert str(tmp_path / "dd" / "train") in msg
@@ -307,9 +335,11 @@ def test_datasets_directories_that_name_no_single_split_are_refused(tmp_path, sp
     assert meta["num_documents"] == 1
 
     pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "p.parquet")
-    ds = datasets.load_dataset("parquet", data_files={"train": str(tmp_path / "p.parquet"),
-                                                      "test": str(tmp_path / "p.parquet")},
-                               cache_dir=str(tmp_path / "cache"))
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files={"train": str(tmp_path / "p.parquet"), "test": str(tmp_path / "p.parquet")},
+        cache_dir=str(tmp_path / "cache"),
+    )
     cache = Path(ds["train"].cache_files[0]["filename"]).parent
     msg = _refused([cache], sp_model, tmp_path, r"datasets cache with the splits train, test")
     meta = preprocess([str(cache / "parquet-train*.arrow")], tmp_path / "cache_train", sp_model)  # as it advises
@@ -335,9 +365,24 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path, sp_model):
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "c.parquet")
     (tmp_path / "notes.md").write_text("about")
     cases = [("c.parquet", "has no column 'text' (columns: body)"), ("notes.md", "supported formats: ")]
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), name, "--tokenizer",
-                               str(sp_model), "--output-prefix", "out"], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for name, _ in cases]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tools" / "preprocess_data.py"),
+                name,
+                "--tokenizer",
+                str(sp_model),
+                "--output-prefix",
+                "out",
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, _ in cases
+    ]
     for p, (name, needle) in zip(procs, cases):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 2 and err.startswith("error: ") and err.count("\n") == 1, err

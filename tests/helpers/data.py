@@ -23,9 +23,18 @@ def tiny_text_dataset(directory: Path, vocab: int = 128, seed: int = 0, lines: i
     cut = lines * 5 // 6
     (d / "train.txt").write_text("\n".join(text[:cut]))
     (d / "valid.txt").write_text("\n".join(text[cut:]))
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(d / "tok"), vocab_size=vocab,
-                                   model_type="bpe", eos_id=2, bos_id=1, unk_id=0, pad_id=-1, num_threads=1,
-                                   minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text),
+        model_prefix=str(d / "tok"),
+        vocab_size=vocab,
+        model_type="bpe",
+        eos_id=2,
+        bos_id=1,
+        unk_id=0,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
     for name in ("train", "valid"):
         preprocess([d / f"{name}.txt"], d / name, d / "tok.model", workers=1, split_lines=True)
     return d

@@ -17,8 +17,12 @@ from megatron_slm.parallel.distributed import free_port
 
 def _child(rank, world_size, port, queue, fn, args, kwargs, threads, watchdog_s):
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
     )
     import faulthandler
 
@@ -42,8 +46,9 @@ def _child(rank, world_size, port, queue, fn, args, kwargs, threads, watchdog_s)
             pass
 
 
-def run_forked(fn, world_size: int, *args, threads: int = 1, timeout: float = 180.0, watchdog_s: float | None = None,
-               **kwargs) -> list:
+def run_forked(
+    fn, world_size: int, *args, threads: int = 1, timeout: float = 180.0, watchdog_s: float | None = None, **kwargs
+) -> list:
     """``fn(*args, **kwargs)`` on ``world_size`` forked ranks; returns each rank's return value, in rank order.
 
     Raises with the first failing rank's traceback, or when no result arrives within ``timeout`` seconds.
@@ -51,8 +56,10 @@ def run_forked(fn, world_size: int, *args, threads: int = 1, timeout: float = 18
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, queue, fn, args, kwargs, threads, watchdog_s))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_child, args=(r, world_size, port, queue, fn, args, kwargs, threads, watchdog_s))
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results, errors = {}, {}

@@ -18,9 +18,8 @@ def window_token_ce(model, prefix: str, seq: int, samples: int) -> tuple[np.ndar
     ds = IndexedDataset(prefix, mmap=True)
     toks = np.concatenate([np.asarray(ds[i], dtype=np.int64) for i in range(len(ds))])
     eod = json.loads(Path(prefix + ".json").read_text())["eod_token_id"]
-    w = torch.from_numpy(np.stack([toks[i * seq: i * seq + seq + 1] for i in range(samples)]))
+    w = torch.from_numpy(np.stack([toks[i * seq : i * seq + seq + 1] for i in range(samples)]))
     with torch.no_grad():
         logits = model(input_ids=w[:, :-1]).logits.double()
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
-                                           reduction="none")
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="none")
     return ce.reshape(samples, seq).numpy(), (w[:, 1:] != eod).numpy()

@@ -37,13 +37,13 @@ class SelectedTokenCrossEntropy(torch.autograd.Function):
         return grad.view(shape), None, None, None, None, None, None
 
 
-def selective_cross_entropy(logits, labels, selected, vocab_size=None, tp_group=None, token_loss=None,
-                            logsumexp=None) -> torch.Tensor:
+def selective_cross_entropy(
+    logits, labels, selected, vocab_size=None, tp_group=None, token_loss=None, logsumexp=None
+) -> torch.Tensor:
     """Per-token vocab-parallel CE on ``logits`` ``[..., V/TP]``, zero (and gradient-free) where ``selected``
     is False. Returns fp32 with ``labels``' shape; the gradient flows to this rank's ``logits`` shard.
 
     ``token_loss``/``logsumexp`` may be passed if already computed (e.g. for SLM token scoring)."""
     if token_loss is None or logsumexp is None:
         token_loss, logsumexp = vocab_parallel_token_loss(logits, labels, vocab_size, tp_group)
-    return SelectedTokenCrossEntropy.apply(logits, labels, token_loss, logsumexp, selected.bool(), vocab_size,
-                                           tp_group)
+    return SelectedTokenCrossEntropy.apply(logits, labels, token_loss, logsumexp, selected.bool(), vocab_size, tp_group)

@@ -9,7 +9,12 @@ from dist_helpers import run_distributed
 
 from megatron_slm.config import SLMConfig
 from megatron_slm.loss.selection import (
-    GlobalBatchScope, MicroBatchScope, SequenceScope, ThresholdScope, build_selector, random_scores,
+    GlobalBatchScope,
+    MicroBatchScope,
+    SequenceScope,
+    ThresholdScope,
+    build_selector,
+    random_scores,
 )
 from megatron_slm.slm import num_selected
 
@@ -34,8 +39,10 @@ def select(selector, mbs, ex=None):
 
 
 def make(scope, strategy="random", seed=7):
-    return build_selector(SLMConfig(slm_select_ratio=K, selection_scope=scope, selection_strategy=strategy,
-                                    threshold_momentum=0.5), seed=seed)
+    return build_selector(
+        SLMConfig(slm_select_ratio=K, selection_scope=scope, selection_strategy=strategy, threshold_momentum=0.5),
+        seed=seed,
+    )
 
 
 def test_random_sequence_scope_selects_the_top_k_count_per_sequence():
@@ -80,8 +87,9 @@ def test_random_threshold_scope_selects_k_on_average():
 def test_random_selection_is_independent_of_the_excess_loss(scope):
     mbs = micro_batches()
     ex = excesses(mbs)
-    permuted = [e.flatten()[torch.randperm(e.numel(), generator=torch.Generator().manual_seed(3))].view_as(e)
-                for e in ex]
+    permuted = [
+        e.flatten()[torch.randperm(e.numel(), generator=torch.Generator().manual_seed(3))].view_as(e) for e in ex
+    ]
     a, b = select(make(scope), mbs, ex), select(make(scope), mbs, [-e for e in permuted])
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     topk = make(scope, "topk")
@@ -151,10 +159,14 @@ def _random_dp_worker():
 
     trainer = Trainer(make_config(1, 1, selection_scope="micro_batch", selection_strategy="random"))
     history = run_steps(trainer, 2, 8)
-    return dict(dp_rank=trainer.dp_rank, step=trainer.selector.state_dict()["step"],
-                fractions=[h["selected_fraction"] for h in history], losses=[h["loss_selected"] for h in history],
-                excess=[h["excess_selected"] for h in history],
-                selected=[[d["selected"] for d in h["token_details"]] for h in history])
+    return dict(
+        dp_rank=trainer.dp_rank,
+        step=trainer.selector.state_dict()["step"],
+        fractions=[h["selected_fraction"] for h in history],
+        losses=[h["loss_selected"] for h in history],
+        excess=[h["excess_selected"] for h in history],
+        selected=[[d["selected"] for d in h["token_details"]] for h in history],
+    )
 
 
 def test_random_strategy_trains_at_dp2_with_the_top_k_count():

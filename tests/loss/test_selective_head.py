@@ -70,16 +70,20 @@ def _checks(tp):
 
         h = hidden.clone().requires_grad_()
         w = weight[rows].clone().requires_grad_()
-        loss = vpce.selective_head_cross_entropy(copy_to_tensor_model_parallel_region(h), w, labels, mask,
-                                                 vocab_size=vocab)
+        loss = vpce.selective_head_cross_entropy(
+            copy_to_tensor_model_parallel_region(h), w, labels, mask, vocab_size=vocab
+        )
         (loss * scale).sum().backward()
         scored, _ = vpce.head_token_loss(hidden, weight[rows], labels, vocab_size=vocab)
         local_pad = max(0, min(part, (vocab or PADDED_VOCAB) - rank * part))
         out[name] = dict(
-            loss_err=_err(loss, ce * mask), scored_err=_err(scored, ce), h_grad_err=_err(h.grad, h_grad),
-            w_grad_err=_err(w.grad, w_grad[rows]), unsel_h_grad=h.grad[~mask].abs().max().item() if (~mask).any() else None,
-            pad_w_grad=w.grad[local_pad:].abs().sum().item(), dtypes=(str(loss.dtype), str(h.grad.dtype),
-                                                                     str(w.grad.dtype)),
+            loss_err=_err(loss, ce * mask),
+            scored_err=_err(scored, ce),
+            h_grad_err=_err(h.grad, h_grad),
+            w_grad_err=_err(w.grad, w_grad[rows]),
+            unsel_h_grad=h.grad[~mask].abs().max().item() if (~mask).any() else None,
+            pad_w_grad=w.grad[local_pad:].abs().sum().item(),
+            dtypes=(str(loss.dtype), str(h.grad.dtype), str(w.grad.dtype)),
             scale=max(h_grad.abs().max().item(), w_grad.abs().max().item()),
         )
     return out
@@ -121,8 +125,15 @@ def _head_costs(n=256, v=512, hidden=64, k=0.25):
     fused, dense = run(True), run(False)
     torch.testing.assert_close(fused[2], dense[2], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fused[3], dense[3], rtol=1e-4, atol=1e-6)
-    return dict(k=k, logits_bytes=n * v * 4, fused_saved=fused[0], dense_saved=dense[0], fused_flops=fused[1],
-                dense_flops=dense[1], full_flops=4 * n * v * hidden)
+    return dict(
+        k=k,
+        logits_bytes=n * v * 4,
+        fused_saved=fused[0],
+        dense_saved=dense[0],
+        fused_flops=fused[1],
+        dense_flops=dense[1],
+        full_flops=4 * n * v * hidden,
+    )
 
 
 def test_backward_pays_for_selected_tokens_only():

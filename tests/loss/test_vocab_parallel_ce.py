@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_helpers import run_distributed
+from helpers.selective_ce import selective_cross_entropy
 from megatron.core import parallel_state as ps  # imported here so forked ranks inherit it (saves seconds)
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from helpers.selective_ce import selective_cross_entropy
 from megatron_slm.loss.vocab_parallel_ce import vocab_parallel_token_loss
 from megatron_slm.parallel import distributed
 
@@ -72,8 +72,13 @@ def _dist_checks(tp):
         sel_loss = selective_cross_entropy(x, labels, mask, vocab_size=vocab)
         (sel_loss * weights).sum().backward()
         x_all = shard.clone().requires_grad_()
-        all_loss = selective_cross_entropy(x_all, labels, torch.ones(shape, dtype=torch.bool), vocab_size=vocab,
-                                           tp_group=ps.get_tensor_model_parallel_group())
+        all_loss = selective_cross_entropy(
+            x_all,
+            labels,
+            torch.ones(shape, dtype=torch.bool),
+            vocab_size=vocab,
+            tp_group=ps.get_tensor_model_parallel_group(),
+        )
         all_loss.sum().backward()
         x_pre = shard.clone().requires_grad_()
         pre = selective_cross_entropy(x_pre, labels, mask, vocab, token_loss=loss, logsumexp=lse_got)
@@ -83,11 +88,18 @@ def _dist_checks(tp):
         out[name] = dict(
             dtypes=(str(loss.dtype), str(lse_got.dtype), str(sel_loss.dtype), str(x.grad.dtype)),
             shape_ok=loss.shape == labels.shape and sel_loss.shape == labels.shape and x.grad.shape == shard.shape,
-            loss_err=_maxerr(loss, ce), loss32_err=_maxerr(loss, ce32), lse_err=_maxerr(lse_got, lse),
-            sel_fwd_err=_maxerr(sel_loss, ce * mask), grad_err=_maxerr(x.grad, tgrad[..., cols]),
-            unsel_grad=x.grad[~mask].abs().max().item(), pad_grad=x.grad[..., local_pad:].abs().sum().item(),
-            all_fwd_err=_maxerr(all_loss, ce), all_grad_err=_maxerr(x_all.grad, tgrad_all[..., cols]),
-            pre_grad_err=_maxerr(x_pre.grad, x.grad), loss=loss.tolist(), sel_loss=sel_loss.tolist(),
+            loss_err=_maxerr(loss, ce),
+            loss32_err=_maxerr(loss, ce32),
+            lse_err=_maxerr(lse_got, lse),
+            sel_fwd_err=_maxerr(sel_loss, ce * mask),
+            grad_err=_maxerr(x.grad, tgrad[..., cols]),
+            unsel_grad=x.grad[~mask].abs().max().item(),
+            pad_grad=x.grad[..., local_pad:].abs().sum().item(),
+            all_fwd_err=_maxerr(all_loss, ce),
+            all_grad_err=_maxerr(x_all.grad, tgrad_all[..., cols]),
+            pre_grad_err=_maxerr(x_pre.grad, x.grad),
+            loss=loss.tolist(),
+            sel_loss=sel_loss.tolist(),
         )
     return out
 
@@ -137,8 +149,15 @@ def _memory_check():
     loss.sum().backward()  # the saved rows suffice for backward
     meg_in = logits.detach().clone().requires_grad_().clone()  # megatron edits fp32 logits in place
     _, megatron, _ = measure(lambda x: vocab_parallel_cross_entropy(x, labels), meg_in)
-    return dict(full=logits.numel() * logits.element_size(), n=n, ours=ours, shares=ours_shares,
-                megatron=megatron, grad_rows=(logits.grad.abs().sum(-1) > 0).sum().item(), n_sel=sel.sum().item())
+    return dict(
+        full=logits.numel() * logits.element_size(),
+        n=n,
+        ours=ours,
+        shares=ours_shares,
+        megatron=megatron,
+        grad_rows=(logits.grad.abs().sum(-1) > 0).sum().item(),
+        n_sel=sel.sum().item(),
+    )
 
 
 def test_saved_memory_scales_with_selection():

@@ -45,6 +45,7 @@ def _worker(tmp: str) -> dict:
     finally:
         build.layout_invariant_init, torch.randn, torch.Tensor.normal_ = real, real_randn, real_normal
     out["init_calls"], out["draws"] = len(calls), len(draws)
+
     def same(a, b):
         pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
         return pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k].to(pa[k].dtype)) for k in pa)

@@ -12,8 +12,12 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron_slm.parallel import distributed
 
 # (heads, kv groups, megatron window or None, dtype)
-CASES = [(4, 4, None, torch.float32), (4, 2, None, torch.float32), (8, 2, (5, 0), torch.float32),
-         (4, 2, None, torch.bfloat16)]
+CASES = [
+    (4, 4, None, torch.float32),
+    (4, 2, None, torch.float32),
+    (8, 2, (5, 0), torch.float32),
+    (4, 2, None, torch.bfloat16),
+]
 
 
 def _compare(tp):
@@ -24,9 +28,18 @@ def _compare(tp):
     distributed.initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
     out = []
     for heads, groups, window, dtype in CASES:
-        cfg = TransformerConfig(num_layers=1, hidden_size=8 * heads, num_attention_heads=heads, num_query_groups=groups,
-                                attention_dropout=0.0, window_size=window, bf16=dtype == torch.bfloat16,
-                                params_dtype=dtype, tensor_model_parallel_size=tp, masked_softmax_fusion=False)
+        cfg = TransformerConfig(
+            num_layers=1,
+            hidden_size=8 * heads,
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            attention_dropout=0.0,
+            window_size=window,
+            bf16=dtype == torch.bfloat16,
+            params_dtype=dtype,
+            tensor_model_parallel_size=tp,
+            masked_softmax_fusion=False,
+        )
         s, b, d, hp, gp = 24, 2, 8, heads // tp, groups // tp
         g = torch.Generator().manual_seed(heads * 10 + groups)
         q0, k0, v0 = (torch.randn(s, b, n, d, generator=g).to(dtype) for n in (hp, gp, gp))

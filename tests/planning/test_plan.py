@@ -14,7 +14,11 @@ from dist_helpers import run_distributed
 from megatron_slm.cli import main
 from megatron_slm.config import load_config
 from megatron_slm.planning.plan import (
-    make_plan, model_parameters, rank_parameters, stage_activations, unpadded_parameters,
+    make_plan,
+    model_parameters,
+    rank_parameters,
+    stage_activations,
+    unpadded_parameters,
 )
 
 MISTRAL_7B, TINYLLAMA_1B = 7_241_732_096, 1_100_048_384
@@ -49,8 +53,11 @@ def test_rank_slices_sum_to_the_padded_model():
     tied = _model(preset="tiny", vocab_size=512, num_layers=4, untie_embeddings_and_output_weights=False)
     slices = [rank_parameters(tied, 2, 2, t, p) for t in range(2) for p in range(2)]
     assert slices[1].stage_duplicate == 256 * 64 and slices[1].held > slices[1].unique(0)
-    assert sum(r.unique(t) for r, t in zip(slices, [0, 0, 1, 1])) == model_parameters(tied, 2, 2) \
+    assert (
+        sum(r.unique(t) for r, t in zip(slices, [0, 0, 1, 1]))
+        == model_parameters(tied, 2, 2)
         == model_parameters(tied, 1, 1)
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,24 +68,47 @@ SEQ = 32
 
 def _state_config(tp, pp, distopt, bf16=False):
     # ~128M parameters: the state (16 bytes per parameter in fp32) dominates everything else on the rank.
-    return load_config(overrides=dict(
-        model=dict(preset="tiny", vocab_size=32000, num_layers=4, hidden_size=1024, ffn_hidden_size=4096,
-                   num_attention_heads=8, num_query_groups=4),
-        reference=dict(model=dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=2,
-                                  num_query_groups=2), dtype="fp32"),
-        parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                      use_distributed_optimizer=distopt),
-        slm=dict(slm_select_ratio=0.6, selection_scope="micro_batch"),
-        train=dict(micro_batch_size=1, global_batch_size=2, seq_length=SEQ, train_iters=1, lr=1e-4,
-                   lr_warmup_iters=0, log_interval=1000, bf16=bf16),
-    ))
+    return load_config(
+        overrides=dict(
+            model=dict(
+                preset="tiny",
+                vocab_size=32000,
+                num_layers=4,
+                hidden_size=1024,
+                ffn_hidden_size=4096,
+                num_attention_heads=8,
+                num_query_groups=4,
+            ),
+            reference=dict(
+                model=dict(
+                    num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=2, num_query_groups=2
+                ),
+                dtype="fp32",
+            ),
+            parallel=dict(
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, use_distributed_optimizer=distopt
+            ),
+            slm=dict(slm_select_ratio=0.6, selection_scope="micro_batch"),
+            train=dict(
+                micro_batch_size=1,
+                global_batch_size=2,
+                seq_length=SEQ,
+                train_iters=1,
+                lr=1e-4,
+                lr_warmup_iters=0,
+                log_interval=1000,
+                bf16=bf16,
+            ),
+        )
+    )
 
 
 def _batch(b, s, vocab, seed):
     g = torch.Generator().manual_seed(seed)
     toks = torch.randint(1, vocab, (b, s + 1), generator=g)
-    return dict(tokens=toks[:, :-1], labels=toks[:, 1:], loss_mask=torch.ones(b, s),
-                position_ids=torch.arange(s).expand(b, s))
+    return dict(
+        tokens=toks[:, :-1], labels=toks[:, 1:], loss_mask=torch.ones(b, s), position_ids=torch.arange(s).expand(b, s)
+    )
 
 
 def _held_state(trainer) -> dict:
@@ -126,8 +156,7 @@ def _state_worker():
             trainer = Trainer(_state_config(*layout))
             mbs = [_batch(1, SEQ, 32000, 100 + trainer.dp_rank)]
             trainer.train_step(mbs)
-            out[layout] = dict(pp_rank=trainer.ps.get_pipeline_model_parallel_rank(),
-                                        held=_held_state(trainer))
+            out[layout] = dict(pp_rank=trainer.ps.get_pipeline_model_parallel_rank(), held=_held_state(trainer))
         except Exception as exc:  # noqa: BLE001 - reported by the test of that layout
             out[layout] = dict(error=f"{type(exc).__name__}: {exc}")
         trainer = None
@@ -166,18 +195,34 @@ ACT_S, ACT_B = 256, 2
 
 
 def _act_config(**train):
-    return load_config(overrides=dict(
-        model=dict(preset="tiny", vocab_size=8000, num_layers=3, hidden_size=512, ffn_hidden_size=1408,
-                   num_attention_heads=8, num_query_groups=2, sliding_window=train.pop("window", None)),
-        reference=dict(model=dict(num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=2,
-                                  num_query_groups=2), dtype="fp32"),
-        slm=dict(slm_select_ratio=0.6, selection_scope="micro_batch"),
-        train=dict(micro_batch_size=ACT_B, global_batch_size=ACT_B, seq_length=ACT_S, bf16=False, **train),
-    ))
+    return load_config(
+        overrides=dict(
+            model=dict(
+                preset="tiny",
+                vocab_size=8000,
+                num_layers=3,
+                hidden_size=512,
+                ffn_hidden_size=1408,
+                num_attention_heads=8,
+                num_query_groups=2,
+                sliding_window=train.pop("window", None),
+            ),
+            reference=dict(
+                model=dict(
+                    num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=2, num_query_groups=2
+                ),
+                dtype="fp32",
+            ),
+            slm=dict(slm_select_ratio=0.6, selection_scope="micro_batch"),
+            train=dict(micro_batch_size=ACT_B, global_batch_size=ACT_B, seq_length=ACT_S, bf16=False, **train),
+        )
+    )
 
 
 ACT_VARIANTS = {
-    "none": {}, "window": dict(window=64), "selective": dict(recompute_granularity="selective"),
+    "none": {},
+    "window": dict(window=64),
+    "selective": dict(recompute_granularity="selective"),
     "full_uniform_1": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
     "full_block_2": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
 }
@@ -208,7 +253,8 @@ def _act_worker():
     for name, train in ACT_VARIANTS.items():
         trainer = Trainer(_act_config(**dict(train)))
         wired = getattr(trainer.policy_module.config, "recompute_granularity", None) == train.get(
-            "recompute_granularity")
+            "recompute_granularity"
+        )
         out[name] = _saved_bytes(trainer, _batch(ACT_B, ACT_S, 8000, 7)) if wired else None
         trainer = None
         gc.collect()
@@ -228,7 +274,7 @@ def test_activation_bytes_match_the_plan():
 
         predicted = st.per_microbatch + loss_head_bytes(cfg, 4, on_gpu=False)["kept"]
         report[name] = (measured[name], predicted, measured[name] / predicted - 1)
-    for name, (got, predicted, err) in report.items():
+    for _name, (_got, _predicted, err) in report.items():
         assert abs(err) <= 0.25, report
     # recompute must actually shrink what the plan says it shrinks
     if "full_uniform_1" in report:

@@ -32,20 +32,38 @@ MFU, PEAK, DISK = 0.5, 100.0, 2.0
 
 
 def _cfg():
-    return load_config(overrides=dict(
-        model=dict(num_layers=4, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, num_query_groups=2,
-                   vocab_size=1000, max_position_embeddings=S),
-        reference=dict(model=dict(num_layers=LAYERS, hidden_size=H, ffn_hidden_size=F, num_attention_heads=HEADS,
-                                  num_query_groups=GROUPS), dtype="bf16"),
-        parallel=dict(tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP),
-        train=dict(micro_batch_size=B, global_batch_size=G, seq_length=S, train_iters=1),
-    ))
+    return load_config(
+        overrides=dict(
+            model=dict(
+                num_layers=4,
+                hidden_size=64,
+                ffn_hidden_size=160,
+                num_attention_heads=4,
+                num_query_groups=2,
+                vocab_size=1000,
+                max_position_embeddings=S,
+            ),
+            reference=dict(
+                model=dict(
+                    num_layers=LAYERS,
+                    hidden_size=H,
+                    ffn_hidden_size=F,
+                    num_attention_heads=HEADS,
+                    num_query_groups=GROUPS,
+                ),
+                dtype="bf16",
+            ),
+            parallel=dict(tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP),
+            train=dict(micro_batch_size=B, global_batch_size=G, seq_length=S, train_iters=1),
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def plan():
-    return make_scoring_plan(_cfg(), WORLD, TOKENS, documents=DOCS, datasets=DATASETS, assumed_mfu=MFU,
-                             peak_tflops=PEAK, disk_gbps=DISK)
+    return make_scoring_plan(
+        _cfg(), WORLD, TOKENS, documents=DOCS, datasets=DATASETS, assumed_mfu=MFU, peak_tflops=PEAK, disk_gbps=DISK
+    )
 
 
 def test_samples_and_time(plan):
@@ -117,10 +135,16 @@ def test_part_bytes_match_a_saved_part(tmp_path, datasets):
     sp = make_scoring_plan(cfg, WORLD, TOKENS, datasets=datasets)
     rows = sp.samples_per_part
     # a BlendedDataset gives an int16 dataset id per sample (stacked, concatenated); one dataset: torch.long zeros
-    ids = (torch.stack([torch.as_tensor(np.int16(1)) for _ in range(rows)]) if datasets > 1
-           else torch.zeros(rows, dtype=torch.long))
-    part = {"dataset_id": ids, "label_positions": torch.arange(rows * S, dtype=torch.int64).reshape(rows, S),
-            "scores": torch.rand(rows, S, dtype=torch.float32)}
+    ids = (
+        torch.stack([torch.as_tensor(np.int16(1)) for _ in range(rows)])
+        if datasets > 1
+        else torch.zeros(rows, dtype=torch.long)
+    )
+    part = {
+        "dataset_id": ids,
+        "label_positions": torch.arange(rows * S, dtype=torch.int64).reshape(rows, S),
+        "scores": torch.rand(rows, S, dtype=torch.float32),
+    }
     first = 123 * G
     path = tmp_path / f"samples{first:012d}-{first + rows:012d}.pt"
     torch.save(part, f"{path}.tmp")
@@ -146,8 +170,12 @@ def test_sidecar_bytes_match_a_written_sidecar(tmp_path, dtype):
     n_tokens = int(lengths.sum())
     out = str(tmp_path / "tok_refscores")
     write_sidecar(out, prefix, rng.random(n_tokens).astype(np.float32), dtype, {})
-    cfg = load_config(overrides=dict(model=dict(preset="tiny", vocab_size=1000),
-                                     train=dict(micro_batch_size=1, global_batch_size=1, seq_length=8)))
+    cfg = load_config(
+        overrides=dict(
+            model=dict(preset="tiny", vocab_size=1000),
+            train=dict(micro_batch_size=1, global_batch_size=1, seq_length=8),
+        )
+    )
     sp = make_scoring_plan(cfg, 1, n_tokens, documents=37)
     assert os.path.getsize(f"{out}.bin") == sp.sidecar_values[dtype] == n_tokens * (4 if dtype == "fp32" else 2)
     assert os.path.getsize(f"{out}.idx") == sp.sidecar_index == 42 + 20 * 37
@@ -178,19 +206,27 @@ def test_cli_scoring_section_for_mistral_7b(capsys):
     flat = 4 * 14_000_000_000 + 128
     idx = 42 + 20 * 14_000_000
     merge_fp32 = (parts * part + flat + 4 * idx) + (flat + sidecar_fp32)
-    section = out[out.index("offline scoring (slm score-reference) of 14,000,000,000 tokens (1 dataset) on 64 GPUs, "
-                            "TP=2 x PP=1 x DP=32:"):]
+    section = out[
+        out.index(
+            "offline scoring (slm score-reference) of 14,000,000,000 tokens (1 dataset) on 64 GPUs, "
+            "TP=2 x PP=1 x DP=32:"
+        ) :
+    ]
     for text in [
         f"--train-iters {iters:,} = floor(14,000,000,000 / (256 x 4096)): 3,417,856 samples, {scored:,} tokens scored",
         f"forward only: {per_token:,} FLOPs per token",
-        f"time: {wall / 3600:.2f} h on 64 GPUs = {wall * 64 / 3600:,.1f} GPU-hours", "at an assumed MFU 0.40",
+        f"time: {wall / 3600:.2f} h on 64 GPUs = {wall * 64 / 3600:,.1f} GPU-hours",
+        "at an assumed MFU 0.40",
         f"sidecars over all 14,000,000,000 tokens: fp32 {sidecar_fp32 / 1e9:.2f} GB, bf16 "
         f"{(sidecar_fp32 - 2 * 14_000_000_000) / 1e9:.2f} GB",
         "14,000,000 documents assumed",
-        f"{parts * part / 1e9:,.2f} GB", f"{parts:,} files (13,351 steps x 32 DP ranks) of {part:,} B",
+        f"{parts * part / 1e9:,.2f} GB",
+        f"{parts:,} files (13,351 steps x 32 DP ranks) of {part:,} B",
         f"--dtype fp32: reads {(parts * part + flat + 4 * idx) / 1e9:,.2f} GB",
-        f"{merge_fp32 / 1e9 / 60:.1f} min", "at an assumed 1 GB/s",
-        "memory per GPU (every rank)", "FITS in 80 GiB",
+        f"{merge_fp32 / 1e9 / 60:.1f} min",
+        "at an assumed 1 GB/s",
+        "memory per GPU (every rank)",
+        "FITS in 80 GiB",
     ]:
         assert text in section, (text, section)
     assert (wall / 3600, wall * 64 / 3600, parts * part / 1e9) == pytest.approx((2.514, 160.9, 169.08), abs=5e-3)

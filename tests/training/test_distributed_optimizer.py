@@ -28,8 +28,9 @@ BUCKET = 2000  # elements: several buckets even for the tiny model, so overlap r
 PLAIN = {}
 DOPT = dict(use_distributed_optimizer=True)
 OVERLAP_GRAD = dict(overlap_grad_reduce=True, ddp_bucket_size=BUCKET)
-DOPT_OVERLAP = dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True,
-                    ddp_bucket_size=BUCKET)
+DOPT_OVERLAP = dict(
+    use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_size=BUCKET
+)
 
 
 def _config(tp=1, pp=1, parallel=None, **slm):
@@ -48,6 +49,7 @@ def _synced(trainer):
 
 def _train(cfg, steps=STEPS):
     from helpers.gather import gather_full
+
     from megatron_slm.training.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -59,7 +61,6 @@ def _train(cfg, steps=STEPS):
 def _equality_worker(layouts):
     """Each (name, tp, pp, loss_mode, parallel flags) trained for STEPS steps in this one launch."""
     import torch.distributed as dist
-
     from helpers.memory import optimizer_bytes
 
     out = {}
@@ -74,7 +75,6 @@ def _equality_worker(layouts):
 def _replicas_equal(params) -> bool:
     """Every DP replica holds the same weights (gather_full gave each rank its own replica's)."""
     import torch.distributed as dist
-
     from megatron.core import parallel_state as ps
 
     flat = torch.cat([params[k].flatten() for k in sorted(params)])
@@ -94,12 +94,22 @@ def _assert_same_run(a, b, tol=1e-6):
     assert b["dp_consistent"]
 
 
-DP2 = [("slm_plain", 1, 1, "slm", PLAIN), ("slm_dopt", 1, 1, "slm", DOPT),
-       ("slm_overlap_grad", 1, 1, "slm", OVERLAP_GRAD), ("slm_dopt_overlap", 1, 1, "slm", DOPT_OVERLAP),
-       ("clm_plain", 1, 1, "clm", PLAIN), ("clm_dopt", 1, 1, "clm", DOPT)]
-TP2_DP2 = [("slm_plain", 2, 1, "slm", PLAIN), ("slm_dopt", 2, 1, "slm", DOPT),
-           ("clm_plain", 2, 1, "clm", PLAIN), ("clm_dopt", 2, 1, "clm", DOPT),
-           ("pp2_plain", 1, 2, "slm", PLAIN), ("pp2_dopt_overlap", 1, 2, "slm", DOPT_OVERLAP)]
+DP2 = [
+    ("slm_plain", 1, 1, "slm", PLAIN),
+    ("slm_dopt", 1, 1, "slm", DOPT),
+    ("slm_overlap_grad", 1, 1, "slm", OVERLAP_GRAD),
+    ("slm_dopt_overlap", 1, 1, "slm", DOPT_OVERLAP),
+    ("clm_plain", 1, 1, "clm", PLAIN),
+    ("clm_dopt", 1, 1, "clm", DOPT),
+]
+TP2_DP2 = [
+    ("slm_plain", 2, 1, "slm", PLAIN),
+    ("slm_dopt", 2, 1, "slm", DOPT),
+    ("clm_plain", 2, 1, "clm", PLAIN),
+    ("clm_dopt", 2, 1, "clm", DOPT),
+    ("pp2_plain", 1, 2, "slm", PLAIN),
+    ("pp2_dopt_overlap", 1, 2, "slm", DOPT_OVERLAP),
+]
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +148,9 @@ def test_optimizer_state_per_rank_is_about_one_over_dp(dp2):
         assert plain["master"] == 0 and dopt["master"] == 0
         assert 0.45 < dopt["state"] / plain["state"] < 0.55, (dopt, plain)
         assert dopt["grads"] >= plain["grads"]  # the grad buffer stays whole (padded to a DP multiple)
-    assert sum(r["slm_dopt"]["memory"]["state"] for r in dp2) == pytest.approx(dp2[0]["slm_plain"]["memory"]["state"],
-                                                                               rel=0.05)
+    assert sum(r["slm_dopt"]["memory"]["state"] for r in dp2) == pytest.approx(
+        dp2[0]["slm_plain"]["memory"]["state"], rel=0.05
+    )
 
 
 def _bf16_memory_worker():
@@ -172,8 +183,8 @@ def _veto_worker():
     """Step 1's gradients poisoned on DP rank 1 only: the agreed veto skips the update everywhere; the run then
     equals one that never saw step 1, and the DP replicas stay equal (no half-applied update, no stale gather)."""
     import torch.distributed as dist
-
     from helpers.gather import gather_full
+
     from megatron_slm.training.trainer import Trainer
 
     results = []
@@ -211,8 +222,8 @@ def test_vetoed_nonfinite_step_leaves_the_distributed_optimizer_consistent():
 def _ckpt_run(save, parallel, crash_after=None, save_interval=None):
     """global_batch scope: the selection (and so the run) does not depend on the DP size."""
     import torch.distributed as dist
-
     from helpers.gather import gather_full
+
     from megatron_slm.training.trainer import Trainer
 
     cfg = _config(parallel=parallel, selection_scope="global_batch")
@@ -262,15 +273,22 @@ def test_checkpoint_resumes_bitwise_at_dp2_and_at_dp1(tmp_path):
 # Validation
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(parallel=dict(overlap_param_gather=True)), "--overlap-param-gather overlaps the distributed optimizer"),
-    (dict(parallel=dict(use_distributed_optimizer=True), train=dict(deepspeed="ds_configs/zero1.json")),
-     "with --deepspeed ZeRO"),
-    (dict(parallel=dict(overlap_grad_reduce=True), train=dict(deepspeed="ds_configs/zero1.json")),
-     "configure megatron-core's DDP"),
-    (dict(parallel=dict(ddp_bucket_size=1000)), "only with --overlap-grad-reduce"),
-    (dict(parallel=dict(ddp_bucket_size=0, overlap_grad_reduce=True)), "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(parallel=dict(overlap_param_gather=True)), "--overlap-param-gather overlaps the distributed optimizer"),
+        (
+            dict(parallel=dict(use_distributed_optimizer=True), train=dict(deepspeed="ds_configs/zero1.json")),
+            "with --deepspeed ZeRO",
+        ),
+        (
+            dict(parallel=dict(overlap_grad_reduce=True), train=dict(deepspeed="ds_configs/zero1.json")),
+            "configure megatron-core's DDP",
+        ),
+        (dict(parallel=dict(ddp_bucket_size=1000)), "only with --overlap-grad-reduce"),
+        (dict(parallel=dict(ddp_bucket_size=0, overlap_grad_reduce=True)), "must be >= 1"),
+    ],
+)
 def test_invalid_combinations_are_refused_with_the_fix(overrides, message):
     cfg = load_config(overrides=dict(model=dict(preset="tiny", vocab_size=96), **overrides))
     with pytest.raises(ConfigError, match=message):

@@ -30,8 +30,8 @@ def _worker(tp, pp, vp_layers, tied=False, save=None, load_weights=None, resume=
     """Two training steps; optionally save a training checkpoint after them (``save``), load weights saved at
     another layout into fresh chunks (``load_weights``), or resume a training checkpoint first (``resume``)."""
     import torch.distributed as dist
-
     from helpers.gather import gather_full
+
     from megatron_slm import checkpoint
     from megatron_slm.config import virtual_pipeline_size
     from megatron_slm.model.build import build_model_chunks
@@ -39,8 +39,10 @@ def _worker(tp, pp, vp_layers, tied=False, save=None, load_weights=None, resume=
 
     cfg = _cfg(tp, pp, vp_layers, tied)
     trainer = Trainer(cfg)
-    out = {"chunks": len(trainer.policy_chunks), "ref_chunks": len(trainer.reference)
-           if isinstance(trainer.reference, list) else 1}
+    out = {
+        "chunks": len(trainer.policy_chunks),
+        "ref_chunks": len(trainer.reference) if isinstance(trainer.reference, list) else 1,
+    }
     if resume is not None:
         trainer.load_checkpoint(resume)
         out["resumed_params"] = gather_full(trainer.policy_module)
@@ -56,8 +58,9 @@ def _worker(tp, pp, vp_layers, tied=False, save=None, load_weights=None, resume=
     if save is not None:
         trainer.save_checkpoint(save)
     if load_weights is not None:
-        fresh = build_model_chunks(cfg.model, cfg.parallel, seed=123,
-                                   vp_size=virtual_pipeline_size(cfg.parallel, cfg.model.num_layers))
+        fresh = build_model_chunks(
+            cfg.model, cfg.parallel, seed=123, vp_size=virtual_pipeline_size(cfg.parallel, cfg.model.num_layers)
+        )
         checkpoint.load_model_weights(fresh if len(fresh) > 1 else fresh[0], load_weights)
         out["loaded_params"] = gather_full(fresh)
     return out if dist.get_rank() == dist.get_world_size() - 1 else None
@@ -116,14 +119,20 @@ def test_tied_embeddings_interleaved_match_pp1():
     _assert_same_training(single, vp)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(pp=1), "needs a pipeline"),
-    (dict(vp_layers=3), "not divisible by pipeline_model_parallel_size x num_layers_per_virtual_pipeline_stage"),
-    (dict(vp_layers=2), "one chunk per rank"),
-    (dict(gbs=6), "multiple of PP=2"),
-    (dict(ref_layers=6), "reference model: num_layers=6 is not divisible by PP x the policy's chunks per rank = 2 x 2"),
-    (dict(deepspeed="ds_configs/test_zero1_fp32.json"), "--deepspeed has no interleaved pipeline"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(pp=1), "needs a pipeline"),
+        (dict(vp_layers=3), "not divisible by pipeline_model_parallel_size x num_layers_per_virtual_pipeline_stage"),
+        (dict(vp_layers=2), "one chunk per rank"),
+        (dict(gbs=6), "multiple of PP=2"),
+        (
+            dict(ref_layers=6),
+            "reference model: num_layers=6 is not divisible by PP x the policy's chunks per rank = 2 x 2",
+        ),
+        (dict(deepspeed="ds_configs/test_zero1_fp32.json"), "--deepspeed has no interleaved pipeline"),
+    ],
+)
 def test_validate_refuses_unsupported_interleaving(change, message):
     cfg = _cfg(1, change.get("pp", 2), change.get("vp_layers", 1))
     cfg.train.global_batch_size = change.get("gbs", 8)

@@ -48,9 +48,21 @@ def _mistral() -> Config:
 
 
 def _m(step: int, **over) -> dict:
-    m = dict(loss_selected=2.0 + 0.1 * step, loss_all=3.0 + 0.1 * step, ref_loss=2.5, excess_selected=0.75,
-             excess_unselected=-0.25, selected_fraction=0.6, num_selected=60, num_valid=100, grad_norm=1.5,
-             lr=3e-4, step_time=0.25, update_ok=True, token_details=None)
+    m = dict(
+        loss_selected=2.0 + 0.1 * step,
+        loss_all=3.0 + 0.1 * step,
+        ref_loss=2.5,
+        excess_selected=0.75,
+        excess_unselected=-0.25,
+        selected_fraction=0.6,
+        num_selected=60,
+        num_valid=100,
+        grad_norm=1.5,
+        lr=3e-4,
+        step_time=0.25,
+        update_ok=True,
+        token_details=None,
+    )
     m.update(over)
     return m
 
@@ -207,8 +219,13 @@ def test_peak_table(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name, peak in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0), ("NVIDIA H100 PCIe", 756.0),
-                       ("NVIDIA A100-SXM4-80GB", 312.0), ("Some Future GPU", None)]:
+    for name, peak in [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("Some Future GPU", None),
+    ]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
         assert metrics_mod.device_peak_tflops() == peak
 
@@ -228,8 +245,8 @@ def _wandb_records(path: Path):
         if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk = data[pos + 7:pos + 7 + length]
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         payload = chunk if kind in (1, 2) else payload + chunk
         if kind in (1, 4):
@@ -253,8 +270,13 @@ def _wandb_run(path: Path):
 @pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    for var, value in [("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_CONFIG_DIR", tmp_path / "wbconfig"),
-                       ("WANDB_CACHE_DIR", tmp_path / "wbcache"), ("WANDB_DATA_DIR", tmp_path / "wbdata")]:
+    for var, value in [
+        ("WANDB_MODE", "offline"),
+        ("WANDB_SILENT", "true"),
+        ("WANDB_CONFIG_DIR", tmp_path / "wbconfig"),
+        ("WANDB_CACHE_DIR", tmp_path / "wbcache"),
+        ("WANDB_DATA_DIR", tmp_path / "wbdata"),
+    ]:
         monkeypatch.setenv(var, str(value))
     monkeypatch.delenv("WANDB_DIR", raising=False)  # the run's dir comes from --wandb-save-dir / <save>/wandb
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)

@@ -24,10 +24,40 @@ def _train(data, save, *flags, nproc=1):
 
     launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
     launcher = launcher if nproc > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "megatron_slm.cli", "train", "--preset", "tiny", "--num-layers", "2",
-           "--hidden-size", "32", "--ffn-hidden-size", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
-           "--seq-length", "16", "--loss-mode", "clm", "--data-path", str(data / "train"), "--split", "99,1,0",
-           "--log-interval", "1", "--save", str(save), "--data-cache-path", str(save.parent / "cache"), *flags]
+    cmd = [
+        sys.executable,
+        *launcher,
+        "-m",
+        "megatron_slm.cli",
+        "train",
+        "--preset",
+        "tiny",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--ffn-hidden-size",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--seq-length",
+        "16",
+        "--loss-mode",
+        "clm",
+        "--data-path",
+        str(data / "train"),
+        "--split",
+        "99,1,0",
+        "--log-interval",
+        "1",
+        "--save",
+        str(save),
+        "--data-cache-path",
+        str(save.parent / "cache"),
+        *flags,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -60,8 +90,22 @@ def _checkpoint_tensors(iteration_dir: Path, tmp: Path) -> dict:
 
 def test_divergence_skips_updates_then_stops_with_nothing_non_finite_saved(data, tmp_path):
     save = tmp_path / "run"
-    res = _train(data, save, "--lr", "1000", "--lr-warmup-iters", "0", "--train-iters", "12", "--save-interval", "1",
-                 "--keep-last", "2", "--max-nonfinite-skips", "2")
+    res = _train(
+        data,
+        save,
+        "--lr",
+        "1000",
+        "--lr-warmup-iters",
+        "0",
+        "--train-iters",
+        "12",
+        "--save-interval",
+        "1",
+        "--keep-last",
+        "2",
+        "--max-nonfinite-skips",
+        "2",
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr.count("error:") == 1 and "non-finite loss or gradient norm" in res.stderr
     assert "Traceback" not in res.stderr
@@ -86,8 +130,23 @@ def test_divergence_skips_updates_then_stops_with_nothing_non_finite_saved(data,
 
 def test_stop_policy_stops_at_the_first_non_finite_step_on_every_rank(data, tmp_path):
     save = tmp_path / "run"
-    res = _train(data, save, "--lr", "1000", "--lr-warmup-iters", "0", "--train-iters", "12", "--on-nonfinite", "stop",
-                 "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2", nproc=2)
+    res = _train(
+        data,
+        save,
+        "--lr",
+        "1000",
+        "--lr-warmup-iters",
+        "0",
+        "--train-iters",
+        "12",
+        "--on-nonfinite",
+        "stop",
+        "--tensor-model-parallel-size",
+        "1",
+        "--pipeline-model-parallel-size",
+        "2",
+        nproc=2,
+    )
     assert res.returncode != 0, res.stdout + res.stderr
     assert res.stderr.count("error:") == 1 and "non-finite" in res.stderr
     summary = _strict_json((save / "summary.json").read_text())

@@ -46,8 +46,8 @@ EXPECTED_CALLS = {"none": 1.0, "full_uniform": 2.0, "full_block": 1.5, "selectiv
 
 def _recompute_worker():
     import torch.distributed as dist
-
     from helpers.gather import gather_full
+
     from megatron_slm.model.attention import SDPAttention
     from megatron_slm.training.trainer import Trainer
 
@@ -71,8 +71,11 @@ def _recompute_worker():
             history.append(trainer.train_step(my_micro_batches(step, 8, trainer.dp_rank, trainer.dp_size)))
             grads.append(gather_full(trainer.policy_module, use_grad=True))
         out[name] = dict(
-            calls=calls["n"], grads=grads,
-            losses=[(h.get("loss_selected"), h.get("loss_all"), h.get("ref_loss"), h.get("grad_norm")) for h in history],
+            calls=calls["n"],
+            grads=grads,
+            losses=[
+                (h.get("loss_selected"), h.get("loss_all"), h.get("ref_loss"), h.get("grad_norm")) for h in history
+            ],
             policy=trainer.policy_module.config.recompute_granularity,
             reference=trainer.reference.config.recompute_granularity,
         )
@@ -97,7 +100,7 @@ def test_recompute_gives_the_losses_and_gradients_of_no_recompute(recompute_resu
     for a, b in zip(base["grads"], run["grads"]):
         assert a.keys() == b.keys()
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6, msg=lambda m: f"{name} {k}: {m}")
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{name} {k}: {m}")
 
 
 def test_recompute_really_recomputes(recompute_results):
@@ -151,12 +154,17 @@ def _reference_memory_worker():
         ref_model.num_layers, ref_model.hidden_size, ref_model.ffn_hidden_size = layers, 64, 256
         ref = build_reference(cfg)
         g = torch.Generator().manual_seed(0)
-        batches = [dict(tokens=torch.randint(1, VOCAB, (mbs, seq), generator=g),
-                        labels=torch.randint(1, VOCAB, (mbs, seq), generator=g),
-                        position_ids=torch.arange(seq).expand(mbs, seq)) for _ in range(2)]
+        batches = [
+            dict(
+                tokens=torch.randint(1, VOCAB, (mbs, seq), generator=g),
+                labels=torch.randint(1, VOCAB, (mbs, seq), generator=g),
+                position_ids=torch.arange(seq).expand(mbs, seq),
+            )
+            for _ in range(2)
+        ]
         existing = list(ref.parameters()) + list(ref.buffers())
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.numel()) or t, lambda t: t):
             with _LiveBytes(existing) as pass_bytes:
                 scores = score_pass(ref, batches, VOCAB)
             assert len(scores) == 2 and scores[0].shape == (mbs, seq)
@@ -168,17 +176,23 @@ def _reference_memory_worker():
             with _LiveBytes(existing) as grad_bytes:
                 kept = [ref(b["tokens"], b["position_ids"], attention_mask=None) for b in batches]
             assert len(kept) == 2
-        out[layers] = dict(peak=pass_bytes.peak, grad_peak=grad_bytes.peak, saved_in_pass=saved_before,
-                           saved_with_grad=len(saved) - saved_before,
-                           weights=sum(p.numel() * p.element_size() for p in ref.parameters()))
+        out[layers] = dict(
+            peak=pass_bytes.peak,
+            grad_peak=grad_bytes.peak,
+            saved_in_pass=saved_before,
+            saved_with_grad=len(saved) - saved_before,
+            weights=sum(p.numel() * p.element_size() for p in ref.parameters()),
+        )
     return out
 
 
 def test_reference_pass_keeps_no_activations_and_its_memory_does_not_grow_with_depth():
     res = run_distributed(_reference_memory_worker, 1)[0]
     two, eight = res[2], res[8]
-    print(f"reference pass: peak live activation bytes {two['peak']} (2 layers) vs {eight['peak']} (8 layers); "
-          f"weights {two['weights']} vs {eight['weights']}; with autograd {two['grad_peak']} vs {eight['grad_peak']}")
+    print(
+        f"reference pass: peak live activation bytes {two['peak']} (2 layers) vs {eight['peak']} (8 layers); "
+        f"weights {two['weights']} vs {eight['weights']}; with autograd {two['grad_peak']} vs {eight['grad_peak']}"
+    )
     assert two["saved_in_pass"] == 0 and eight["saved_in_pass"] == 0  # no_grad: nothing saved for backward
     assert two["saved_with_grad"] > 0  # the hook does see saved tensors when there are any
     assert eight["peak"] <= 1.05 * two["peak"]  # one layer's working set, whatever the depth
@@ -192,22 +206,30 @@ def _check(**train):
     validate(cfg)
 
 
-@pytest.mark.parametrize("train, message", [
-    (dict(recompute_granularity="full"), "needs both --recompute-method uniform|block and --recompute-num-layers"),
-    (dict(recompute_granularity="full", recompute_method="block"), "needs both"),
-    (dict(recompute_method="uniform", recompute_num_layers=1), "need --recompute-granularity full"),
-    (dict(recompute_granularity="selective", recompute_num_layers=1), "apply to full only"),
-    (dict(recompute_granularity="selective", recompute_method="block"), "apply to full only"),
-    (dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=3),
-     r"between 1 and the layers per pipeline stage \(2\)"),
-    (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=0), "between 1 and"),
-    (dict(lr_decay_style="WSD"), "needs --lr-wsd-decay-iters"),
-    (dict(lr_decay_style="WSD", lr_wsd_decay_iters=11, lr_decay_iters=10, lr_warmup_iters=2), "between 1 and the decay"),
-    (dict(lr_wsd_decay_iters=3), "applies to --lr-decay-style WSD only"),
-    (dict(lr_decay_iters=5, lr_warmup_iters=5), "--lr-decay-iters 5 must exceed --lr-warmup-iters 5"),
-    (dict(exit_duration_in_mins=0.0), "--exit-duration-in-mins 0.0 must be > 0"),
-    (dict(exit_interval=0), "--exit-interval 0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        (dict(recompute_granularity="full"), "needs both --recompute-method uniform|block and --recompute-num-layers"),
+        (dict(recompute_granularity="full", recompute_method="block"), "needs both"),
+        (dict(recompute_method="uniform", recompute_num_layers=1), "need --recompute-granularity full"),
+        (dict(recompute_granularity="selective", recompute_num_layers=1), "apply to full only"),
+        (dict(recompute_granularity="selective", recompute_method="block"), "apply to full only"),
+        (
+            dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=3),
+            r"between 1 and the layers per pipeline stage \(2\)",
+        ),
+        (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=0), "between 1 and"),
+        (dict(lr_decay_style="WSD"), "needs --lr-wsd-decay-iters"),
+        (
+            dict(lr_decay_style="WSD", lr_wsd_decay_iters=11, lr_decay_iters=10, lr_warmup_iters=2),
+            "between 1 and the decay",
+        ),
+        (dict(lr_wsd_decay_iters=3), "applies to --lr-decay-style WSD only"),
+        (dict(lr_decay_iters=5, lr_warmup_iters=5), "--lr-decay-iters 5 must exceed --lr-warmup-iters 5"),
+        (dict(exit_duration_in_mins=0.0), "--exit-duration-in-mins 0.0 must be > 0"),
+        (dict(exit_interval=0), "--exit-interval 0 must be >= 1"),
+    ],
+)
 def test_recompute_and_schedule_flags_are_checked_with_the_fix(train, message):
     with pytest.raises(ConfigError, match=message) as exc:
         _check(**train)
@@ -218,11 +240,20 @@ def test_megatron_core_refuses_what_validate_refuses_and_accepts_the_rest():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     def megatron(**rc):
-        return TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, pipeline_model_parallel_size=2,
-                                 pipeline_dtype=torch.float32, **rc)
+        return TransformerConfig(
+            num_layers=4,
+            hidden_size=32,
+            num_attention_heads=4,
+            pipeline_model_parallel_size=2,
+            pipeline_dtype=torch.float32,
+            **rc,
+        )
 
-    for rc in (dict(recompute_granularity="full"), dict(recompute_granularity="full", recompute_method="uniform"),
-               dict(recompute_granularity="selective", recompute_num_layers=1)):
+    for rc in (
+        dict(recompute_granularity="full"),
+        dict(recompute_granularity="full", recompute_method="uniform"),
+        dict(recompute_granularity="selective", recompute_num_layers=1),
+    ):
         with pytest.raises(ValueError):
             megatron(**rc)
         with pytest.raises(ConfigError):
@@ -256,7 +287,7 @@ def formula_lr(step, lr, min_lr, warmup, decay, style, wsd=None, wsd_style=None)
             c = 1.0
         else:
             y = (step - start) / wsd
-            c = {"linear": 1 - y, "cosine": (1 + math.cos(math.pi * y)) / 2, "exponential": 2 * 0.5 ** y - 1}[wsd_style]
+            c = {"linear": 1 - y, "cosine": (1 + math.cos(math.pi * y)) / 2, "exponential": 2 * 0.5**y - 1}[wsd_style]
     return min_lr + c * (lr - min_lr)
 
 
@@ -264,7 +295,7 @@ class _ScheduleOnly(Trainer):
     """A Trainer with only its LR schedule (built by Trainer._lr_schedule). What a resume does to the schedule's
     settings is tested in tests/training/test_resume_table.py."""
 
-    def __init__(self, **train):  # noqa: super().__init__ would build models and process groups
+    def __init__(self, **train):  # super().__init__ would build models and process groups
         cfg = make_config()
         for k, v in dict(dict(train_iters=20, lr=1.0, min_lr=0.1, lr_warmup_iters=4), **train).items():
             setattr(cfg.train, k, v)
@@ -280,21 +311,35 @@ class _ScheduleOnly(Trainer):
         return out
 
 
-@pytest.mark.parametrize("train", [
-    dict(lr_decay_style="cosine"),
-    dict(lr_decay_style="cosine", lr_decay_iters=12),
-    dict(lr_decay_style="linear", lr_decay_iters=16),
-    dict(lr_decay_style="constant"),
-    dict(lr_decay_style="WSD", lr_wsd_decay_iters=6, lr_wsd_decay_style="exponential"),
-    dict(lr_decay_style="WSD", lr_wsd_decay_iters=5, lr_wsd_decay_style="linear", lr_decay_iters=15),
-    dict(lr_decay_style="WSD", lr_wsd_decay_iters=16, lr_wsd_decay_style="cosine"),
-])
+@pytest.mark.parametrize(
+    "train",
+    [
+        dict(lr_decay_style="cosine"),
+        dict(lr_decay_style="cosine", lr_decay_iters=12),
+        dict(lr_decay_style="linear", lr_decay_iters=16),
+        dict(lr_decay_style="constant"),
+        dict(lr_decay_style="WSD", lr_wsd_decay_iters=6, lr_wsd_decay_style="exponential"),
+        dict(lr_decay_style="WSD", lr_wsd_decay_iters=5, lr_wsd_decay_style="linear", lr_decay_iters=15),
+        dict(lr_decay_style="WSD", lr_wsd_decay_iters=16, lr_wsd_decay_style="cosine"),
+    ],
+)
 def test_lr_at_every_step_equals_the_formula(train):
     s = _ScheduleOnly(**train)
     decay = train.get("lr_decay_iters", 20)
     got = s.lrs(25)  # past the decay window: min_lr (constant: lr)
-    want = [formula_lr(i, 1.0, 0.1, 4, decay, train["lr_decay_style"], train.get("lr_wsd_decay_iters"),
-                       train.get("lr_wsd_decay_style")) for i in range(26)]
+    want = [
+        formula_lr(
+            i,
+            1.0,
+            0.1,
+            4,
+            decay,
+            train["lr_decay_style"],
+            train.get("lr_wsd_decay_iters"),
+            train.get("lr_wsd_decay_style"),
+        )
+        for i in range(26)
+    ]
     assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
     assert got[4] == pytest.approx(1.0) and got[2] == pytest.approx(0.5)  # end and middle of the warm-up
     if train["lr_decay_style"] != "constant":
@@ -313,18 +358,51 @@ def data(tmp_path_factory):
 
 
 def _train(data, save, *flags):
-    cmd = [sys.executable, "-m", "megatron_slm.cli", "train", "--preset", "tiny", "--num-layers", "2",
-           "--hidden-size", "32", "--ffn-hidden-size", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
-           "--seq-length", "16", "--loss-mode", "clm", "--data-path", str(data / "train"), "--split", "99,1,0",
-           "--log-interval", "1", "--train-iters", "4", "--save", str(save),
-           "--data-cache-path", str(data.parent / "cache"), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_slm.cli",
+        "train",
+        "--preset",
+        "tiny",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--ffn-hidden-size",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--seq-length",
+        "16",
+        "--loss-mode",
+        "clm",
+        "--data-path",
+        str(data / "train"),
+        "--split",
+        "99,1,0",
+        "--log-interval",
+        "1",
+        "--train-iters",
+        "4",
+        "--save",
+        str(save),
+        "--data-cache-path",
+        str(data.parent / "cache"),
+        *flags,
+    ]
     return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
 
 
 def _train_rows(save):
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: (r["loss_selected"], r["loss_all"], r["grad_norm"], r["lr"]) for r in rows
-            if r["split"] == "train"}
+    return {
+        r["iteration"]: (r["loss_selected"], r["loss_all"], r["grad_norm"], r["lr"])
+        for r in rows
+        if r["split"] == "train"
+    }
 
 
 def _stopped(res, save, iteration, by):

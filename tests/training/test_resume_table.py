@@ -25,8 +25,18 @@ from test_parallel_training import make_config, my_micro_batches
 from megatron_slm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = dict(lr=1e-2, min_lr=1e-3, lr_warmup_iters=1, lr_decay_style="cosine", lr_decay_iters=10, weight_decay=0.1,
-            adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-4, clip_grad=1.0)
+BASE = dict(
+    lr=1e-2,
+    min_lr=1e-3,
+    lr_warmup_iters=1,
+    lr_decay_style="cosine",
+    lr_decay_iters=10,
+    weight_decay=0.1,
+    adam_beta1=0.9,
+    adam_beta2=0.95,
+    adam_eps=1e-4,
+    clip_grad=1.0,
+)
 WSD = dict(BASE, lr_decay_style="WSD", lr_wsd_decay_iters=4, lr_wsd_decay_style="exponential")
 STEPS = 2  # trained and saved; the next step is step 3
 
@@ -83,11 +93,21 @@ def _read_back(trainer) -> dict:
     decay_groups = [g for g in trainer.optimizer.param_groups if g.get("wd_mult", 1.0) > 0]
     g = trainer.optimizer.param_groups[0]
     return {
-        "lr": g["lr"], "max_lr": g["max_lr"], "min_lr": g["min_lr"], "betas": tuple(g["betas"]), "eps": g["eps"],
+        "lr": g["lr"],
+        "max_lr": g["max_lr"],
+        "min_lr": g["min_lr"],
+        "betas": tuple(g["betas"]),
+        "eps": g["eps"],
         "weight_decay": decay_groups[0]["weight_decay"],
-        "sched": (sch.max_lr, sch.min_lr, sch.lr_warmup_steps, sch.lr_decay_steps, sch.lr_decay_style,
-                  sch.wsd_decay_steps if sch.lr_decay_style == "WSD" else None,
-                  sch.lr_wsd_decay_style if sch.lr_decay_style == "WSD" else None),
+        "sched": (
+            sch.max_lr,
+            sch.min_lr,
+            sch.lr_warmup_steps,
+            sch.lr_decay_steps,
+            sch.lr_decay_style,
+            sch.wsd_decay_steps if sch.lr_decay_style == "WSD" else None,
+            sch.lr_wsd_decay_style if sch.lr_decay_style == "WSD" else None,
+        ),
         "clip_grad": trainer.cfg.train.clip_grad,
     }
 
@@ -95,10 +115,21 @@ def _read_back(trainer) -> dict:
 def _expect(s: dict) -> dict:
     wsd = s["lr_decay_style"] == "WSD"
     return {
-        "lr": expected_lr(s, STEPS), "max_lr": s["lr"], "min_lr": s["min_lr"],
-        "betas": (s["adam_beta1"], s["adam_beta2"]), "eps": s["adam_eps"], "weight_decay": s["weight_decay"],
-        "sched": (s["lr"], s["min_lr"], s["lr_warmup_iters"], s["lr_decay_iters"], s["lr_decay_style"],
-                  s["lr_wsd_decay_iters"] if wsd else None, s["lr_wsd_decay_style"] if wsd else None),
+        "lr": expected_lr(s, STEPS),
+        "max_lr": s["lr"],
+        "min_lr": s["min_lr"],
+        "betas": (s["adam_beta1"], s["adam_beta2"]),
+        "eps": s["adam_eps"],
+        "weight_decay": s["weight_decay"],
+        "sched": (
+            s["lr"],
+            s["min_lr"],
+            s["lr_warmup_iters"],
+            s["lr_decay_iters"],
+            s["lr_decay_style"],
+            s["lr_wsd_decay_iters"] if wsd else None,
+            s["lr_wsd_decay_style"] if wsd else None,
+        ),
         "clip_grad": s["clip_grad"],
     }
 
@@ -113,7 +144,7 @@ def _resume_table_worker(root: str) -> dict:
             trainer.train_step(my_micro_batches(step, 8, 0, 1))
         trainer.save_checkpoint()
         trainer.lock.release()
-    for field, value, flag, base in ROWS:
+    for field, value, _flag, base in ROWS:
         load = f"{root}/{'wsd' if base is WSD else 'base'}"
         changed = dict(base, **{field: value})
         try:
@@ -140,9 +171,11 @@ def test_each_row_of_the_resume_table_refuses_overrides_or_keeps_the_checkpoint(
             want = _expect(settings)
             assert iteration == STEPS and decision == mode, (field, mode)
             for key in want:
-                assert got[key] == pytest.approx(want[key], rel=1e-12) if key in ("lr", "max_lr", "min_lr", "eps",
-                                                                                   "weight_decay", "clip_grad") \
-                    else got[key] == want[key], (field, mode, key, got[key], want[key])
+                assert (
+                    got[key] == pytest.approx(want[key], rel=1e-12)
+                    if key in ("lr", "max_lr", "min_lr", "eps", "weight_decay", "clip_grad")
+                    else got[key] == want[key]
+                ), (field, mode, key, got[key], want[key])
 
 
 def _symptom_worker(root: str) -> dict:
@@ -166,8 +199,9 @@ def _symptom_worker(root: str) -> dict:
     eps = Trainer(_cfg(dict(base, adam_eps=0.0), load=f"{root}/run", mode="override"))
     eps.resume()
     out["eps"] = [g["eps"] for g in eps.optimizer.param_groups]
-    out["torch_adam_eps"] = [g["eps"] for g in eps.optimizer.optimizer.param_groups] if hasattr(
-        eps.optimizer, "optimizer") else out["eps"]
+    out["torch_adam_eps"] = (
+        [g["eps"] for g in eps.optimizer.optimizer.param_groups] if hasattr(eps.optimizer, "optimizer") else out["eps"]
+    )
     return out
 
 
@@ -187,17 +221,49 @@ def data(tmp_path_factory):
 
 
 def _slm(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "megatron_slm.cli", *args], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_slm.cli", *args],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_config_yaml_reruns_the_run_and_check_config_refuses_what_train_refuses(data, tmp_path):
     save = tmp_path / "run"
-    flags = ["--preset", "tiny", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-             "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "16", "--loss-mode", "clm",
-             "--data-path", str(data / "train"), "--split", "99,1,0", "--log-interval", "1",
-             "--data-cache-path", str(tmp_path / "cache"), "--train-iters", "4", "--lr-warmup-iters", "1",
-             "--exit-interval", "2"]
+    flags = [
+        "--preset",
+        "tiny",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--ffn-hidden-size",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--seq-length",
+        "16",
+        "--loss-mode",
+        "clm",
+        "--data-path",
+        str(data / "train"),
+        "--split",
+        "99,1,0",
+        "--log-interval",
+        "1",
+        "--data-cache-path",
+        str(tmp_path / "cache"),
+        "--train-iters",
+        "4",
+        "--lr-warmup-iters",
+        "1",
+        "--exit-interval",
+        "2",
+    ]
     first = _slm("train", *flags, "--save", str(save))
     assert first.returncode == 0, first.stderr
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"

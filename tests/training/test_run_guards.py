@@ -36,10 +36,20 @@ def data(tmp_path_factory):
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-        tie_word_embeddings=False))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-5,
+            rope_theta=100000.0,
+            tie_word_embeddings=False,
+        )
+    )
     for name, tok in (("hf", d / "tok.model"), ("hf_other_tok", other / "tok.model")):
         model.save_pretrained(str(root / name))
         shutil.copy(tok, root / name / "tokenizer.model")
@@ -60,7 +70,13 @@ def test_architecture_fields_the_user_did_not_set_come_from_the_checkpoint(data)
     with pytest.raises(dataclasses.FrozenInstanceError, match="read-only"):
         cfg.model.num_layers = 3
     m = cfg.model
-    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups) == (2, 32, 64, 4, 2)
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups) == (
+        2,
+        32,
+        64,
+        4,
+        2,
+    )
     assert (m.rotary_base, m.norm_epsilon, m.vocab_size) == (100000.0, 1e-5, 128)
     # the reference, too, takes its checkpoint's shape rather than the policy's
     cfg = resolve_run(_cfg(data, model={"preset": "tiny"}, reference={"load": str(data / "hf")})).config
@@ -69,8 +85,12 @@ def test_architecture_fields_the_user_did_not_set_come_from_the_checkpoint(data)
 
 
 def test_a_conflicting_architecture_is_one_error_listing_each_field(data):
-    cfg = _cfg(data, checkpoint={"pretrained_checkpoint": str(data / "hf")}, slm={"loss_mode": "clm"},
-               model={"rotary_base": 10000.0, "norm_epsilon": 1e-6, "num_layers": 2})
+    cfg = _cfg(
+        data,
+        checkpoint={"pretrained_checkpoint": str(data / "hf")},
+        slm={"loss_mode": "clm"},
+        model={"rotary_base": 10000.0, "norm_epsilon": 1e-6, "num_layers": 2},
+    )
     with pytest.raises(ConfigError) as exc:
         resolve_run(cfg)
     msg = str(exc.value)
@@ -98,8 +118,20 @@ def test_the_heatmap_tool_refuses_a_tokenizer_that_is_not_the_checkpoints(data, 
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     # the reference records the tokenizer given, the policy another one: refused before any model is built
-    rc = tool.main(["--policy", str(data / "hf_other_tok"), "--reference", str(data / "hf"), "--tokenizer",
-                    str(data / "data" / "tok.model"), "--text", "the sum of a prime", "--out", str(tmp_path / "p.html")])
+    rc = tool.main(
+        [
+            "--policy",
+            str(data / "hf_other_tok"),
+            "--reference",
+            str(data / "hf"),
+            "--tokenizer",
+            str(data / "data" / "tok.model"),
+            "--text",
+            "the sum of a prime",
+            "--out",
+            str(tmp_path / "p.html"),
+        ]
+    )
     err = capsys.readouterr().err
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: the policy checkpoint"), err
@@ -117,11 +149,39 @@ def test_a_transformers_directory_of_another_vocabulary_is_refused_on_load(data)
 
 
 def _train(root, save, *flags):
-    cmd = [sys.executable, "-m", "megatron_slm.cli", "train", "--preset", "tiny", "--num-layers", "2",
-           "--hidden-size", "32", "--ffn-hidden-size", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
-           "--seq-length", "16", "--loss-mode", "clm", "--data-path", str(root / "data" / "train"),
-           "--split", "99,1,0", "--log-interval", "1", "--save", str(save),
-           "--data-cache-path", str(root / "cache"), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_slm.cli",
+        "train",
+        "--preset",
+        "tiny",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--ffn-hidden-size",
+        "64",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--seq-length",
+        "16",
+        "--loss-mode",
+        "clm",
+        "--data-path",
+        str(root / "data" / "train"),
+        "--split",
+        "99,1,0",
+        "--log-interval",
+        "1",
+        "--save",
+        str(save),
+        "--data-cache-path",
+        str(root / "cache"),
+        *flags,
+    ]
     return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
 
 
@@ -165,7 +225,9 @@ def test_resume_with_changed_schedule_flags_is_refused_or_applied_explicitly(dat
     train_rows = [r for r in rows if r["split"] == "train"]
     assert [r["iteration"] for r in train_rows] == [1, 2, 3, 4]
     assert summary["iterations"] == 4
-    assert summary["mean_second_half"]["loss_all"] == pytest.approx((train_rows[2]["loss_all"] + train_rows[3]["loss_all"]) / 2)
+    assert summary["mean_second_half"]["loss_all"] == pytest.approx(
+        (train_rows[2]["loss_all"] + train_rows[3]["loss_all"]) / 2
+    )
 
 
 def _check_config(argv, capsys):
@@ -175,16 +237,42 @@ def _check_config(argv, capsys):
     return rc, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in
-                                          [*(REPO / "launch" / "configs").glob("*.yaml"),
-                                           *(REPO / "megatron_slm" / "configs").glob("*.yaml")]))
+@pytest.mark.parametrize(
+    "config",
+    sorted(
+        str(p.relative_to(REPO))
+        for p in [*(REPO / "launch" / "configs").glob("*.yaml"), *(REPO / "megatron_slm" / "configs").glob("*.yaml")]
+    ),
+)
 def test_check_config_agrees_with_train_on_every_shipped_config(config, data, tmp_path, capsys):
-    flags = ["--config", str(REPO / config), "--data-path", str(data / "data" / "train"), "--seq-length", "16",
-             "--data-cache-path", str(tmp_path / "cache")]
+    flags = [
+        "--config",
+        str(REPO / config),
+        "--data-path",
+        str(data / "data" / "train"),
+        "--seq-length",
+        "16",
+        "--data-cache-path",
+        str(tmp_path / "cache"),
+    ]
     rc, err = _check_config([*flags, "--world-size", "1"], capsys)
-    train = subprocess.run([sys.executable, "-m", "megatron_slm.cli", "train", *flags, "--save", str(tmp_path / "s"),
-                            "--train-iters", "0"],
-                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_slm.cli",
+            "train",
+            *flags,
+            "--save",
+            str(tmp_path / "s"),
+            "--train-iters",
+            "0",
+        ],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     first_error = [line for line in err.splitlines() if line.startswith("error:")]
     train_error = [line for line in train.stderr.splitlines() if line.startswith("error:")]
     assert (rc == 0) == (train.returncode == 0), (err, train.stderr)
@@ -197,8 +285,11 @@ def test_a_split_that_gets_no_documents_is_one_error_and_unused_splits_are_not_b
     is not built, so the same small dataset trains with --eval-iters 0 (in a subprocess, under a timeout)."""
     d = tiny_text_dataset(tmp_path / "small", lines=72)  # 60 training documents
     over = {"data": {"data_path": [str(d / "train")], "split": "998,2,0"}, "train": {"seq_length": 16}}
-    with pytest.raises(DataError, match=r"has 60 documents: --split 998,2,0 gives its validation split none of them; "
-                                        r".*--valid-data-path.*--eval-iters 0"):
+    with pytest.raises(
+        DataError,
+        match=r"has 60 documents: --split 998,2,0 gives its validation split none of them; "
+        r".*--valid-data-path.*--eval-iters 0",
+    ):
         resolve_run(load_config(overrides=over))
     script = (
         "import sys\n"
@@ -209,7 +300,8 @@ def test_a_split_that_gets_no_documents_is_one_error_and_unused_splits_are_not_b
         "'train': {'seq_length': 16, 'eval_iters': 0, 'train_iters': 3, 'global_batch_size': 4, 'micro_batch_size': 2}})\n"
         "info = resolve_run(cfg).data\n"
         "train, evals = build_data(cfg, info, 0, 1)\n"
-        "print('tokens', tuple(train(2)[0]['tokens'].shape), 'eval', evals)\n")
+        "print('tokens', tuple(train(2)[0]['tokens'].shape), 'eval', evals)\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
