@@ -3,6 +3,10 @@
 Every script measures its variants side by side in one run (repetitions interleaved in a rotating order,
 medians over repetitions), so background load on a shared machine slows all variants alike and the ratios
 stay meaningful even when the absolute times do not.
+
+The scripts run as modules from the repository root (``.venv/bin/python -m benchmarks.bench_step_time``), which
+puts the root on the import path: ``benchmarks`` and the tests' shared helpers (``tests.helpers``) import from
+there, and megatron_slm from its (editable) install.
 """
 
 from __future__ import annotations
@@ -12,15 +16,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-for _path in (REPO, REPO / "tests"):  # run as `python benchmarks/x.py` from anywhere; tests/helpers is shared
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
@@ -139,7 +139,7 @@ class Timer:
 
 def run_ranks(fn, world: int, *args, threads: int = 1, timeout: float = 3600.0) -> list:
     """``fn(*args)`` on ``world`` forked gloo ranks (RANK/WORLD_SIZE/MASTER_* set); each rank's result, in order."""
-    from helpers.forked import run_forked
+    from tests.helpers.forked import run_forked
 
     return run_forked(fn, world, *args, threads=threads, timeout=timeout)
 

@@ -8,8 +8,8 @@ save: write, agreement, fsync, commit), ``async`` blocked (what ``save_checkpoin
 copy to host memory, the small files) and ``async`` total (blocked + waiting for the background write and
 commit). Each save goes to a fresh directory, removed afterwards.
 
-    .venv/bin/python benchmarks/bench_async_save.py              # ~0.26B, a few minutes
-    .venv/bin/python benchmarks/bench_async_save.py --layers 1   # quicker
+    .venv/bin/python -m benchmarks.bench_async_save              # ~0.26B, a few minutes
+    .venv/bin/python -m benchmarks.bench_async_save --layers 1   # quicker
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 
-from _common import add_model_args, emit_json, machine_info, median, rotated, run_ranks, table
+from benchmarks._common import add_model_args, emit_json, machine_info, median, rotated, run_ranks, table
 
 VARIANTS = ("sync", "async")
 

@@ -8,8 +8,8 @@ DDP's buffer, which stays whole on every rank, plus any separate copy). fp32 and
 both measured. Steps of the two variants alternate (rotating order) for a step-time comparison; on 2 shared CPU
 cores the times say little beyond "no large cost".
 
-    .venv/bin/python benchmarks/bench_dist_optimizer.py              # DP=2, ~1 min
-    .venv/bin/python benchmarks/bench_dist_optimizer.py --nproc 4    # DP=4
+    .venv/bin/python -m benchmarks.bench_dist_optimizer              # DP=2, ~1 min
+    .venv/bin/python -m benchmarks.bench_dist_optimizer --nproc 4    # DP=4
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import add_model_args, emit_json, machine_info, median, mib, rotated, run_ranks, table
+from benchmarks._common import add_model_args, emit_json, machine_info, median, mib, rotated, run_ranks, table
 
 VARIANTS = ("plain", "distributed")
 
@@ -82,9 +82,9 @@ def batch(a, step: int, dp_rank: int, dp_size: int) -> list[dict]:
 
 def worker(a) -> dict:
     import torch.distributed as dist
-    from helpers.memory import optimizer_bytes
 
     from megatron_slm.training.trainer import Trainer
+    from tests.helpers.memory import optimizer_bytes
 
     out = {}
     for bf16 in (False, True):

@@ -26,9 +26,9 @@ footprint of each framework, so neither alone is fair):
 
 Targets: ours >= 1.5x the naive tokens/s, and lower memory.
 
-    .venv/bin/python benchmarks/bench_naive.py                       # 4 layers, hidden 256, vocab 32000, seq 512
-    .venv/bin/python benchmarks/bench_naive.py --ref-dtype bf16      # our reference in bf16 (AMX/avx512-bf16 CPUs)
-    .venv/bin/python benchmarks/bench_naive.py --layers 8 --hidden 512 --ffn 1408 --heads 8 --mbs 4 --gbs 16
+    .venv/bin/python -m benchmarks.bench_naive                       # 4 layers, hidden 256, vocab 32000, seq 512
+    .venv/bin/python -m benchmarks.bench_naive --ref-dtype bf16      # our reference in bf16 (AMX/avx512-bf16 CPUs)
+    .venv/bin/python -m benchmarks.bench_naive --layers 8 --hidden 512 --ffn 1408 --heads 8 --mbs 4 --gbs 16
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 
-from _common import add_model_args, emit_json, interleaved, machine_info, median, mib, table, verdict
+from benchmarks._common import REPO, add_model_args, emit_json, interleaved, machine_info, median, mib, table, verdict
 
 SPEED_TARGET = 1.5
 
@@ -296,7 +296,7 @@ FLAG_OF = {"k": "slm-select-ratio"}  # dests whose flag has another name (add_mo
 
 def run_rss(a, which) -> dict:
     cmd = (
-        [sys.executable, os.path.abspath(__file__), "--rss-child", which]
+        [sys.executable, "-m", "benchmarks.bench_naive", "--rss-child", which]
         + [
             f"--{FLAG_OF.get(k, k.replace('_', '-'))}={getattr(a, k)}"
             for k in ("layers", "hidden", "ffn", "heads", "vocab", "seq", "mbs", "gbs", "k", "threads", "ref_dtype")
@@ -306,7 +306,7 @@ def run_rss(a, which) -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(a.threads))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # set in this process by distributed.initialize; the child picks its own port
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     for line in proc.stdout.splitlines():
         if line.startswith("RSS_JSON "):
             return json.loads(line[len("RSS_JSON ") :])

@@ -1,4 +1,4 @@
-"""Preprocessing throughput: tools/preprocess_data.py's tokens/s per worker vs the tokenizer's own encode rate.
+"""Preprocessing throughput: slm preprocess's tokens/s per worker vs the tokenizer's own encode rate.
 
 Corpus: JSONL documents of realistic lengths (log-normal, median ~2,500 characters, clipped to 200..60,000)
 made of real English-and-code text, the docstrings of sympy and the standard library (what the CPU demo's
@@ -25,9 +25,9 @@ corpus repeated ``--cap-repeat`` times less that of a run over its first 8 docum
 the workers, renames, the .idx), divided by the documents in between (the least of the repetitions); it caps
 the pool at ``1 / cost`` documents/s, which is compared with 64 workers at the encode rate.
 
-    .venv/bin/python benchmarks/bench_preprocess.py --reps 7            # JSONL, ~3 min on 2 cores
-    .venv/bin/python benchmarks/bench_preprocess.py --formats jsonl,parquet,arrow,jsonl.zst    # ~6 min
-    .venv/bin/python benchmarks/bench_preprocess.py --tokens 1e6 --reps 2 --cap-reps 1         # a quick look
+    .venv/bin/python -m benchmarks.bench_preprocess --reps 7            # JSONL, ~3 min on 2 cores
+    .venv/bin/python -m benchmarks.bench_preprocess --formats jsonl,parquet,arrow,jsonl.zst    # ~6 min
+    .venv/bin/python -m benchmarks.bench_preprocess --tokens 1e6 --reps 2 --cap-reps 1         # a quick look
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import emit_json, interleaved, machine_info, median, table, verdict
+
+from benchmarks._common import emit_json, interleaved, machine_info, median, table, verdict
 
 TARGET = 0.9
 CAP_WORKERS = 64

@@ -6,15 +6,15 @@ Three real ``Trainer`` objects (SLM with the online reference, same model, layou
 memory is the bytes autograd saves for backward during one training step (unique storages, counted with
 ``torch.autograd.graph.saved_tensors_hooks``) divided by the micro-batches of the step.
 
-    .venv/bin/python benchmarks/bench_recompute.py                 # ~1 minute on 2 CPU cores
+    .venv/bin/python -m benchmarks.bench_recompute                 # ~1 minute on 2 CPU cores
 """
 
 from __future__ import annotations
 
 import time
 
-from _common import emit_json, interleaved, machine_info, median, mib, table
-from bench_step_time import make_config, parse_args, synthetic_batch
+from benchmarks._common import emit_json, interleaved, machine_info, median, mib, table
+from benchmarks.bench_step_time import make_config, parse_args, synthetic_batch
 
 VARIANTS = {
     "none": {},

@@ -19,8 +19,8 @@ Agreement = identical decisions / valid tokens, averaged over ``--batches`` glob
 |selected by scope AND by global| / |selected by global|, selected fraction, and the math share of the
 selected tokens.
 
-    .venv/bin/python benchmarks/bench_scope_agreement.py                      # builds a small corpus in a temp dir
-    .venv/bin/python benchmarks/bench_scope_agreement.py --data demo_out/data --ref-iters 300 --policy-iters 150
+    .venv/bin/python -m benchmarks.bench_scope_agreement                      # builds a small corpus in a temp dir
+    .venv/bin/python -m benchmarks.bench_scope_agreement --data demo_out/data --ref-iters 300 --policy-iters 150
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import emit_json, machine_info, table
+from benchmarks._common import emit_json, machine_info, table
 
 SCOPES = ("sequence", "micro_batch", "micro_batch_no_dp", "threshold", "random")
 

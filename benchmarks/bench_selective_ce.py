@@ -33,9 +33,9 @@ machine, the CPU time of the process (one torch thread by default).
 
 Targets: time within 1.1x of megatron-core; saved bytes <= (k + 0.05) of megatron-core's.
 
-    .venv/bin/python benchmarks/bench_selective_ce.py                     # 4096 x 32000, TP=1, fp32 + bf16
-    .venv/bin/python benchmarks/bench_selective_ce.py --tp 2               # 2 forked gloo ranks, shard 16000
-    .venv/bin/python benchmarks/bench_selective_ce.py --tokens 8192 --vocab 128256
+    .venv/bin/python -m benchmarks.bench_selective_ce                     # 4096 x 32000, TP=1, fp32 + bf16
+    .venv/bin/python -m benchmarks.bench_selective_ce --tp 2               # 2 forked gloo ranks, shard 16000
+    .venv/bin/python -m benchmarks.bench_selective_ce --tokens 8192 --vocab 128256
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import argparse
 import resource
 import time
 
-from _common import emit_json, interleaved, machine_info, median, mib, run_ranks, table, verdict
+from benchmarks._common import emit_json, interleaved, machine_info, median, mib, run_ranks, table, verdict
 
 VARIANTS = ("megatron", "slm", "slm_k1")
 TIME_TARGET, MEM_SLACK = 1.10, 0.05
@@ -92,7 +92,6 @@ def worker(a) -> dict | None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from helpers.selective_ce import selective_cross_entropy
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -103,6 +102,7 @@ def worker(a) -> dict | None:
     )
     from megatron_slm.parallel import distributed
     from megatron_slm.slm import top_k_mask
+    from tests.helpers.selective_ce import selective_cross_entropy
 
     torch.set_num_threads(a.threads)
     distributed.initialize(a.tp, 1)

@@ -6,8 +6,8 @@ right after building the model. Before, the build drew the whole model anyway (m
 draws nothing. Both variants are built side by side in the same forked gloo ranks (TP=2 by default, TinyLlama-1.1B's
 shape), repetitions interleaved; the load that follows is the same in both and not timed.
 
-    .venv/bin/python benchmarks/bench_startup.py                    # TinyLlama-1.1B shape, TP=2, ~2 min
-    .venv/bin/python benchmarks/bench_startup.py --preset tiny      # seconds
+    .venv/bin/python -m benchmarks.bench_startup                    # TinyLlama-1.1B shape, TP=2, ~2 min
+    .venv/bin/python -m benchmarks.bench_startup --preset tiny      # seconds
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import emit_json, interleaved, machine_info, median, run_ranks, table
+from benchmarks._common import emit_json, interleaved, machine_info, median, run_ranks, table
 
 VARIANTS = ("init then load (before)", "no draw (after)")
 

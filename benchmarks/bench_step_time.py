@@ -17,10 +17,10 @@ pass (``Trainer.prepare_selection``), optimizer (``optimizer.step``), and the tr
 Targets (issue "Benchmarks and speed"): SLM_online / CLM <= 1.36 (the FLOP floor is 1.33 for a same-size
 reference: its forward is 2N FLOPs/token against 6N for a training step); SLM_offline / CLM <= 1.03.
 
-    .venv/bin/python benchmarks/bench_step_time.py                      # TP=1 PP=1, one process (~2 min)
-    .venv/bin/python benchmarks/bench_step_time.py --nproc 4 --tp 2 --pp 2
-    .venv/bin/python benchmarks/bench_step_time.py --ref-dtype bf16    # bf16 reference (AMX/avx512-bf16 CPUs, GPU)
-    .venv/bin/python benchmarks/bench_step_time.py --layers 22 --hidden 2048 --ffn 5632 --heads 32 \
+    .venv/bin/python -m benchmarks.bench_step_time                      # TP=1 PP=1, one process (~2 min)
+    .venv/bin/python -m benchmarks.bench_step_time --nproc 4 --tp 2 --pp 2
+    .venv/bin/python -m benchmarks.bench_step_time --ref-dtype bf16    # bf16 reference (AMX/avx512-bf16 CPUs, GPU)
+    .venv/bin/python -m benchmarks.bench_step_time --layers 22 --hidden 2048 --ffn 5632 --heads 32 \
         --groups 4 --vocab 32000 --seq 2048 --mbs 1 --gbs 8             # TinyLlama-1.1B shape (GPU sized)
 """
 
@@ -29,7 +29,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import Timer, add_model_args, emit_json, interleaved, machine_info, median, run_ranks, table, verdict
+from benchmarks._common import (
+    Timer,
+    add_model_args,
+    emit_json,
+    interleaved,
+    machine_info,
+    median,
+    run_ranks,
+    table,
+    verdict,
+)
 
 VARIANTS = ("clm", "slm_online", "slm_offline")
 TARGETS = {"slm_online": 1.36, "slm_offline": 1.03}
@@ -158,6 +168,10 @@ def worker(a) -> dict | None:
     dp_rank, dp_size = any_t.dp_rank, any_t.dp_size
     n_params = sum(p.numel() for p in any_t.policy_module.parameters())
 
+    from megatron_slm.parallel.distributed import device
+
+    dev = device()
+
     def step(v, i):
         mbs = synthetic_batch(a, i, dp_rank, dp_size)
         if v != "slm_offline":
@@ -166,11 +180,13 @@ def worker(a) -> dict | None:
         dist.barrier()
         c0, t0 = time.process_time(), time.perf_counter()
         trainers[v].train_step(mbs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels are asynchronous: count them in its time
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
         prep, opt = timers[v][0].take(), timers[v][1].take()
         # The step of the slowest rank is the step time, its phases from the same rank; CPU time summed over
         # ranks (gloo waits block rather than spin, so it is the work done, whatever the load from others).
-        x = torch.tensor([total, prep, opt, cpu], dtype=torch.float64)
+        x = torch.tensor([total, prep, opt, cpu], dtype=torch.float64, device=dev)  # NCCL: on the GPU
         gathered = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, x)
         slowest = max(gathered, key=lambda y: float(y[0])).tolist()
@@ -179,7 +195,7 @@ def worker(a) -> dict | None:
 
     names = list(VARIANTS)
     samples = interleaved(names, step, a.warmup, a.reps)
-    n_params_all = torch.tensor([float(n_params)])
+    n_params_all = torch.tensor([float(n_params)], device=dev)
     dist.all_reduce(n_params_all)  # over-counts DP replicas; divided below
     if dist.get_rank() != 0:
         return None

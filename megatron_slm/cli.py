@@ -1,9 +1,11 @@
-"""The one CLI: ``slm train | check-config | plan | score-reference | evaluate | dynamics | reweight | demo``. It parses and dispatches, nothing more.
+"""The one CLI: ``slm train | check-config | plan | score-reference | evaluate | compare | dynamics | reweight | demo |
+preprocess | convert | viz | plot``. It parses and dispatches, nothing more.
 
     torchrun --nproc-per-node 4 -m megatron_slm.cli train --config cfg.yaml --tensor-model-parallel-size 2
 
-Every config flag comes from the config dataclasses' field metadata (megatron_slm.config). Nothing here
-imports torch until a command runs, so ``--help`` answers at once.
+Every config flag comes from the config dataclasses' field metadata (megatron_slm.config); the other flags are
+defined here, each command's work is done by its package module. Nothing here imports torch until a command
+runs, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class _DefaultsHelpFormatter(_HelpFormatter, argparse.ArgumentDefaultsHelpFormat
 # The config flags of each command: the config leaves it reads, by YAML section. ALL: every leaf of the section;
 # else the leaves' names (a subsection, the reference's "model", is one name); None: every leaf of every section.
 # A --config YAML may still hold any section (e.g. a training config reused for evaluate): what the command does
-# not read is loaded and left unused.
+# not read is loaded and left unused. Commands missing here take no config (reweight, demo and the data and
+# checkpoint tools: preprocess, convert, viz, plot).
 _EVAL_WINDOWS = {  # slm evaluate, slm dynamics: model shapes come from each checkpoint
     "parallel": ("tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel"),
     "train": ("micro_batch_size", "seq_length", "seed", "logging_level"),
@@ -108,16 +111,52 @@ EXAMPLES = {
     "reweight": "slm reweight --run runs/slm",
     "evaluate": "slm evaluate --load runs/slm runs/clm --data-path data/math_valid data/web_valid \\\n"
     "    --seq-length 512 --eval-samples 200 --out eval_out",
+    "compare": "slm compare --eval-dir eval_out runs/slm runs/clm --bootstrap-block-size 16 --seed 0",
     "dynamics": "slm dynamics --run slm=runs/slm --run clm=runs/clm --data-path data/math_valid \\\n"
     "    --seq-length 512 --eval-samples 200 --out dynamics_out",
     "demo": "slm demo --out demo_out --nproc 4",
+    "preprocess": "slm preprocess data/owm/ --tokenizer tokenizer.model --output-prefix data/owm --workers 8",
+    "convert": "slm convert hf-to-megatron --input hf/TinyLlama-1.1B --output ckpt/base --verify",
+    "convert hf-to-megatron": "slm convert hf-to-megatron --input hf/TinyLlama-1.1B --output ckpt/base --verify",
+    "convert megatron-to-hf": "slm convert megatron-to-hf --input runs/slm --output hf_out/slm \\\n"
+    "    --tokenizer-model tokenizer.model",
+    "viz": "slm viz --dump runs/slm --out selection.html",
+    "plot": "slm plot slm=runs/slm clm=runs/clm --out plots",
 }
 
 
-def _command(sub, name: str, help: str, description: str, formatter=_HelpFormatter) -> argparse.ArgumentParser:
+def _command(
+    sub, name: str, help: str, description: str, formatter=_HelpFormatter, example: str | None = None
+) -> argparse.ArgumentParser:
+    """A subcommand ``name``, its --help ending with ``EXAMPLES[example or name]``."""
     return sub.add_parser(
-        name, help=help, description=description, epilog="example:\n  " + EXAMPLES[name], formatter_class=formatter
+        name,
+        help=help,
+        description=description,
+        epilog="example:\n  " + EXAMPLES[example or name],
+        formatter_class=formatter,
     )
+
+
+def package_version() -> str:
+    """The installed megatron_slm's version (its package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("megatron_slm")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the version is read only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"megatron_slm {package_version()}")
+        parser.exit()
 
 
 def _config_arguments(p: argparse.ArgumentParser, command: str) -> None:
@@ -138,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_slm import demo
 
     parser = argparse.ArgumentParser(prog="slm", description="Rho-1 Selective Language Modeling on megatron-core")
+    parser.add_argument("--version", action=_VersionAction, help="print the version of megatron_slm and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _config_arguments(
         _command(
@@ -321,6 +361,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of the valid tokens that are learnable, in (0, 1] (default: 0.6, the paper's k for 1B models)",
     )
     _config_arguments(p_eval, "evaluate")
+    # A command of its own over a saved evaluation (eval_windows.npz), not 'slm evaluate --compare': it needs no
+    # torch, config or model, so a comparison (other pair, block size, seed) re-runs in a second on any machine,
+    # and any evaluation already on disk, the demo's included, can be compared without a second forward pass.
+    p_cmp = _command(
+        sub,
+        "compare",
+        help="paired loss difference A - B of two checkpoints of one 'slm evaluate', with bootstrap intervals",
+        description="The paired difference of the mean token loss of checkpoints A and B, evaluated by one "
+        "'slm evaluate' run (its per-window losses, eval_windows.npz), per dataset: over all tokens, within "
+        "the learnable / not-learnable split (when evaluate had --split-reference) and per quarter of the "
+        "windows. Each difference has a percentile bootstrap interval over contiguous blocks of windows, "
+        "seeded and deterministic; 'significant' when it excludes 0. Prints a table and writes "
+        "compare.json. Definition: megatron_slm/analysis/compare.py.",
+    )
+    p_cmp.add_argument(
+        "cmp_a",
+        metavar="A",
+        help="checkpoint A, as given to 'slm evaluate --load' (or the same directory) (required, no default)",
+    )
+    p_cmp.add_argument("cmp_b", metavar="B", help="checkpoint B, likewise (required, no default)")
+    p_cmp.add_argument(
+        "--eval-dir",
+        default="eval_out",
+        metavar="DIR",
+        help="the --out directory of 'slm evaluate' (default: eval_out, evaluate's default)",
+    )
+    p_cmp.add_argument("--out", default=None, metavar="DIR", help="where compare.json goes (default: the --eval-dir)")
+    p_cmp.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        metavar="C",
+        help="coverage of the intervals, in (0, 1) (default: 0.95)",
+    )
+    p_cmp.add_argument(
+        "--bootstrap-block-size",
+        type=int,
+        default=16,
+        metavar="W",
+        help="windows per resampled block: consecutive windows share documents, so they are resampled "
+        "together; 1 is the i.i.d. bootstrap (default: 16, about n^(1/3) for a few thousand windows)",
+    )
+    p_cmp.add_argument(
+        "--bootstrap-resamples", type=int, default=2000, metavar="N", help="bootstrap resamples (default: 2000)"
+    )
+    p_cmp.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed of the resampling (numpy PCG64); the same seed gives the same intervals (default: 0)",
+    )
     p_dyn = _command(
         sub,
         "dynamics",
@@ -374,7 +466,340 @@ def build_parser() -> argparse.ArgumentParser:
             "and general text.",
         )
     )
+    _preprocess_arguments(sub)
+    _convert_arguments(sub)
+    _viz_arguments(sub)
+    _plot_arguments(sub)
     return parser
+
+
+def _preprocess_arguments(sub) -> None:
+    p = _command(
+        sub,
+        "preprocess",
+        help="tokenize text (JSONL, text, parquet, Arrow, datasets directories) into a megatron-core indexed dataset",
+        description="Tokenize .jsonl/.json/.txt (also .gz/.zst), parquet and Arrow files or datasets directories "
+        "into a megatron-core indexed dataset (PREFIX.bin/.idx) plus PREFIX.json metadata (the tokenizer's "
+        "fingerprint, the counts, the range of the token ids), each document followed by the EOD id. "
+        "Documents are tokenized in --workers processes and written in input order: the output does not "
+        "depend on --workers. Parquet, Arrow and .zst inputs need the data extra (pip install "
+        "'megatron_slm[data]'), a tokenizer.json the hf extra. Formats and metadata: "
+        "megatron_slm/data/preprocess.py.",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="input files, directories (searched recursively) or globs (default: none; name them here or with --input)",
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="another input, the same as a positional one; repeatable (default: none)",
+    )
+    p.add_argument(
+        "--output-prefix",
+        required=True,
+        metavar="PREFIX",
+        help="writes PREFIX.bin, PREFIX.idx and PREFIX.json (required, no default)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="PATH",
+        help="a sentencepiece .model or a Hugging Face tokenizer.json (required, no default)",
+    )
+    p.add_argument(
+        "--eod-token",
+        default=None,
+        metavar="TOKEN",
+        help="token (or id) appended after each document (default: the tokenizer's eos)",
+    )
+    p.add_argument(
+        "--json-key",
+        default="text",
+        metavar="KEY",
+        help="JSON field, or parquet / Arrow column, holding the text (default: text)",
+    )
+    p.add_argument(
+        "--split-lines",
+        action="store_true",
+        help="text files: each non-empty line is a document (default: each file is one document)",
+    )
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="tokenizer processes (default: 2)")
+    p.add_argument(
+        "--no-append-eod",
+        dest="append_eod",
+        action="store_false",
+        help="do not append the EOD id after each document (default: appended)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing PREFIX.bin/.idx, never an input (default: an existing output is an error)",
+    )
+    p.add_argument(
+        "--log-every",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between updates of the progress bar (default: 1)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no summary on stderr (default: both; the bar only on a terminal)",
+    )
+
+
+def _convert_arguments(sub) -> None:
+    from megatron_slm.conversion import DTYPE_NAMES
+
+    p = _command(
+        sub,
+        "convert",
+        help="convert transformers Llama/Mistral directories to megatron_slm checkpoints and back",
+        description="Convert a transformers Llama/Mistral directory into a megatron_slm checkpoint "
+        "(hf-to-megatron), which loads at any TP/PP (--ref-load CKPT, --pretrained-checkpoint CKPT), or a "
+        "megatron_slm checkpoint saved at any TP/PP into a transformers directory (megatron-to-hf), e.g. for "
+        "lm-eval. Runs as one process (no torchrun). Needs the hf extra: pip install 'megatron_slm[hf]'. "
+        "Library: megatron_slm/conversion/.",
+    )
+    directions = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    a = _command(
+        directions,
+        "hf-to-megatron",
+        help="transformers directory -> megatron_slm checkpoint (loads at any TP/PP)",
+        description="Convert a transformers Llama/Mistral directory (config.json + safetensors or .bin "
+        "weights) into a megatron_slm checkpoint; with --verify, compare the logits of both on random tokens.",
+        example="convert hf-to-megatron",
+    )
+    a.add_argument(
+        "--input",
+        required=True,
+        metavar="HF_DIR",
+        help="transformers model directory, config.json + weights (required, no default)",
+    )
+    a.add_argument(
+        "--output",
+        required=True,
+        metavar="CKPT",
+        help="checkpoint directory to write, for --ref-load / --pretrained-checkpoint (required, no default)",
+    )
+    a.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the saved weights (default: fp32)")
+    a.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare logits with transformers (fp32) after converting (default: not compared)",
+    )
+    a.add_argument(
+        "--verify-seq-len", type=int, default=64, metavar="N", help="tokens per sequence for --verify (default: 64)"
+    )
+    a.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing output, never an input (default: an existing output is an error)",
+    )
+    b = _command(
+        directions,
+        "megatron-to-hf",
+        help="megatron_slm checkpoint (any TP/PP) -> transformers directory",
+        description="Convert a megatron_slm checkpoint (a training run's --save root, one of its iter_NNNNNNN "
+        "directories, or a converted checkpoint; any TP/PP) into a transformers directory (config.json, "
+        "safetensors weights and, with a tokenizer, its files) that AutoModelForCausalLM and lm-eval load.",
+        example="convert megatron-to-hf",
+    )
+    b.add_argument(
+        "--input",
+        required=True,
+        metavar="CKPT",
+        help="checkpoint directory written by slm train or hf-to-megatron (required, no default)",
+    )
+    b.add_argument(
+        "--output", required=True, metavar="HF_DIR", help="transformers directory to write (required, no default)"
+    )
+    b.add_argument(
+        "--dtype",
+        choices=(*DTYPE_NAMES, "auto"),
+        default="auto",
+        help="dtype of the written weights (default: auto, the dtype the checkpoint was converted in, else fp32)",
+    )
+    b.add_argument(
+        "--hf-config",
+        default=None,
+        metavar="PATH",
+        help="config.json (or HF directory) whose token ids / model type to keep, for checkpoints that were "
+        "not written by hf-to-megatron (default: the config hf-to-megatron recorded, else Llama/Mistral defaults)",
+    )
+    b.add_argument(
+        "--tokenizer-model",
+        default=None,
+        metavar="PATH",
+        help="tokenizer to write next to the weights, so that AutoTokenizer and lm-eval load the output: a "
+        "sentencepiece .model, a tokenizer.json or an HF directory holding one; it must be the "
+        "tokenizer the checkpoint records (sha256) (default: the tokenizer files hf-to-megatron kept, "
+        "if any, else only the weights are written, with a warning)",
+    )
+    b.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing output, never an input (default: an existing output is an error)",
+    )
+
+
+def _viz_arguments(sub) -> None:
+    p = _command(
+        sub,
+        "viz",
+        help="per-token selection heatmap (HTML, optional PNG): selection dumps, or checkpoints on some text",
+        description="Per-token SLM selection heatmap: every token coloured by its excess loss (policy - "
+        "reference), the selected ones marked, in one self-contained HTML page (--out; hover a token for its "
+        "losses). Two sources: (a) the selection dumps a training run writes (--selection-dump-interval N "
+        "--save DIR), or (b) computed here on CPU (TP=1, PP=1) from policy and reference checkpoints on "
+        'some text (--text: a file, .jsonl one document per line\'s "text", or the text itself; '
+        "repeatable). --png FILE also draws one dump with matplotlib (the viz extra: pip install "
+        "'megatron_slm[viz]'). Library: megatron_slm/analysis/heatmap.py.",
+    )
+    src = p.add_argument_group("source (a): selection dumps")
+    src.add_argument(
+        "--dump",
+        nargs="+",
+        metavar="DIR_OR_FILE",
+        help="run directory, its selection_dumps/ directory, or iter_*.pt files (default: none; give --dump or "
+        "--policy)",
+    )
+    ck = p.add_argument_group("source (b): checkpoints + text")
+    ck.add_argument(
+        "--policy",
+        nargs="+",
+        metavar="CKPT",
+        help="policy checkpoint(s); several = one section each (default: none; give --dump or --policy)",
+    )
+    ck.add_argument("--reference", metavar="CKPT", help="reference checkpoint (default: none; required with --policy)")
+    ck.add_argument(
+        "--text",
+        nargs="+",
+        metavar="FILE_OR_TEXT",
+        help="documents to score (default: none; required with --policy)",
+    )
+    ck.add_argument(
+        "--slm-select-ratio",
+        dest="k",
+        type=float,
+        default=0.6,
+        metavar="K",
+        help="k: fraction of the scored tokens selected (default: 0.6)",
+    )
+    ck.add_argument(
+        "--select-over",
+        choices=("document", "batch"),
+        default="document",
+        help="top-k over each document, or over all texts together as one batch (default: document)",
+    )
+    ck.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="window length (default: the models' max positions)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="tokenizer (.model / tokenizer.json); with checkpoints: the one they were trained with, its "
+        "sha256 checked against theirs (default: with dumps, the path they recorded; required with --policy)",
+    )
+    p.add_argument("--out", required=True, metavar="HTML", help="HTML file to write (required, no default)")
+    p.add_argument(
+        "--title",
+        default=None,
+        help="page title (default: 'SLM token selection during training', or '... (policy vs reference)')",
+    )
+    p.add_argument(
+        "--max-sequences", type=int, default=4, metavar="N", help="sequences shown per dump, 0 = all (default: 4)"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=512, metavar="N", help="tokens shown per sequence, 0 = all (default: 512)"
+    )
+    p.add_argument(
+        "--max-dumps",
+        type=int,
+        default=8,
+        metavar="N",
+        help="dumps shown, spread over training, 0 = all (default: 8)",
+    )
+    p.add_argument(
+        "--vmax",
+        type=float,
+        default=None,
+        metavar="LOSS",
+        help="colour range of the excess loss (default: the 98th percentile of |excess|)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=("auto", "by_dump", "by_sequence"),
+        default="auto",
+        help="by_sequence: each sequence at every dump/checkpoint side by side (default: auto, by_sequence when "
+        "all hold the same sequences)",
+    )
+    p.add_argument(
+        "--png", default=None, metavar="FILE", help="also write a PNG of one dump, with matplotlib (default: none)"
+    )
+    p.add_argument(
+        "--png-dump",
+        type=int,
+        default=-1,
+        metavar="I",
+        help="which shown dump the PNG draws, an index (default: -1, the last)",
+    )
+    p.add_argument("--png-sequences", type=int, default=2, metavar="N", help="sequences drawn in the PNG (default: 2)")
+    p.add_argument(
+        "--png-tokens", type=int, default=256, metavar="N", help="tokens drawn per sequence in the PNG (default: 256)"
+    )
+
+
+def _plot_arguments(sub) -> None:
+    from megatron_slm.analysis.plots import PLOT_KINDS
+
+    p = _command(
+        sub,
+        "plot",
+        help="PNG plots of slm train runs: SLM vs CLM loss, selection statistics, excess-loss histograms, k sweep",
+        description="Plots of slm train runs (their --save directories: metrics.jsonl, summary.json, "
+        "selection_dumps/), as PNGs in --out: slm_vs_clm.png (held-out and training loss), "
+        "selection_stats.png (selected fraction, excess loss of selected vs unselected tokens; SLM runs), "
+        "excess_hist.png (excess-loss histograms per dump; SLM runs with selection_dumps/) and, with "
+        "--k-sweep, k_sweep.png/.csv/.md (held-out loss vs k from each summary.json, CLM as a line). Needs "
+        "matplotlib, the viz extra: pip install 'megatron_slm[viz]'. Library: megatron_slm/analysis/plots.py.",
+    )
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="[LABEL=]DIR",
+        help="run directories (metrics.jsonl / summary.json), each DIR or LABEL=DIR (required, no default)",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the PNGs (required, no default)")
+    p.add_argument(
+        "--k-sweep",
+        action="store_true",
+        help="also write the k-sweep report, k_sweep.png/.csv/.md (default: not written)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=PLOT_KINDS,
+        help="only these plots (default: curves, selection, excess; with --k-sweep also sweep)",
+    )
+    p.add_argument(
+        "--smooth",
+        type=int,
+        default=5,
+        metavar="N",
+        help="moving-average window of the training curves, in logged steps (default: 5)",
+    )
+    p.add_argument("--prefix", default="", help="prefix of the output file names (default: none)")
 
 
 def _train(args, cfg) -> int:
@@ -543,6 +968,27 @@ def _evaluate(args, cfg) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    """``slm compare`` (megatron_slm/analysis/compare.py): numpy only, over a saved ``slm evaluate``."""
+    from megatron_slm.analysis import compare
+
+    rows = compare.load_windows(args.eval_dir)
+    result = compare.compare(
+        rows,
+        args.cmp_a,
+        args.cmp_b,
+        block=args.bootstrap_block_size,
+        resamples=args.bootstrap_resamples,
+        seed=args.seed,
+        confidence=args.confidence,
+    )
+    print(compare.format_table(result))
+    for note in compare.notes(result):
+        print(note, file=sys.stderr)
+    print(f"wrote {compare.write_compare(result, args.out or args.eval_dir, args.eval_dir)}")
+    return 0
+
+
 def _dynamics(args, cfg) -> int:
     """``slm dynamics`` (megatron_slm/analysis/dynamics.py); torch is imported when it measures, not for --help."""
     from megatron_slm.analysis import dynamics
@@ -577,6 +1023,121 @@ def _reweight(args) -> int:
     return 0
 
 
+def _preprocess(args) -> int:
+    """``slm preprocess`` (megatron_slm/data/preprocess.py): no torch, no distributed setup. Exit status 2 with one
+    ``error: ...`` line on unusable inputs, tokenizer or output prefix; 1 on an OS error; 130 when interrupted."""
+    from megatron_slm.data.preprocess import preprocess
+
+    try:
+        preprocess(
+            list(args.inputs) + list(args.input),
+            args.output_prefix,
+            args.tokenizer,
+            json_key=args.json_key,
+            workers=args.workers,
+            force=args.force,
+            append_eod=args.append_eod,
+            log_every=args.log_every,
+            split_lines=args.split_lines,
+            eod_token=args.eod_token,
+            quiet=args.quiet,
+        )
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _convert(args) -> int:
+    """``slm convert`` (megatron_slm/conversion/converters.py), one process; an error is one line, exit 2."""
+    from megatron_slm.conversion.converters import hf_to_megatron, megatron_to_hf
+
+    try:
+        if args.direction == "hf-to-megatron":
+            hf_to_megatron(
+                args.input,
+                args.output,
+                dtype=args.dtype,
+                verify=args.verify,
+                force=args.force,
+                verify_seq_len=args.verify_seq_len,
+            )
+        else:
+            megatron_to_hf(
+                args.input,
+                args.output,
+                dtype=args.dtype,
+                force=args.force,
+                hf_config=args.hf_config,
+                tokenizer_model=args.tokenizer_model,
+            )
+    except SLMError as exc:  # the converters' messages may wrap lines: printed as one
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _viz(args) -> int:
+    """``slm viz`` (megatron_slm/analysis/heatmap.py); source (b) builds the models on CPU in this process."""
+    from megatron_slm.analysis import heatmap
+
+    try:
+        dumps = heatmap.selection_dumps(
+            args.dump,
+            args.policy,
+            args.reference,
+            args.text,
+            args.tokenizer,
+            k=args.k,
+            seq_length=args.seq_length,
+            scope=args.select_over,
+        )
+    except (FileNotFoundError, ValueError) as exc:  # SLMError's ValueErrors among them
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in heatmap.write_heatmap(
+        dumps,
+        args.out,
+        tokenizer=args.tokenizer,
+        title=args.title or heatmap.TITLES["dumps" if args.dump else "checkpoints"],
+        max_sequences=args.max_sequences or None,
+        max_tokens=args.max_tokens or None,
+        max_dumps=args.max_dumps or None,
+        vmax=args.vmax,
+        layout=args.layout,
+        png=args.png,
+        png_dump=args.png_dump,
+        png_sequences=args.png_sequences,
+        png_tokens=args.png_tokens,
+    ):
+        print(line)
+    return 0
+
+
+def _plot(args) -> int:
+    """``slm plot`` (megatron_slm/analysis/plots.py): no torch unless a run has selection dumps."""
+    from megatron_slm.analysis import plots
+
+    try:
+        runs = [plots.load_run(path, label) for label, path in map(plots.parse_run_arg, args.runs)]
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    written, notes, report = plots.plot_runs(
+        runs, args.out, kinds=args.only, k_sweep=args.k_sweep, smooth_window=args.smooth, prefix=args.prefix
+    )
+    for note in notes:
+        print(note, file=sys.stderr)
+    if report is not None:
+        print(report, end="")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.command in ("train", "score-reference"):  # before the seconds of imports: a stop signal then is kept
@@ -595,6 +1156,16 @@ def main(argv=None) -> int:
             return demo.main(args)
         if args.command == "reweight":
             return _reweight(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "convert":
+            setup_logging("info")
+            return _convert(args)
+        if args.command in ("preprocess", "viz", "plot"):
+            from megatron_slm.log import filter_third_party_noise
+
+            filter_third_party_noise()
+            return {"preprocess": _preprocess, "viz": _viz, "plot": _plot}[args.command](args)
         cfg = load_config(args.config, args=args)
         setup_logging(cfg.train.logging_level, all_ranks=args.all_ranks_log)
         return {

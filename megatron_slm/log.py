@@ -78,3 +78,18 @@ def setup_logging(level: str = "info", all_ranks: bool = False) -> logging.Logge
     logger.setLevel(wanted if all_ranks or rank == 0 else logging.ERROR)
     logging.getLogger(METRICS_LOGGER).setLevel(wanted if all_ranks or rank == world - 1 else logging.ERROR)
     return logger
+
+
+def progress_bar(
+    total: int | None = None, desc: str | None = None, unit: str = "it", file=None, quiet: bool = False, **kwargs
+):
+    """A tqdm progress bar for long work (preprocessing, offline scoring, evaluation), on ``file`` (stderr).
+
+    Shown on global rank 0 only, and only when ``file`` is a terminal (and not ``quiet``): a log file or a pipe
+    (Slurm, CI) gets no bar, and the command's log lines say the same there. ``bar.disable`` tells which; a
+    disabled bar takes ``update`` calls at no cost."""
+    from tqdm import tqdm
+
+    file = sys.stderr if file is None else file
+    shown = not quiet and _rank()[0] == 0 and hasattr(file, "isatty") and file.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, file=file, disable=not shown, dynamic_ncols=True, **kwargs)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from megatron_slm import lifecycle
 from megatron_slm.config import SCORE_DTYPES, virtual_pipeline_size
 from megatron_slm.errors import ConfigError, DataError, SLMError
-from megatron_slm.log import get_logger
+from megatron_slm.log import get_logger, progress_bar
 
 log = get_logger(__name__)
 
@@ -120,6 +120,7 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
     check_one_epoch(train, prefixes, cfg)  # every rank: the same indices give the same verdict
 
     locks = []  # one per output: a second run on any of them would merge or delete this run's work
+    bar = None
     try:
         for out in dict.fromkeys(outputs):
             locks.append(SaveLock.acquire(out, lock=f"{out}.lock", flag="--ref-scores-path", recover=False))
@@ -143,6 +144,8 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
         # agreement (a collective): all run as many rounds as the rank with the most steps.
         rounds = int(distributed.max_over_ranks(len(todo)))
         t0, started, tokens, stopped = time.perf_counter(), time.monotonic(), 0, None
+        # rank 0's steps: a bar on a terminal, else (a log file) the log line every --log-interval steps
+        bar = progress_bar(total=len(todo), desc="[score] steps", unit="step")
         for i in range(rounds):
             if i < len(todo):
                 step = todo[i]
@@ -165,7 +168,10 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
                     torch.save(part, f"{path}.tmp")
                     Path(f"{path}.tmp").replace(path)
                 tokens += G * tr.seq_length  # with the other DP ranks' shares: a global batch per step
-                if (i + 1) % max(tr.log_interval, 1) == 0 or i + 1 == len(todo):
+                if not bar.disable:
+                    bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tokens/s", refresh=False)
+                bar.update()
+                if bar.disable and ((i + 1) % max(tr.log_interval, 1) == 0 or i + 1 == len(todo)):
                     elapsed = time.perf_counter() - t0
                     eta = (len(todo) - i - 1) * elapsed / (i + 1)
                     log.info(
@@ -175,6 +181,7 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
             stopped = distributed.agreed_stop() or _over_time(tr.exit_duration_in_mins, started)
             if stopped:
                 break
+        bar.close()
         if stopped:
             total = tr.train_iters * G
             done = _on_rank0(
@@ -200,6 +207,8 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
             log.info(f"[score] {lifecycle.received()} came during the merge, which finished first: nothing to resume")
             lifecycle.acted_on()
     finally:
+        if bar is not None:
+            bar.close()
         for lock in reversed(locks):
             lock.release()
     elapsed = time.perf_counter() - t0

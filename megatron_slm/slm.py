@@ -50,6 +50,19 @@ def top_k_mask(scores: torch.Tensor, valid: torch.Tensor, k: float, dim: int | N
     return mask.reshape(scores.shape) if flat else mask.movedim(-1, dim)
 
 
+def per_dataset_top_k_mask(
+    scores: torch.Tensor, valid: torch.Tensor, dataset_ids: torch.Tensor, ks: list[float], dim: int | None = None
+) -> torch.Tensor:
+    """Per-dataset selection: the top ``ks[d]`` of the valid tokens of blend dataset ``d``, ranked among
+    themselves, for every ``d`` together. ``dataset_ids`` gives each token's dataset (scores' shape). The loss
+    is still normalised by all the tokens selected; ``ks[d] = 1.0`` trains on all of dataset ``d`` (plain CLM)."""
+    valid = valid.bool()
+    mask = torch.zeros_like(valid)
+    for d, k in enumerate(ks):
+        mask |= top_k_mask(scores, valid & (dataset_ids == d), k, dim=dim)
+    return mask
+
+
 class RunningThreshold:
     """Selection by a running estimate of the (1-k) quantile of the excess loss: no communication at all.
 

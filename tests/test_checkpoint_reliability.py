@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 from dist_helpers import run_distributed
-from test_offline_scores import make_dataset
-from test_parallel_training import make_config, my_micro_batches
+from helpers.offline import make_dataset
+from helpers.tiny_training import make_config, my_micro_batches
 
 import megatron_slm.training.trainer  # noqa: F401 - import megatron-core once, before forking ranks
 from megatron_slm import checkpoint

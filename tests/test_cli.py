@@ -21,12 +21,22 @@ def _subparsers(parser):
     return action.choices
 
 
+def _commands(parser, path=()):
+    """Every command as (its words, its parser): ``slm convert hf-to-megatron`` as (("convert", "hf-to-megatron"),
+    parser), the commands holding subcommands (``slm convert``) included."""
+    for name, sub in _subparsers(parser).items():
+        yield (*path, name), sub
+        if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+            yield from _commands(sub, (*path, name))
+
+
 def test_every_flag_of_every_command_has_help_and_a_default():
-    for name, sub in _subparsers(build_parser()).items():
+    for words, sub in _commands(build_parser()):
+        name = " ".join(words)
         for action in sub._actions:
-            if isinstance(action, argparse._HelpAction):
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 continue
-            flag = action.option_strings[0]
+            flag = action.option_strings[0] if action.option_strings else action.metavar or action.dest
             assert action.help and len(action.help) > 5, f"slm {name} {flag} has no help"
             documented = "default" in action.help or "(unset:" in action.help
             formatter_shows = issubclass(sub.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
@@ -82,13 +92,15 @@ def test_enumerated_options_are_refused_before_any_work(argv, capsys):
 def test_help_answers_without_importing_torch():
     code = (
         "import sys\nfrom megatron_slm.cli import main\n"
-        "for argv in ([], ['train'], ['check-config'], ['score-reference'], ['demo']):\n"
+        "for argv in ([], ['train'], ['check-config'], ['score-reference'], ['demo'], ['preprocess'], ['convert'],\n"
+        "             ['convert', 'hf-to-megatron'], ['convert', 'megatron-to-hf'], ['viz'], ['plot']):\n"
         "    try:\n        main(argv + ['--help'])\n    except SystemExit:\n        pass\n"
         "assert 'torch' not in sys.modules, 'torch imported for --help'\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "--slm-select-ratio" in res.stdout and "--wandb-project" in res.stdout
+    assert "--output-prefix" in res.stdout and "--tokenizer-model" in res.stdout and "--k-sweep" in res.stdout
 
 
 OPTIMIZER_FLAGS = {
@@ -175,13 +187,13 @@ def _example(sub) -> list[str]:
 
 def test_every_command_help_ends_with_an_example_that_parses():
     parser = build_parser()
-    for name, sub in _subparsers(parser).items():
+    for words, sub in _commands(parser):
         argv = _example(sub)
-        assert argv[0] == name, (name, argv)
+        assert tuple(argv[: len(words)]) == words, (words, argv)
         try:
             parser.parse_args(argv)
         except SystemExit:
-            raise AssertionError(f"slm {name}: its --help example does not parse: {argv}") from None
+            raise AssertionError(f"slm {' '.join(words)}: its --help example does not parse: {argv}") from None
 
 
 def test_a_selection_naming_no_leaf_is_an_error():

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dist_helpers import run_distributed
-from test_offline_scores import _reference_ckpt, _score, make_cfg, make_dataset
-from test_preprocess_data import _cli, _write_jsonl, hf_json, sp_model  # noqa: F401 (fixtures)
+from helpers.corpus import preprocess_cli, write_jsonl
+from helpers.offline import make_cfg, make_dataset, reference_ckpt, run_scoring
 
 from megatron_slm.data import datasets as data_mod
 from megatron_slm.data.preprocess import PreprocessError, preprocess
@@ -48,8 +48,8 @@ def scored(tmp_path_factory):
     d = tmp_path_factory.mktemp("reliability")
     blend = ["0.6", make_dataset(d / "a", 1), "0.4", make_dataset(d / "b", 2, num_docs=30)]
     ref = str(d / "ref")
-    run_distributed(_reference_ckpt, 1, blend, ref)
-    assert run_distributed(_score, 1, blend, ref, 1, None, train=dict(seq_length=32)) == ["done"]
+    run_distributed(reference_ckpt, 1, blend, ref)
+    assert run_distributed(run_scoring, 1, blend, ref, 1, None, train=dict(seq_length=32)) == ["done"]
     return d, blend, ref
 
 
@@ -62,7 +62,7 @@ def test_sidecars_scored_at_another_seq_length_are_refused(scored):
     msg = _refused(blend)  # this run: seq_length 16
     assert msg.startswith(f"score sidecar '{blend[1]}_refscores' was computed under other data flags"), msg
     assert "seq_length: scored with 32, this run has 16" in msg, msg
-    assert "rerun tools/score_reference.py" in msg and "train with the scored ones: --seq-length 32" in msg, msg
+    assert "rerun slm score-reference" in msg and "train with the scored ones: --seq-length 32" in msg, msg
     _check(blend, train=dict(seq_length=32))  # the scored flags are accepted
 
 
@@ -144,7 +144,7 @@ def test_a_manifest_without_the_new_records_is_refused(scored, tmp_path):
         path.write_text(json.dumps(meta))
     msg = _refused(["0.6", copies[0], "0.4", copies[1]], train=dict(seq_length=32))
     assert "the manifest does not record" in msg and "written before they were checked" in msg, msg
-    assert "rerun tools/score_reference.py" in msg, msg
+    assert "rerun slm score-reference" in msg, msg
 
 
 def _score_past_one_epoch(data_path, ref, **over):
@@ -161,7 +161,7 @@ def _score_past_one_epoch(data_path, ref, **over):
             refusal.append(str(exc))
 
     scoring.check_one_epoch = recorded
-    return _score(data_path, ref, 1, None, **over), refusal
+    return run_scoring(data_path, ref, 1, None, **over), refusal
 
 
 def test_scores_of_tokens_seen_in_several_windows_are_refused(scored, tmp_path):
@@ -214,12 +214,12 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, monkeypatch):
     assert msg == (
         f"dataset '{prefix}': token id 60000 at position 49 is outside the vocabulary (vocab_size=96); "
         "the .bin is corrupt or was tokenized with another tokenizer; rebuild it with "
-        "tools/preprocess_data.py"
+        "slm preprocess"
     ), msg
 
 
-def test_preprocess_records_the_id_range_and_a_rewritten_bin_is_rescanned(tmp_path, sp_model, monkeypatch):  # noqa: F811
-    _write_jsonl(tmp_path / "t.jsonl", ["the model selects tokens whose excess loss is high"] * 30)
+def test_preprocess_records_the_id_range_and_a_rewritten_bin_is_rescanned(tmp_path, sp_model, monkeypatch):
+    write_jsonl(tmp_path / "t.jsonl", ["the model selects tokens whose excess loss is high"] * 30)
     meta = preprocess([tmp_path / "t.jsonl"], tmp_path / "t", sp_model)
     prefix = str(tmp_path / "t")
     st = os.stat(f"{prefix}.bin")
@@ -243,7 +243,7 @@ def test_preprocess_records_the_id_range_and_a_rewritten_bin_is_rescanned(tmp_pa
 # 3. A lone UTF-16 surrogate in a JSONL line
 
 
-def test_lone_surrogate_is_one_error_naming_file_and_line(tmp_path, sp_model, hf_json):  # noqa: F811
+def test_lone_surrogate_is_one_error_naming_file_and_line(tmp_path, sp_model, hf_json):
     lines = [
         json.dumps({"text": "the model"}),
         json.dumps({"text": "selects tokens"}),
@@ -260,7 +260,7 @@ def test_lone_surrogate_is_one_error_naming_file_and_line(tmp_path, sp_model, hf
             ), str(exc.value)
     left = [f.name for f in tmp_path.iterdir() if f.name.startswith("failed")]
     assert not left, f"a failed run must leave no output or partial files: {left}"
-    p = _cli("sur.jsonl", "--tokenizer", sp_model, "--output-prefix", "x", cwd=tmp_path)
+    p = preprocess_cli("sur.jsonl", "--tokenizer", sp_model, "--output-prefix", "x", cwd=tmp_path)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
     assert "sur.jsonl line 3: the text holds a lone UTF-16 surrogate" in p.stderr, p.stderr

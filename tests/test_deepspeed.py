@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from dist_helpers import run_distributed
-from test_parallel_training import make_config, my_micro_batches
+from helpers.tiny_training import make_config, my_micro_batches
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip("deepspeed")

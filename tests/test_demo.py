@@ -115,7 +115,9 @@ def test_demo_policy_exports_with_its_training_tokenizer(demo, tmp_path):
     proc = subprocess.run(
         [
             PY,
-            str(ROOT / "tools" / "convert_checkpoint.py"),
+            "-m",
+            "megatron_slm.cli",
+            "convert",
             "megatron-to-hf",
             "--input",
             str(out / "seed4321" / "slm"),

@@ -15,51 +15,9 @@ import numpy as np
 import pytest
 import torch
 from dist_helpers import run_distributed
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from helpers.offline import EOD, SEQ, make_cfg, make_dataset, reference_ckpt, run_scoring
 
-from megatron_slm.config import load_config
 from megatron_slm.errors import DataError
-
-VOCAB, EOD, SEQ = 96, 0, 16
-
-
-def make_dataset(prefix, seed, num_docs=40, fingerprint="test-tokenizer"):
-    """An indexed dataset of random documents (EOD-terminated), written with megatron-core's builder."""
-    rng = np.random.default_rng(seed)
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
-    for _ in range(num_docs):
-        doc = np.append(rng.integers(1, VOCAB, size=rng.integers(5, 40)), EOD)
-        builder.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)])
-    builder.finalize(f"{prefix}.idx")
-    Path(f"{prefix}.json").write_text(
-        json.dumps({"vocab_size": VOCAB, "eod_token_id": EOD, "tokenizer_fingerprint": fingerprint})
-    )
-    return str(prefix)
-
-
-def make_cfg(data_path, **over):
-    cfg = dict(
-        model=dict(
-            preset="tiny", num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2
-        ),
-        parallel=dict(pipeline_model_parallel_size=1),
-        slm=dict(slm_select_ratio=0.6, selection_scope="micro_batch"),
-        train=dict(
-            micro_batch_size=2,
-            global_batch_size=8,
-            seq_length=SEQ,
-            train_iters=3,
-            eval_iters=1,
-            lr=5e-3,
-            lr_warmup_iters=0,
-            log_interval=100,
-            seed=5,
-        ),
-        data=dict(data_path=data_path, split="90,10,0"),
-    )
-    for section, values in over.items():
-        cfg.setdefault(section, {}).update(values)
-    return load_config(overrides=cfg)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +64,7 @@ def test_data_errors_are_clear(data, tmp_path):
     from megatron_slm.training.resolve import resolve_run
 
     d, blend = data
-    with pytest.raises(DataError, match="missing; create it with tools/preprocess_data.py"):
+    with pytest.raises(DataError, match="missing; create it with slm preprocess"):
         resolve_run(make_cfg([str(tmp_path / "nope")]))
     other = make_dataset(tmp_path / "other", 3, fingerprint="another-tokenizer")
     with pytest.raises(DataError, match="different tokenizers"):
@@ -126,66 +84,24 @@ def test_data_errors_are_clear(data, tmp_path):
 # Offline == online; resume; refusals (multi-process)
 
 
-def _reference_ckpt(data_path, out):
-    from megatron_slm.checkpoint import save_model_weights
-    from megatron_slm.training.resolve import resolve_run
-    from megatron_slm.training.run import build_data
-    from megatron_slm.training.trainer import Trainer
-
-    cfg = make_cfg(data_path, slm=dict(loss_mode="clm"), train=dict(train_iters=2, seed=99))
-    run = resolve_run(cfg)
-    trainer = Trainer(run)
-    batches, _ = build_data(run.config, run.data, trainer.dp_rank, trainer.dp_size)
-    trainer.train(batches)
-    save_model_weights(trainer.policy_module, out, run.config.model)
-
-
-def _score(data_path, ref, pp, fail_after=None, force=True, **over):
-    """ "done", "interrupted" (the simulated crash) or "error: <message>" (an SLMError, as the CLI prints it).
-    ``fail_after``: crash after that many scored steps; a list gives each rank its own count."""
-    import torch.distributed as dist
-
-    from megatron_slm import scoring
-    from megatron_slm.errors import SLMError
-    from megatron_slm.training import passes
-
-    if fail_after is not None:  # simulate a crash after `fail_after` scored steps
-        real, calls = passes.score_pass, []
-
-        def flaky(*a, **k):
-            calls.append(1)
-            limit = fail_after[dist.get_rank()] if isinstance(fail_after, (list, tuple)) else fail_after
-            if len(calls) > limit:
-                raise KeyboardInterrupt("simulated preemption")
-            return real(*a, **k)
-
-        passes.score_pass = flaky
-    over = dict(dict(reference=dict(load=ref)), **over)
-    cfg = make_cfg(data_path, parallel=dict(pipeline_model_parallel_size=pp), **over)
-    try:
-        scoring.score_reference(cfg, force=force)
-    except KeyboardInterrupt:
-        return "interrupted"
-    except SLMError as exc:
-        return f"error: {exc}"
-    return "done"
-
-
-def _train(data_path, ref, mode):
+def _train(data_path, ref, mode, slm=None):
 
     from megatron_slm.training.resolve import resolve_run
     from megatron_slm.training.run import build_data
     from megatron_slm.training.trainer import Trainer
 
-    cfg = make_cfg(data_path, reference=dict(load=ref), slm=dict(reference_mode=mode))
+    cfg = make_cfg(data_path, reference=dict(load=ref), slm=dict(reference_mode=mode, **(slm or {})))
     run = resolve_run(cfg)
     trainer = Trainer(run)
     batches, _ = build_data(run.config, run.data, trainer.dp_rank, trainer.dp_size, run.offline_scores)
     out = []
     for step in range(cfg.train.train_iters):
-        m = trainer.train_step(batches(step))
+        mbs = batches(step)
+        m = trainer.train_step(mbs)
         out.append(
             dict(
+                ids=[mb["dataset_id"].clone() for mb in mbs],
+                valid=[mb["loss_mask"] > 0 for mb in mbs],
                 loss=m["loss_selected"],
                 ref=m["ref_loss"],
                 masks=[t["selected"] for t in m["token_details"]],
@@ -199,8 +115,8 @@ def _train(data_path, ref, mode):
 def scored(data):
     d, blend = data
     ref = str(d / "ref")
-    run_distributed(_reference_ckpt, 1, blend, ref)
-    assert run_distributed(_score, 2, blend, ref, 2)[0] == "done"  # PP=2 scoring
+    run_distributed(reference_ckpt, 1, blend, ref)
+    assert run_distributed(run_scoring, 2, blend, ref, 2)[0] == "done"  # PP=2 scoring
     return d, blend, ref
 
 
@@ -216,14 +132,37 @@ def test_offline_training_replays_online_exactly(scored):
                 assert torch.equal(ra, rb)
 
 
+def test_per_dataset_selection_offline_replays_online(scored):
+    """k = 1.0 on the first dataset (CLM on it), 0.5 on the second, ranked over the global batch: the offline run
+    selects exactly what the online one does, all of dataset 0's valid tokens and round(0.5 n) of dataset 1's."""
+    d, blend, ref = scored
+    per = dict(slm_select_ratio_per_dataset=["1.0", "0.5"], selection_scope="global_batch")
+    online = run_distributed(_train, 2, blend, ref, "online", per)  # DP=2
+    offline = run_distributed(_train, 2, blend, ref, "offline", per)
+    for rank_on, rank_off in zip(online, offline):
+        for a, b in zip(rank_on, rank_off):
+            assert a["loss"] == b["loss"]
+            assert all(torch.equal(ma, mb) for ma, mb in zip(a["masks"], b["masks"]))
+    for step in range(len(online[0])):
+        chosen, valid = [0, 0], [0, 0]
+        for rank in online:
+            for ids, v, mask in zip(rank[step]["ids"], rank[step]["valid"], rank[step]["masks"]):
+                tok_ids = ids.view(-1, 1).expand_as(v)
+                for ds in (0, 1):
+                    chosen[ds] += int((mask.bool() & v & (tok_ids == ds)).sum())
+                    valid[ds] += int((v & (tok_ids == ds)).sum())
+        assert valid[0] > 0 and valid[1] > 0
+        assert chosen[0] == valid[0] and chosen[1] == int(valid[1] * 0.5 + 0.5)
+
+
 def test_scoring_resumes_after_interruption(scored, tmp_path):
     d, blend, ref = scored
     clean = {p: Path(f"{p}_refscores.bin").read_bytes() for p in blend[1::2]}
     outs = [str(tmp_path / "a_scores"), str(tmp_path / "b_scores")]
-    res = run_distributed(_score, 2, blend, ref, 1, 2, reference=dict(load=ref, scores_path=outs))  # DP=2
+    res = run_distributed(run_scoring, 2, blend, ref, 1, 2, reference=dict(load=ref, scores_path=outs))  # DP=2
     assert res == ["interrupted", "interrupted"]
     assert len(list(Path(f"{outs[0]}.parts").glob("samples*.pt"))) == 4  # 2 steps x 2 DP ranks
-    assert run_distributed(_score, 2, blend, ref, 1, None, reference=dict(load=ref, scores_path=outs)) == [
+    assert run_distributed(run_scoring, 2, blend, ref, 1, None, reference=dict(load=ref, scores_path=outs)) == [
         "done",
         "done",
     ]
@@ -294,4 +233,4 @@ def _train_long(data_path, ref):
 def test_tokens_the_scoring_run_never_saw_are_refused(scored):
     d, blend, ref = scored
     msg = run_distributed(_train_too_long, 1, blend, ref)[0]
-    assert "have no reference score" in msg and "rerun tools/score_reference.py" in msg
+    assert "have no reference score" in msg and "rerun slm score-reference" in msg

@@ -12,73 +12,7 @@ import numpy as np
 import pytest
 import torch
 from dist_helpers import run_distributed
-
-from megatron_slm.config import load_config
-
-VOCAB, EOD, SEQ, MBS = 96, 0, 16, 2  # vocab 96 pads to 128: padded logits must be ignored
-
-
-def make_config(tp=1, pp=1, gbs=8, tied=False, **slm):
-    return load_config(
-        overrides=dict(
-            model=dict(
-                preset="tiny",
-                vocab_size=VOCAB,
-                num_layers=4,
-                hidden_size=32,
-                ffn_hidden_size=64,
-                num_attention_heads=4,
-                num_query_groups=2,
-                untie_embeddings_and_output_weights=not tied,
-            ),
-            reference=dict(model=dict(num_layers=2, hidden_size=48, ffn_hidden_size=96), dtype="fp32"),  # another shape
-            parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-            slm=dict(dict(slm_select_ratio=0.6, selection_scope="micro_batch"), **slm),
-            # adam_eps well above round-off: Adam's first step is lr * sign(g) for |g| << eps, which would turn
-            # 1e-9 reduction-order noise in near-zero gradients into lr-sized weight differences between layouts.
-            train=dict(
-                micro_batch_size=MBS,
-                global_batch_size=gbs,
-                seq_length=SEQ,
-                train_iters=10,
-                lr=1e-2,
-                lr_warmup_iters=0,
-                log_interval=1000,
-                seed=11,
-                adam_eps=1e-4,
-                clip_grad=1.0,
-                bf16=False,
-            ),
-        )
-    )
-
-
-def global_batch(step, gbs):
-    g = torch.Generator().manual_seed(1000 + step)
-    toks = torch.randint(1, VOCAB, (gbs, SEQ + 1), generator=g)
-    toks[torch.rand(gbs, SEQ + 1, generator=g) < 0.08] = EOD
-    inputs = toks[:, :-1]
-    return dict(
-        tokens=inputs,
-        labels=toks[:, 1:],
-        loss_mask=(inputs != EOD).float(),
-        position_ids=torch.arange(SEQ).expand(gbs, SEQ),
-    )
-
-
-def my_micro_batches(step, gbs, dp_rank, dp_size):
-    b = global_batch(step, gbs)
-    per = gbs // dp_size
-    part = {k: v[dp_rank * per : (dp_rank + 1) * per] for k, v in b.items()}
-    return [{k: v[i : i + MBS].clone() for k, v in part.items()} for i in range(0, per, MBS)]
-
-
-def run_steps(trainer, steps, gbs):
-    history = []
-    for step in range(steps):
-        m = trainer.train_step(my_micro_batches(step, gbs, trainer.dp_rank, trainer.dp_size))
-        history.append(m)
-    return history
+from helpers.tiny_training import MBS, SEQ, VOCAB, assert_close_dicts, make_config, my_micro_batches, run_steps
 
 
 def _scalars(history):
@@ -127,7 +61,7 @@ def _optimizer_state_params(optimizer):
 def _manual_grads(trainer):
     """Plain autograd of the SLM loss for step 0 on one process: torch CE, python top-k, sum/num_selected."""
     import torch.nn.functional as F
-    from test_slm import plain_top_k
+    from helpers.spec import plain_top_k
 
     model, ref = trainer.policy_module, trainer.reference
     from megatron_slm.data.batches import to_device
@@ -142,7 +76,8 @@ def _manual_grads(trainer):
         ce = F.cross_entropy(logits.reshape(-1, VOCAB), mb["labels"].reshape(-1), reduction="none")
         ref_ce = F.cross_entropy(ref_logits.reshape(-1, VOCAB).float(), mb["labels"].reshape(-1), reduction="none")
         sel = torch.tensor(
-            plain_top_k((ce.detach() - ref_ce).tolist(), (mb["loss_mask"] > 0).reshape(-1).tolist(), 0.6)
+            plain_top_k((ce.detach() - ref_ce).tolist(), (mb["loss_mask"] > 0).reshape(-1).tolist(), 0.6),
+            device=ce.device,
         )
         losses.append((ce * sel).sum())
         counts += int(sel.sum())
@@ -163,14 +98,6 @@ def layout_results():
     }
 
 
-def _assert_close_dicts(a, b, rtol=1e-4):
-    """fp32, different reduction orders: elementwise within 1e-4 of each tensor's largest entry."""
-    assert a.keys() == b.keys()
-    for k in a:
-        atol = rtol * float(a[k].abs().max()) + 1e-8
-        torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
-
-
 @pytest.mark.parametrize("layout", [(2, 1), (1, 2), (2, 2)])
 def test_parallel_layout_matches_single_process(layout_results, layout):
     single, par = layout_results[(1, 1)], layout_results[layout]
@@ -178,9 +105,9 @@ def test_parallel_layout_matches_single_process(layout_results, layout):
         assert s.keys() == p.keys()
         for k in s:
             assert p[k] == pytest.approx(s[k], rel=1e-5, abs=1e-6), k
-    _assert_close_dicts(single["grads0"], par["grads0"])
-    _assert_close_dicts(single["grads"], par["grads"])
-    _assert_close_dicts(single["params"], par["params"])
+    assert_close_dicts(single["grads0"], par["grads0"])
+    assert_close_dicts(single["grads"], par["grads"])
+    assert_close_dicts(single["params"], par["params"])
 
 
 def test_single_process_gradient_equals_plain_autograd_of_the_slm_loss(layout_results):
@@ -189,7 +116,7 @@ def test_single_process_gradient_equals_plain_autograd_of_the_slm_loss(layout_re
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in res["manual"].values())).item()
     assert res["scalars"][0]["grad_norm"] == pytest.approx(norm, rel=1e-5)
     clip = min(1.0, 1.0 / (norm + 1e-6))  # megatron clips the gradient in place to clip_grad=1.0
-    _assert_close_dicts({k: g * clip for k, g in res["manual"].items()}, res["grads0"])
+    assert_close_dicts({k: g * clip for k, g in res["manual"].items()}, res["grads0"])
 
 
 def test_tied_embeddings_match_single_process_and_plain_autograd():
@@ -199,12 +126,12 @@ def test_tied_embeddings_match_single_process_and_plain_autograd():
     assert "output_layer.weight" not in single["grads0"] and "embedding.word_embeddings.weight" in single["grads0"]
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in single["manual"].values())).item()
     clip = min(1.0, 1.0 / (norm + 1e-6))
-    _assert_close_dicts({k: g * clip for k, g in single["manual"].items()}, single["grads0"])
+    assert_close_dicts({k: g * clip for k, g in single["manual"].items()}, single["grads0"])
     for s, p in zip(single["scalars"], par["scalars"]):
         for k in s:
             assert p[k] == pytest.approx(s[k], rel=1e-5, abs=1e-6), k
-    _assert_close_dicts(single["grads"], par["grads"])
-    _assert_close_dicts(single["params"], par["params"])
+    assert_close_dicts(single["grads"], par["grads"])
+    assert_close_dicts(single["params"], par["params"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
@@ -218,10 +145,11 @@ def test_cuda_training_step_equals_plain_autograd():
     finally:
         distributed.destroy()
     assert all(res["checks"].values()), res["checks"]
-    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in res["manual"].values())).item()
+    manual = {k: g.cpu() for k, g in res["manual"].items()}
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in manual.values())).item()
     assert res["scalars"][0]["grad_norm"] == pytest.approx(norm, rel=1e-4)
     clip = min(1.0, 1.0 / (norm + 1e-6))
-    _assert_close_dicts({k: g * clip for k, g in res["manual"].items()}, res["grads0"])
+    assert_close_dicts({k: g * clip for k, g in manual.items()}, {k: g.cpu() for k, g in res["grads0"].items()})
 
 
 def test_reference_is_frozen_and_holds_no_optimizer_state(layout_results):
@@ -287,7 +215,7 @@ def _cat(parts):
 
 @pytest.mark.parametrize("scope", SCOPES)
 def test_selection_scope_matches_plain_implementation(scope_results, scope):
-    from test_slm import plain_top_k
+    from helpers.spec import plain_top_k
 
     k = 0.6
     thresholds = {0: None, 1: None}

@@ -1,4 +1,4 @@
-"""tools/preprocess_data.py and megatron_slm.data.tokenizer.
+"""slm preprocess (megatron_slm.data.preprocess) and megatron_slm.data.tokenizer.
 
 The truths are computed without the code under test: token ids come from sentencepiece / tokenizers used
 directly, the output is read back with megatron-core's IndexedDataset, hashes with hashlib.
@@ -6,39 +6,26 @@ directly, the output is read back with megatron-core's IndexedDataset, hashes wi
 
 import hashlib
 import importlib.util
-import io
 import json
 import os
 import pickle
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
+from helpers.corpus import PREPROCESS, preprocess_cli, random_text, write_jsonl
 
 from megatron_slm.data import preprocess as pp
 from megatron_slm.data.preprocess import PreprocessError, preprocess
 from megatron_slm.data.tokenizer import TokenizerError, load_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
-TOOL = ROOT / "tools" / "preprocess_data.py"
-WORDS = (
-    "the model selects tokens whose excess loss is high; a reference model scores every token of "
-    "the corpus and only the top fraction enters the training loss. Rho one uses math text: "
-    "integral sum prime 12 345 6789 x^2 + y^2 = z^2, café naïve über — “quotes” 数学"
-).split()
-
-
-def _text(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
-
 
 def _documents(seed: int, n: int):
     rng = random.Random(seed)
-    docs = [_text(rng, rng.randint(3, 40)) for _ in range(n)]
+    docs = [random_text(rng, rng.randint(3, 40)) for _ in range(n)]
     docs[1] = "two  spaces,   three   spaces\ttab\nnew line  "  # whitespace runs survive as-is
     return docs
 
@@ -50,32 +37,8 @@ def _read(prefix):
     return [ds[i].tolist() for i in range(len(ds))], ds
 
 
-def _write_jsonl(path: Path, texts, key="text"):
-    path.write_text("".join(json.dumps({key: t, "id": i}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
-
-
 def _sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory) -> Path:
-    """A tiny sentencepiece BPE model (vocab 300) trained here on a few KB of text."""
-    rng = random.Random(0)
-    lines = [_text(rng, 12) for _ in range(400)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=buf,
-        vocab_size=300,
-        model_type="bpe",
-        character_coverage=1.0,
-        num_threads=1,
-        minloglevel=2,
-    )
-    path = tmp_path_factory.mktemp("sp") / "tiny.model"
-    path.write_bytes(buf.getvalue())
-    return path
 
 
 def _mistral_model():
@@ -87,22 +50,6 @@ def _mistral_model():
 
 
 MISTRAL = _mistral_model()
-
-
-@pytest.fixture(scope="module")
-def hf_json(tmp_path_factory) -> Path:
-    """A small BPE tokenizer.json with a </s> special token, built with the tokenizers library."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    rng = random.Random(1)
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<pad>", "<s>", "</s>"], show_progress=False)
-    tok.train_from_iterator([_text(rng, 12) for _ in range(200)], trainer=trainer)
-    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
-    tok.save(str(path))
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -168,7 +115,7 @@ def test_output_equals_sentencepiece_run_directly(tmp_path, sp_model):
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     eos = sp.eos_id()
     docs = _documents(7, 12)
-    _write_jsonl(tmp_path / "a.jsonl", docs[:8] + [""] + docs[8:10])  # one empty document
+    write_jsonl(tmp_path / "a.jsonl", docs[:8] + [""] + docs[8:10])  # one empty document
     (tmp_path / "b.txt").write_text(docs[10] + "\n" + docs[11] + "\n", encoding="utf-8")  # one document
     prefix = tmp_path / "out" / "train"
     meta = preprocess([tmp_path / "a.jsonl", tmp_path / "b.txt"], prefix, sp_model, workers=2)
@@ -197,7 +144,7 @@ def test_output_equals_sentencepiece_run_directly(tmp_path, sp_model):
 def test_output_equals_mistral_sentencepiece(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(MISTRAL))
     docs = _documents(11, 6) + ["Hello world", "π ≈ 3.14159, e^{iπ} + 1 = 0  (Euler)\n\n  indented"]
-    _write_jsonl(tmp_path / "m.jsonl", docs, key="content")
+    write_jsonl(tmp_path / "m.jsonl", docs, key="content")
     preprocess([tmp_path / "m.jsonl"], tmp_path / "m", MISTRAL, json_key="content", workers=2)
     got, _ = _read(tmp_path / "m")
     assert got == [sp.encode(t) + [2] for t in docs]
@@ -208,8 +155,8 @@ def test_workers_1_and_2_are_byte_identical(tmp_path, sp_model, monkeypatch):
     monkeypatch.setattr(pp, "BATCH_BYTES", 300)  # many small tasks, more than the in-flight window
     docs = _documents(13, 150)
     (tmp_path / "d" / "sub").mkdir(parents=True)
-    _write_jsonl(tmp_path / "d" / "part1.jsonl", docs[:100])
-    _write_jsonl(tmp_path / "d" / "sub" / "part2.jsonl", docs[100:])
+    write_jsonl(tmp_path / "d" / "part1.jsonl", docs[:100])
+    write_jsonl(tmp_path / "d" / "sub" / "part2.jsonl", docs[100:])
     (tmp_path / "d" / ".hidden.jsonl").write_text("not json\n")  # hidden files are not inputs
     for w in (1, 2):
         preprocess([tmp_path / "d"], tmp_path / f"w{w}", sp_model, workers=w)
@@ -229,7 +176,7 @@ def test_hf_tokenizer_preprocess(tmp_path, hf_json):
     ref = HF.from_file(str(hf_json))
     eod = ref.token_to_id("</s>")
     docs = _documents(17, 9)
-    _write_jsonl(tmp_path / "h.jsonl", docs)
+    write_jsonl(tmp_path / "h.jsonl", docs)
     meta = preprocess([tmp_path / "h.jsonl"], tmp_path / "h", hf_json, workers=2)
     assert _read(tmp_path / "h")[0] == [ref.encode(t).ids + [eod] for t in docs]
     assert meta["tokenizer_kind"] == "huggingface" and meta["eod_token_id"] == eod
@@ -242,7 +189,7 @@ def test_gpt_dataset_reads_the_output_with_this_tokenizer(tmp_path, sp_model):
     from megatron.core.datasets.utils import Split
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
-    text = _text(random.Random(19), 60)
+    text = random_text(random.Random(19), 60)
     (tmp_path / "one.txt").write_text(text, encoding="utf-8")
     preprocess([tmp_path / "one.txt"], tmp_path / "one", sp_model, workers=1)
     _, ds = _read(tmp_path / "one")
@@ -271,7 +218,7 @@ def test_gpt_dataset_reads_the_output_with_this_tokenizer(tmp_path, sp_model):
 
 # ------------------------------------------------------------------------------------------------- refusals
 def test_refusals(tmp_path, sp_model):
-    _write_jsonl(tmp_path / "empty.jsonl", ["", "   ", "\n"])
+    write_jsonl(tmp_path / "empty.jsonl", ["", "   ", "\n"])
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(PreprocessError, match=r"^empty input"):
         preprocess([tmp_path / "empty.jsonl", tmp_path / "empty.txt"], tmp_path / "e", sp_model)
@@ -307,12 +254,6 @@ def test_refusals(tmp_path, sp_model):
     assert _read(tmp_path / "o")[0] == [sp.encode("integral sum prime") + [sp.eos_id()]]
 
 
-def _cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, str(TOOL), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=60
-    )
-
-
 def test_cli_refusals_exit_2_with_one_line(tmp_path, sp_model):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "the model"}) + "\n")
     (tmp_path / "junk.model").write_bytes(b"\x00\x01not a model" * 50)
@@ -325,9 +266,7 @@ def test_cli_refusals_exit_2_with_one_line(tmp_path, sp_model):
         (["a.jsonl", "--tokenizer", str(sp_model), "--output-prefix", "out"], "--force"),
     ]
     procs = [
-        subprocess.Popen(
-            [sys.executable, str(TOOL), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        subprocess.Popen([*PREPROCESS, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for args, _ in cases
     ]
     for p, (args, needle) in zip(procs, cases):
@@ -341,7 +280,7 @@ def test_cli_refusals_exit_2_with_one_line(tmp_path, sp_model):
 def test_an_output_that_is_an_input_is_refused_even_with_force(tmp_path, sp_model, hf_json):
     # issue 19: `preprocess_data.py same.bin --output-prefix same --force` overwrote its own input
     (tmp_path / "same.bin").write_text("the model selects tokens\n")
-    res = _cli("same.bin", "--tokenizer", sp_model, "--output-prefix", "same", "--force", cwd=tmp_path)
+    res = preprocess_cli("same.bin", "--tokenizer", sp_model, "--output-prefix", "same", "--force", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.startswith("error: output same.bin is the input same.bin") and "--force" in res.stderr
     assert (tmp_path / "same.bin").read_text() == "the model selects tokens\n"

@@ -1,6 +1,6 @@
-"""The README's "Recipe" section, step by step, at tiny size on CPU.
+"""docs/recipe.md step by step at tiny size on CPU; its commands and the README's 7B quick path, parsed.
 
-Every step runs as a subprocess with the subcommand and flags the README shows for it; only the sizes differ
+Every step runs as a subprocess with the subcommand and flags docs/recipe.md shows for it; only the sizes differ
 (and what a CPU needs). Stand-ins:
 
 - TinyLlama-1.1B -> a transformers ``LlamaForCausalLM`` (2 layers, hidden 64, GQA 4/2 heads, untied, vocab 384)
@@ -13,23 +13,25 @@ Every step runs as a subprocess with the subcommand and flags the README shows f
 - sbatch launch/slurm_train.sbatch -> ``slm train`` with the same --config/--save/EXTRA_ARGS (the SLM run goes
   through launch/train_single_node.sh, the same environment interface, as 2 processes under torchrun).
 
-Steps (README numbering), two at a time where they do not depend on each other (2 cores): 1 hf-to-megatron
---verify; 2 preprocess_data.py with the base's tokenizer; 3 slm plan of the real launch config, check-config of
-the SLM run; 4 the reference = CLM from the base on the curated math; 5 score-reference; 6 SLM (k = 0.6, offline
-scores), the random-k and CLM controls, slm reweight -> CLM on the printed blend; 7 megatron-to-hf with
---hf-config and --tokenizer-model; 8 slm evaluate of every checkpoint (and the export) on held-out math and general
-text, split into learnable / not learnable tokens.
+Steps (docs/recipe.md's numbering), two at a time where they do not depend on each other (2 cores): 1 slm convert
+hf-to-megatron --verify; 2 slm preprocess with the base's tokenizer; 3 slm plan of the real launch config,
+check-config of the SLM run; 4 the reference = CLM from the base on the curated math; 5 slm score-reference; 6 SLM
+(k = 0.6, offline scores), the random-k and CLM controls, slm reweight -> CLM on the printed blend; 7 slm convert
+megatron-to-hf with --hf-config and --tokenizer-model; 8 slm evaluate of every checkpoint (and the export) on
+held-out math and general text, split into learnable / not learnable tokens.
 
 Asserted: every command exits 0 and its outputs exist; losses are finite; SLM and random select 60%; the
 reweighted blend sums to 1 and is w_i f_i / sum_j w_j f_j of the SLM run; the export loads in transformers with a
 tokenizer that encodes like the data's and evaluates to the SLM checkpoint's loss; the reference beats the base on
 held-out math; evaluate has a row per checkpoint and dataset, paired (same tokens per dataset).
 
-``test_readme_recipe_commands_parse`` runs the README section's bash blocks as written (TinyLlama's values, then
-Mistral-7B's from the comments) with stand-ins for .venv/bin/{python,slm,torchrun} and sbatch that record their
-arguments, and parses every command with the tool's own parser: each subcommand exists and takes the flags shown;
-the train, check-config, plan and score-reference commands (and the table's alternative layouts) also pass the
-config validation at the shown world size.
+``test_recipe_commands_parse`` runs docs/recipe.md's bash blocks as written (TinyLlama's values, then Mistral-7B's
+from the comments) with stand-ins for .venv/bin/{python,slm,torchrun} and sbatch that record their arguments, and
+parses every command with the tool's own parser: each is an ``slm`` subcommand (directly, under torchrun or sbatch)
+and takes the flags shown; the train, check-config, plan and score-reference commands (and the table's alternative
+layouts) also pass the config validation at the shown world size, and the runs on the OWM data read at most one
+epoch of the 14B-token corpus's training split (the recipe's "How many steps").
+``test_readme_quick_path_commands_parse`` does the same for the README's "7B quick path" block.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else sys.executable
 LAUNCH_CONFIG = ROOT / "launch/configs/tinyllama1b_owm_slm_k0.6.yaml"
 VOCAB, SEQ, MBS, GBS = 384, 32, 2, 8
-REF_ITERS, ITERS = 12, 10  # README: 1430 and 14300
+REF_ITERS, ITERS = 12, 10  # docs/recipe.md: 1430 and 13324
 M = "tl"
 BASE = "hf/TinyLlama-1.1B"
 DATA = ["0.9", f"data/{M}/owm", "0.1", f"data/{M}/general"]
@@ -158,7 +160,7 @@ def _make_inputs(work: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Running the README's commands
+# Running docs/recipe.md's commands
 
 
 def _env() -> dict:
@@ -227,7 +229,7 @@ def _together(jobs: dict, work: Path, width: int = 2) -> dict:
     return outputs
 
 
-def _slm(*args) -> list:  # `.venv/bin/slm ARGS` in the README
+def _slm(*args) -> list:  # `.venv/bin/slm ARGS` in docs/recipe.md
     return ["-m", "megatron_slm.cli", *args]
 
 
@@ -267,19 +269,11 @@ def test_recipe_end_to_end(tmp_path):
     # 3 (slm plan of the real launch config) + 1 (convert the base) + 2 (tokenize with the base's tokenizer)
     jobs = {
         "plan": _slm("plan", "--config", str(LAUNCH_CONFIG), "--world-size", "8"),
-        "convert": [
-            str(ROOT / "tools/convert_checkpoint.py"),
-            "hf-to-megatron",
-            "--input",
-            BASE,
-            "--output",
-            f"ckpt/{M}-base",
-            "--verify",
-        ],
+        "convert": _slm("convert", "hf-to-megatron", "--input", BASE, "--output", f"ckpt/{M}-base", "--verify"),
     }
     for name in DATASETS:
-        jobs[f"preprocess-{name}"] = [
-            str(ROOT / "tools/preprocess_data.py"),
+        jobs[f"preprocess-{name}"] = _slm(
+            "preprocess",
             f"corpus/{name}/",
             "--output-prefix",
             f"data/{M}/{name}",
@@ -287,7 +281,7 @@ def test_recipe_end_to_end(tmp_path):
             tok,
             "--workers",
             "1",
-        ]
+        )
     out = _together(jobs, work)
     lap("plan, convert, preprocess")
     assert "FITS: TP=1 x PP=1 x DP=8" in out["plan"], out["plan"]
@@ -331,8 +325,8 @@ def test_recipe_end_to_end(tmp_path):
     # 3: check-config of the SLM run (world size 2 as below)
     _together(
         {
-            "score-reference": [
-                str(ROOT / "tools/score_reference.py"),
+            "score-reference": _slm(
+                "score-reference",
                 "--config",
                 "run.yaml",
                 "--ref-load",
@@ -341,7 +335,7 @@ def test_recipe_end_to_end(tmp_path):
                 *DATA,
                 "--train-iters",
                 str(ITERS),
-            ],
+            ),
             "check-config": _slm(
                 "check-config",
                 "--config",
@@ -384,7 +378,7 @@ def test_recipe_end_to_end(tmp_path):
     fractions = slm["selected_fraction_by_dataset"]
     assert len(fractions) == 2 and all(0 < f <= 1 for f in fractions), slm
 
-    # slm reweight: the CLM blend with the SLM run's token mix (the README takes its first line with `sed -n 1p`)
+    # slm reweight: the CLM blend with the SLM run's token mix (the recipe takes its first line with `sed -n 1p`)
     printed = _run("reweight", _slm("reweight", "--run", f"runs/{M}-slm"), work).splitlines()
     blend = printed[0].split()
     assert blend[0] == "--data-path" and blend[2::2] == DATA[1::2], printed
@@ -409,8 +403,8 @@ def test_recipe_end_to_end(tmp_path):
                     *blend,
                 ],
             ),
-            "export": [
-                str(ROOT / "tools/convert_checkpoint.py"),
+            "export": _slm(
+                "convert",
                 "megatron-to-hf",
                 "--input",
                 f"runs/{M}-slm",
@@ -420,7 +414,7 @@ def test_recipe_end_to_end(tmp_path):
                 BASE,
                 "--tokenizer-model",
                 BASE,
-            ],
+            ),
         },
         work,
     )
@@ -494,7 +488,7 @@ def test_recipe_end_to_end(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# The README's commands as written, for both models: every command exists and takes the flags shown
+# docs/recipe.md's and the README's commands as written: every command exists and takes the flags shown
 
 STUB = """#!/bin/bash
 # Records its name and arguments (NUL-separated, one file per call); sbatch also its CONFIG/SAVE_DIR/EXTRA_ARGS.
@@ -510,14 +504,15 @@ if [ "$(basename "$0")" = slm ] && [ "$1" = reweight ]; then
 fi
 """
 
+# The recipe's "How many steps": a 14B-token OWM corpus, of which the configs' --split 998,2,0 trains on 99.8%; a
+# run on it (and its scoring) reads at most one epoch of that training split.
+OWM_TOKENS, TRAIN_SHARE = 14_000_000_000, 0.998
+
 
 def _recipe_script(mistral: bool) -> str:
-    """The bash blocks of the README's recipe section, in order; with ``mistral`` the first block's variables take
-    the values its comments give for Mistral-7B."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index("\n## Recipe: continual pretraining of TinyLlama-1.1B and Mistral-7B with SLM\n")
-    section = text[start : text.index("\n## ", start + 1)]
-    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    """The bash blocks of docs/recipe.md, in order; with ``mistral`` the first block's variables take the values its
+    comments give for Mistral-7B."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "docs/recipe.md").read_text(), flags=re.S)
     assert len(blocks) >= 8, len(blocks)
     if mistral:
         lines = []
@@ -529,13 +524,18 @@ def _recipe_script(mistral: bool) -> str:
     return "set -euo pipefail\n" + "".join(blocks)
 
 
-@pytest.mark.parametrize("model", ["tinyllama", "mistral"])
-def test_readme_recipe_commands_parse(tmp_path, model):
-    from megatron_slm.cli import build_parser as slm_parser
-    from megatron_slm.config import load_config, validate
-    from megatron_slm.conversion import cli as convert_cli
-    from megatron_slm.data import preprocess
+def _readme_quick_path() -> str:
+    """The bash block of the README's "7B quick path" section."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n## 7B quick path\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, len(blocks)
+    return "set -euo pipefail\n" + blocks[0]
 
+
+def _run_recorded(script: str, tmp_path: Path) -> list:
+    """Run ``script`` with stand-ins for .venv/bin/{python,slm,torchrun} and sbatch; [(name, args)] of each call."""
     calls = tmp_path / "calls"
     calls.mkdir()
     for stub in (".venv/bin/python", ".venv/bin/slm", ".venv/bin/torchrun", "bin/sbatch"):
@@ -544,26 +544,32 @@ def test_readme_recipe_commands_parse(tmp_path, model):
         (tmp_path / stub).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "SAVE_DIR", "EXTRA_ARGS")}
     env.update(PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", CALLS=str(calls))
-    res = subprocess.run(
-        ["bash", "-c", _recipe_script(model == "mistral")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    res = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
-
-    def parse(parser, args):
-        try:
-            return parser.parse_args(args)
-        except SystemExit:
-            raise AssertionError(f"the README's command does not parse: {args}") from None
-
-    world = 32 if model == "mistral" else 8
-    seen = []
+    recorded = []
     for f in sorted(calls.iterdir()):
         name, *args = f.read_bytes().decode().split("\0")[:-1]
+        recorded.append((name, args))
+    assert recorded, "no command ran"
+    return recorded
+
+
+def _parse(parser, args):
+    try:
+        return parser.parse_args(args)
+    except SystemExit:
+        raise AssertionError(f"the documented command does not parse: {args}") from None
+
+
+def _check_commands(recorded: list, world: int) -> list:
+    """Parse every recorded command with slm's own parser (sbatch and torchrun as the commands they launch), validate
+    the config of train / check-config / plan / score-reference at ``world`` GPUs, and check that the runs on the OWM
+    data read at most one epoch of its training split. Returns a label per command, e.g. "slm train clm"."""
+    from megatron_slm.cli import build_parser as slm_parser
+    from megatron_slm.config import load_config, validate
+
+    seen = []
+    for name, args in recorded:
         if name == "sbatch":  # launch/common.sh: --config $CONFIG --save $SAVE_DIR $EXTRA_ARGS (split) "$@"
             config, save, extra, *sbatch_args = args
             assert sbatch_args[-1] == "launch/slurm_train.sbatch" and (ROOT / sbatch_args[-1]).is_file(), args
@@ -572,28 +578,32 @@ def test_readme_recipe_commands_parse(tmp_path, model):
         if name == "torchrun":
             assert args[:4] == ["--nproc-per-node", "8", "-m", "megatron_slm.cli"], args
             name, args = "slm", args[4:]
-        if name == "python":
-            tool, *args = args
-            parser = {
-                "tools/convert_checkpoint.py": convert_cli.build_parser,
-                "tools/preprocess_data.py": preprocess.build_parser,
-            }[tool]()
-            ns = parse(parser, args)
-            seen.append(f"{tool} {args[0] if 'convert' in tool else ''}".strip())
-            continue
-        assert name == "slm", (name, args)
-        ns = parse(slm_parser(), args)
+        assert name == "slm", f"the docs show `slm ...` forms only, not {name} {args}"
+        ns = _parse(slm_parser(), args)
         label = [ns.command]
         if ns.command == "train":
             label += [ns.cfg__slm__loss_mode, ns.cfg__slm__selection_strategy]
+        if ns.command == "convert":
+            label.append(ns.direction)
         seen.append(" ".join(["slm"] + [x for x in label if x]))
         if ns.command in ("train", "check-config", "plan", "score-reference"):
             assert (ROOT / ns.config).is_file(), ns.config
             ns.config = str(ROOT / ns.config)
-            validate(load_config(ns.config, args=ns), world_size=world)  # values, layout, batch sizes
+            cfg = load_config(ns.config, args=ns)
+            validate(cfg, world_size=world)  # values, layout, batch sizes
+            if ns.command in ("train", "score-reference") and any("/owm" in p for p in cfg.data.data_path or []):
+                tokens = cfg.train.train_iters * cfg.train.global_batch_size * cfg.train.seq_length
+                assert tokens <= TRAIN_SHARE * OWM_TOKENS, (args, tokens)
+    return seen
+
+
+@pytest.mark.parametrize("model", ["tinyllama", "mistral"])
+def test_recipe_commands_parse(tmp_path, model):
+    world = 32 if model == "mistral" else 8
+    seen = _check_commands(_run_recorded(_recipe_script(model == "mistral"), tmp_path), world)
     assert sorted(seen) == sorted(
-        ["tools/convert_checkpoint.py hf-to-megatron"]
-        + ["tools/preprocess_data.py"] * 5
+        ["slm convert hf-to-megatron"]
+        + ["slm preprocess"] * 5
         + [
             "slm plan",
             "slm check-config",
@@ -607,12 +617,16 @@ def test_readme_recipe_commands_parse(tmp_path, model):
             "slm train clm",
             "slm evaluate",
         ]
-        + ["tools/convert_checkpoint.py megatron-to-hf"] * 5
+        + ["slm convert megatron-to-hf"] * 5
     ), seen
 
     # the alternative layouts of the table's "other layouts" row, on the model's config
-    row = next(ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("| other layouts |"))
-    cell = row.split("|")[2 if model == "tinyllama" else 3]
+    from megatron_slm.cli import build_parser as slm_parser
+    from megatron_slm.config import load_config, validate
+
+    rows = [ln for ln in (ROOT / "docs/recipe.md").read_text().splitlines() if ln.startswith("| other layouts |")]
+    assert len(rows) == 1, rows
+    cell = rows[0].split("|")[2 if model == "tinyllama" else 3]
     cfg_path = str(
         ROOT
         / "launch/configs"
@@ -621,5 +635,17 @@ def test_readme_recipe_commands_parse(tmp_path, model):
     layouts = [c for c in re.findall(r"`([^`]*)`", cell) if c.startswith("--")]
     assert layouts, cell
     for flags in layouts:
-        ns = parse(slm_parser(), ["train", "--config", cfg_path, *flags.split()])
+        ns = _parse(slm_parser(), ["train", "--config", cfg_path, *flags.split()])
         validate(load_config(ns.config, args=ns), world_size=world)
+
+
+def test_readme_quick_path_commands_parse(tmp_path):
+    seen = _check_commands(_run_recorded(_readme_quick_path(), tmp_path), world=32)
+    assert sorted(seen) == sorted(
+        ["slm convert hf-to-megatron"]
+        + ["slm preprocess"] * 3
+        + ["slm plan", "slm train clm", "slm check-config", "slm train", "slm evaluate"]
+    ), seen
+    # the same number of steps as the recipe's SLM runs
+    iters = re.search(r"^ITERS=(\d+)", (ROOT / "docs/recipe.md").read_text(), flags=re.M)
+    assert iters and f"--train-iters {iters.group(1)}" in _readme_quick_path(), "README and recipe disagree on ITERS"

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_helpers import run_distributed
-from test_offline_scores import _reference_ckpt, _score, make_dataset
+from helpers.offline import make_cfg, make_dataset, reference_ckpt, run_scoring
 
 SUFFIXES = (".bin", ".idx", ".json")
 
@@ -50,9 +50,9 @@ def clean(tmp_path_factory):
     d = tmp_path_factory.mktemp("scoring")
     blend = ["0.6", make_dataset(d / "a", 1), "0.4", make_dataset(d / "b", 2, num_docs=30)]
     ref = str(d / "ref")
-    run_distributed(_reference_ckpt, 1, blend, ref)
+    run_distributed(reference_ckpt, 1, blend, ref)
     outs = _outs(d, "clean")
-    assert run_distributed(_score, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]
+    assert run_distributed(run_scoring, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]
     return d, blend, ref, _bytes(outs)
 
 
@@ -72,7 +72,7 @@ def _score_killed_unevenly(data_path, ref, steps, **over):
         return None
 
     distributed.agreed_stop = killed
-    return _score(data_path, ref, 1, None, **over)
+    return run_scoring(data_path, ref, 1, None, **over)
 
 
 def test_a_resume_at_another_data_parallel_size_is_exact(clean, tmp_path):
@@ -81,7 +81,7 @@ def test_a_resume_at_another_data_parallel_size_is_exact(clean, tmp_path):
     outs = _outs(tmp_path, "dp2to1")
     assert run_distributed(_score_killed_unevenly, 2, blend, ref, [2, 1], **_over(ref, outs)) == ["interrupted"] * 2
     assert len(list(Path(f"{outs[0]}.parts").glob("*.pt"))) == 3
-    assert run_distributed(_score, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]
+    assert run_distributed(run_scoring, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]
     assert _bytes(outs) == want
     assert not Path(f"{outs[0]}.parts").exists()
     # the same, resumed at DP=2: the ranks have different steps left (rank 0: one, rank 1: two), and the one with
@@ -92,18 +92,18 @@ def test_a_resume_at_another_data_parallel_size_is_exact(clean, tmp_path):
     assert _bytes(outs) == want
     # DP=1 preempted after 1 step, resumed at DP=2
     outs = _outs(tmp_path, "dp1to2")
-    assert run_distributed(_score, 1, blend, ref, 1, 1, **_over(ref, outs)) == ["interrupted"]
-    assert run_distributed(_score, 2, blend, ref, 1, None, **_over(ref, outs)) == ["done", "done"]
+    assert run_distributed(run_scoring, 1, blend, ref, 1, 1, **_over(ref, outs)) == ["interrupted"]
+    assert run_distributed(run_scoring, 2, blend, ref, 1, None, **_over(ref, outs)) == ["done", "done"]
     assert _bytes(outs) == want
 
 
 def test_a_resume_with_other_data_flags_is_refused_naming_each(clean, tmp_path):
     d, blend, ref, want = clean
     outs = _outs(tmp_path, "flags")
-    assert run_distributed(_score, 2, blend, ref, 1, 1, **_over(ref, outs)) == ["interrupted"] * 2
+    assert run_distributed(run_scoring, 2, blend, ref, 1, 1, **_over(ref, outs)) == ["interrupted"] * 2
     parts = Path(f"{outs[0]}.parts")
     before = sorted(p.name for p in parts.iterdir())
-    res = run_distributed(_score, 2, blend, ref, 1, None, **_over(ref, outs, train=dict(seed=6, train_iters=4)))
+    res = run_distributed(run_scoring, 2, blend, ref, 1, None, **_over(ref, outs, train=dict(seed=6, train_iters=4)))
     assert res[0] == res[1], res  # the same one error on every rank
     msg = res[0]
     assert msg.startswith(
@@ -118,17 +118,17 @@ def test_a_resume_with_other_data_flags_is_refused_naming_each(clean, tmp_path):
         assert part in msg, (part, msg)
     assert "--global-batch-size" not in msg and "--split" not in msg, msg
     other = ["0.5", blend[1], "0.5", blend[3]]
-    msg = run_distributed(_score, 1, other, ref, 1, None, **_over(ref, outs, data=dict(split="80,20,0")))[0]
+    msg = run_distributed(run_scoring, 1, other, ref, 1, None, **_over(ref, outs, data=dict(split="80,20,0")))[0]
     for part in (
         f"--data-path: the parts have 0.6 {blend[1]} 0.4 {blend[3]}, this run has 0.5 {blend[1]} 0.5 {blend[3]}",
         "--split: the parts have 90,10,0, this run has 80,20,0",
     ):
         assert part in msg, (part, msg)
     other_ref = shutil.copytree(ref, tmp_path / "other_ref")  # another reference's scores would mix in
-    msg = run_distributed(_score, 1, blend, str(other_ref), 1, None, **_over(str(other_ref), outs))[0]
+    msg = run_distributed(run_scoring, 1, blend, str(other_ref), 1, None, **_over(str(other_ref), outs))[0]
     assert f"--ref-load: the parts have {ref}, this run has {other_ref}" in msg, msg
     assert sorted(p.name for p in parts.iterdir()) == before  # refused runs touch nothing
-    assert run_distributed(_score, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]  # the parts' flags
+    assert run_distributed(run_scoring, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]  # the parts' flags
     assert _bytes(outs) == want
 
 
@@ -148,7 +148,7 @@ def _score_paused(data_path, ref, ready, go, **over):
         return out
 
     passes.score_pass = paused
-    return _score(data_path, ref, 1, None, **over)
+    return run_scoring(data_path, ref, 1, None, **over)
 
 
 def test_a_second_run_on_the_same_output_is_refused_and_the_first_completes(clean, tmp_path):
@@ -167,7 +167,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_the_first_completes(clea
         while not ready.exists() and thread.is_alive() and time.time() < deadline:
             time.sleep(0.1)
         assert ready.exists(), "the first run never reached its first step"
-        res = run_distributed(_score, 2, blend, ref, 1, None, **_over(ref, outs))
+        res = run_distributed(run_scoring, 2, blend, ref, 1, None, **_over(ref, outs))
         assert res[0] == res[1], res
         assert (
             res[0].startswith(f"error: {outs[0]} is in use by pid ")
@@ -176,7 +176,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_the_first_completes(clea
             in res[0]
         ), res[0]
         # another output of the blend alone is locked too
-        res = run_distributed(_score, 1, [blend[3]], ref, 1, None, **_over(ref, [outs[1]]))
+        res = run_distributed(run_scoring, 1, [blend[3]], ref, 1, None, **_over(ref, [outs[1]]))
         assert res[0].startswith(f"error: {outs[1]} is in use by pid "), res[0]
     finally:
         go.touch()
@@ -199,7 +199,7 @@ def _score_killed_in_merge(data_path, ref, **over):
         return real(*a, **k)
 
     scores.write_sidecar = dies
-    return _score(data_path, ref, 1, None, **over)
+    return run_scoring(data_path, ref, 1, None, **over)
 
 
 def test_a_kill_in_the_merge_is_repaired_by_a_rerun(clean, tmp_path):
@@ -212,11 +212,11 @@ def test_a_kill_in_the_merge_is_repaired_by_a_rerun(clean, tmp_path):
     dead.wait()  # a kill -9 leaves its lock behind: a dead pid on this host
     Path(f"{outs[0]}.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "then"}))
     # no --force: the existing first sidecar is this run's own, not another run's
-    assert run_distributed(_score, 1, blend, ref, 1, None, force=False, **_over(ref, outs)) == ["done"]
+    assert run_distributed(run_scoring, 1, blend, ref, 1, None, force=False, **_over(ref, outs)) == ["done"]
     assert _bytes(outs) == want
     assert not Path(f"{outs[0]}.parts").exists() and not Path(f"{outs[0]}.lock").exists()
     # a finished output without --force is still refused
-    res = run_distributed(_score, 1, blend, ref, 1, None, force=False, **_over(ref, outs))[0]
+    res = run_distributed(run_scoring, 1, blend, ref, 1, None, force=False, **_over(ref, outs))[0]
     assert res == f"error: score sidecar {outs[0]} already exists; pass --force to overwrite it", res
 
 
@@ -225,7 +225,7 @@ def _score_counting_forwards(data_path, ref, **over):
 
     real, calls = passes.score_pass, []
     passes.score_pass = lambda *a, **k: calls.append(1) or real(*a, **k)
-    return _score(data_path, ref, 1, None, **over), len(calls)
+    return run_scoring(data_path, ref, 1, None, **over), len(calls)
 
 
 def test_more_than_one_epoch_is_refused_before_any_forward_pass(clean, tmp_path):
@@ -248,7 +248,7 @@ def test_more_than_one_epoch_is_refused_before_any_forward_pass(clean, tmp_path)
 
 def _score_planted(data_path, ref, **over):
     os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # torch.load's default no longer protects the loader
-    return _score(data_path, ref, 1, None, **over)
+    return run_scoring(data_path, ref, 1, None, **over)
 
 
 class _Planted:
@@ -262,7 +262,7 @@ class _Planted:
 def test_a_planted_part_is_refused_without_running_its_code(clean, tmp_path):
     d, blend, ref, want = clean
     outs = _outs(tmp_path, "planted")
-    assert run_distributed(_score, 1, blend, ref, 1, 1, **_over(ref, outs)) == ["interrupted"]
+    assert run_distributed(run_scoring, 1, blend, ref, 1, 1, **_over(ref, outs)) == ["interrupted"]
     part = sorted(Path(f"{outs[0]}.parts").glob("*.pt"))[0]
     marker = tmp_path / "code_ran"
     torch.save({"scores": _Planted(str(marker))}, part)
@@ -271,7 +271,7 @@ def test_a_planted_part_is_refused_without_running_its_code(clean, tmp_path):
     assert msg.startswith(f"error: score part {part} cannot be read as tensors"), msg
     assert f"delete {part} and rerun: its samples are scored again" in msg, msg
     part.unlink()
-    assert run_distributed(_score, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]
+    assert run_distributed(run_scoring, 1, blend, ref, 1, None, **_over(ref, outs)) == ["done"]
     assert _bytes(outs) == want
 
 
@@ -301,7 +301,7 @@ def _score_stopped(data_path, ref, signal_at=None, late_clock_after=None, **over
         return real(*a, **k)
 
     passes.score_pass = counted
-    return _score(data_path, ref, 1, None, **over), len(calls), lifecycle.received()
+    return run_scoring(data_path, ref, 1, None, **over), len(calls), lifecycle.received()
 
 
 def _stop_record(outs):
@@ -309,8 +309,6 @@ def _stop_record(outs):
 
 
 def test_a_stop_ends_every_rank_after_the_same_step_and_a_rerun_resumes_exactly(clean, tmp_path):
-    from test_offline_scores import make_cfg
-
     from megatron_slm import scoring
 
     d, blend, ref, want = clean
@@ -352,12 +350,10 @@ def _score_signalled_in_merge(data_path, ref, **over):
         return real(*a, **k)
 
     scores.write_sidecar = signalled
-    return _score(data_path, ref, 1, None, **over), lifecycle.received()
+    return run_scoring(data_path, ref, 1, None, **over), lifecycle.received()
 
 
 def test_a_stop_signal_during_the_merge_waits_for_it_to_finish(clean, tmp_path):
-    from test_offline_scores import make_cfg
-
     from megatron_slm import scoring
 
     d, blend, ref, want = clean

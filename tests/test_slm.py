@@ -1,22 +1,13 @@
 """The SLM definition (megatron_slm.slm) against plain-Python implementations of the spec."""
 
-import math
 import random
 
 import numpy as np
 import pytest
 import torch
+from helpers.spec import plain_top_k
 
 from megatron_slm.slm import RunningThreshold, excess_loss, num_selected, selective_loss, top_k_mask
-
-
-def plain_top_k(scores, valid, k):
-    """Spec: round-half-up(k * n_valid) highest valid scores (>= 1), ties -> earlier position."""
-    items = [(-s, i) for i, (s, v) in enumerate(zip(scores, valid)) if v]
-    n = len(items)
-    count = min(n, max(1 if n else 0, math.floor(n * k + 0.5)))
-    chosen = {i for _, i in sorted(items)[:count]}
-    return [i in chosen for i in range(len(scores))]
 
 
 @pytest.mark.parametrize("k", [0.1, 0.6, 0.7, 1.0])

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 from dist_helpers import run_distributed
-from test_parallel_training import make_config, my_micro_batches
+from helpers.tiny_training import make_config, my_micro_batches
 
 from megatron_slm.checkpoint import LATEST, load_model_weights
 from megatron_slm.errors import CheckpointError

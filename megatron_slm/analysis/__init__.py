@@ -8,6 +8,6 @@
 - ``text_selection``: the same dumps computed from a policy and a reference checkpoint on some text;
 - ``plots``: SLM vs CLM loss curves, selection statistics, excess-loss histograms and k sweeps from run directories.
 
-CLIs: ``slm evaluate|dynamics|reweight``, ``tools/visualize_selection.py`` and ``tools/plot_runs.py``. Plots need
-matplotlib (test extra). Nothing is imported here: ``slm reweight`` must not import torch.
+CLIs: ``slm evaluate|dynamics|reweight|viz|plot``. Plots need matplotlib, the ``viz`` extra
+(pip install 'megatron_slm[viz]'). Nothing is imported here: ``slm reweight`` must not import torch.
 """

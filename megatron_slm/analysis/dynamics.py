@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_slm.errors import CheckpointError, ConfigError, DataError
+from megatron_slm.errors import CheckpointError, ConfigError, DataError, install_hint
 
 CLASSES = ("H->H", "L->H", "H->L", "L->L")
 THRESHOLD_DEFAULT_SOURCE = "median token loss at the first checkpoint, all runs pooled"
@@ -291,7 +291,7 @@ def write_outputs(result: dict, out: str, settings: dict) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return ["note: matplotlib is not installed: no dynamics.png (pip install matplotlib)"]
+        return [f"note: matplotlib is not installed: no dynamics.png ({install_hint('matplotlib')})"]
     by_iteration = all(c["iteration"] is not None for r in result["runs"] for c in r["checkpoints"])
     fig, axes = plt.subplots(2, len(CLASSES), figsize=(4 * len(CLASSES), 6.5), sharex=True, squeeze=False)
     for r in result["runs"]:

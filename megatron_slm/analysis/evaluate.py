@@ -21,6 +21,11 @@ together, round(Q x n) of them (``slm.num_selected``) with ties broken by positi
 ``slm.top_k_mask``), are *learnable*: the tokens SLM with that reference would train on at the base's weights.
 The other valid tokens are *not learnable*. The split is computed once per dataset and applied to every
 checkpoint (paired): each row adds the mean loss and the token count of both parts.
+
+Per-window sums. Each row also keeps, per window, its summed token loss (float64) and token count, and the same
+within both parts of the split; ``write_outputs`` saves them as ``eval_windows.npz`` (layout: analysis/compare.py)
+so that ``slm compare`` gives paired differences of two checkpoints with bootstrap intervals, no second forward
+pass. A row's loss is the sum of its windows' loss sums over the sum of their token counts.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_slm.errors import CheckpointError, ConfigError, DataError
+from megatron_slm.errors import CheckpointError, ConfigError, DataError, install_hint
+from megatron_slm.log import progress_bar
 
 SPLIT_FIELDS = ("learnable_loss", "learnable_tokens", "not_learnable_loss", "not_learnable_tokens")
 DEFAULT_SPLIT_RATIO = 0.6  # the paper's k for its 1B models
@@ -157,7 +163,7 @@ def load_datasets(
                     fingerprint,
                     tokenizer_of=f"the tokenizer of dataset '{prefix}'",
                     fix="Evaluate it with a checkpoint of that tokenizer, or re-tokenize the data with "
-                    "the checkpoint's (tools/preprocess_data.py)",
+                    "the checkpoint's (slm preprocess)",
                 )
         tokens = dataset_tokens(prefix)
         n = num_windows(len(tokens), seq_length)
@@ -221,18 +227,23 @@ def local_losses(model, data: EvalData, seq_length: int, vocab_size: int, micro_
     return _window_losses(model, windows, vocab_size, micro_batch_size) if windows else []
 
 
-def _masked_sums(pairs: list[tuple], select: torch.Tensor | None = None) -> tuple[float, float]:
-    """(sum of masked losses, masked tokens) over ``pairs``; ``select`` [rows, s] narrows the mask further."""
-    if not pairs:
-        return 0.0, 0.0
-    parts = [None] * len(pairs) if select is None else torch.split(select, [loss.shape[0] for loss, _ in pairs])
-    total, count = 0.0, 0.0
-    for (loss, mask), part in zip(pairs, parts):
-        if part is not None:
-            mask = mask * part.to(device=mask.device, dtype=mask.dtype)
-        total += float((loss.double() * mask.double()).sum())
-        count += float(mask.sum())
-    return total, count
+def _per_window_sums(pairs: list[tuple], selects: list) -> torch.Tensor:
+    """[rows, 2 x len(selects)] float64: per window (row of ``pairs``' micro-batches, in order) the sum of its
+    masked losses and its masked token count, for each of ``selects`` (None: the loss mask alone, else a bool
+    [rows, s] that narrows it)."""
+    sizes = [loss.shape[0] for loss, _ in pairs]
+    cols = []
+    for select in selects:
+        parts = [None] * len(pairs) if select is None else torch.split(select, sizes)
+        s_, c_ = [], []
+        for (loss, mask), part in zip(pairs, parts):
+            mask = mask.double()
+            if part is not None:
+                mask = mask * part.to(device=mask.device, dtype=mask.dtype)
+            s_.append((loss.double() * mask).sum(dim=1))
+            c_.append(mask.sum(dim=1))
+        cols += [torch.cat(s_), torch.cat(c_)]
+    return torch.stack(cols, dim=1)
 
 
 def gather_losses(pairs: list[tuple], n: int, seq_length: int, dst: int | None = None) -> np.ndarray | None:
@@ -302,8 +313,10 @@ def evaluate(
     split_ratio: float | None = None,
 ) -> list[dict]:
     """Rows {checkpoint, iteration, dataset, loss, perplexity, tokens, windows, learnable_loss, learnable_tokens,
-    not_learnable_loss, not_learnable_tokens} for every (checkpoint, dataset); the split fields are None without
-    ``split_reference``."""
+    not_learnable_loss, not_learnable_tokens, window_sums} for every (checkpoint, dataset); the split fields are
+    None without ``split_reference``. ``window_sums``: name -> numpy array [windows] in window order, "loss_sum"
+    (float64) and "tokens" (int64), with the split also "learnable_loss_sum", "learnable_tokens",
+    "not_learnable_loss_sum" and "not_learnable_tokens"."""
     import torch.distributed as dist
 
     from megatron_slm import checkpoint
@@ -337,6 +350,9 @@ def evaluate(
     )
 
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=tr.seed)
+    # a bar on rank 0's terminal: one step per model pass over a dataset (the split's two, then each other --load)
+    passes = len(split) + sum(d not in {sd for _, sd, _ in split} for d, _ in sources)
+    bar = progress_bar(total=passes * len(datasets), desc="evaluate", unit="pass")
     masks = [None] * len(datasets)  # per dataset: learnable tokens, bool [windows, S]
     cached = {}  # base/reference passes reused when the same checkpoint is also a --load
     if split:
@@ -344,6 +360,7 @@ def evaluate(
         for _, d, m in split:
             model = load_model(d, m, cfg.parallel, seed=tr.seed)
             local[d] = [local_losses(model, ds, seq, m.vocab_size, tr.micro_batch_size) for ds in datasets]
+            bar.update(len(datasets))
             del model
         (_, base, _), (_, ref, _) = split
         for i, ds in enumerate(datasets):
@@ -359,15 +376,23 @@ def evaluate(
         model = None if d in cached else load_model(d, m, cfg.parallel, seed=tr.seed)
         for i, ds in enumerate(datasets):
             pairs = cached[d][i] if d in cached else local_losses(model, ds, seq, m.vocab_size, tr.micro_batch_size)
-            mine = _contributes()  # one contribution per data-parallel replica
-            values = list(_masked_sums(pairs)) if mine else [0.0, 0.0]
+            bar.update(0 if d in cached else 1)
+            # per window: (loss sum, tokens), then the same on the learnable and the not-learnable tokens
+            lo, hi = _rank_windows(ds.windows)
+            parts = [None]
             if masks[i] is not None:
-                lo, hi = _rank_windows(ds.windows)
                 learn = torch.from_numpy(masks[i][lo:hi])
-                for part in (learn, ~learn):
-                    values += list(_masked_sums(pairs, part)) if mine else [0.0, 0.0]
-            sums = torch.tensor(values, dtype=torch.float64, device=distributed.device())
-            dist.all_reduce(sums)
+                parts += [learn, ~learn]
+            per = torch.zeros(ds.windows, 2 * len(parts), dtype=torch.float64, device=distributed.device())
+            if pairs and _contributes():  # one contribution per data-parallel replica
+                per[lo:hi] = _per_window_sums(pairs, parts).to(per.device)
+            dist.all_reduce(per)  # every other rank adds zeros: each window's sums exactly
+            per = per.cpu().numpy()
+            sums = per.sum(axis=0)
+            window_sums = {}
+            for name, col in zip(("", "learnable_", "not_learnable_"), range(0, per.shape[1], 2)):
+                window_sums[f"{name}loss_sum"] = per[:, col].copy()
+                window_sums[f"{name}tokens"] = np.rint(per[:, col + 1]).astype(np.int64)
             total, count = float(sums[0]), float(sums[1])
             loss = total / count if count else float("nan")
             row = {
@@ -380,6 +405,7 @@ def evaluate(
                 "tokens": int(count),
                 "windows": ds.windows,
                 **dict.fromkeys(SPLIT_FIELDS),
+                "window_sums": window_sums,  # -> eval_windows.npz (write_outputs), not eval.json
             }
             if masks[i] is not None:
                 lt, lc, nt, nc = (float(x) for x in sums[2:6])
@@ -391,6 +417,7 @@ def evaluate(
                 )
             rows.append(row)
         del model
+    bar.close()
     return rows
 
 
@@ -415,10 +442,18 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_outputs(rows: list[dict], out: str, settings: dict) -> list[str]:
-    """eval.json, eval.csv and (several iterations, matplotlib present) eval.png under ``out``; returns notes."""
+    """eval.json, eval.csv, eval_windows.npz (rows with their "window_sums") and (several iterations, matplotlib
+    present) eval.png under ``out``; returns notes."""
+    from megatron_slm.analysis.compare import WINDOWS_FILE, save_windows
+
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "eval.json").write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
+    plain = [{k: v for k, v in r.items() if k != "window_sums"} for r in rows]
+    (d / "eval.json").write_text(json.dumps({"settings": settings, "results": plain}, indent=2) + "\n")
+    if rows and all("window_sums" in r for r in rows):
+        save_windows(rows, d / WINDOWS_FILE, settings)
+    else:  # a stale file of an earlier run must not pair with these rows
+        (d / WINDOWS_FILE).unlink(missing_ok=True)
     fields = ["checkpoint", "path", "iteration", "dataset", "loss", "perplexity", "tokens", "windows", *SPLIT_FIELDS]
     with open(d / "eval.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -434,7 +469,7 @@ def write_outputs(rows: list[dict], out: str, settings: dict) -> list[str]:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            notes.append("note: matplotlib is not installed: no eval.png (pip install matplotlib)")
+            notes.append(f"note: matplotlib is not installed: no eval.png ({install_hint('matplotlib')})")
             return notes
         fig, ax = plt.subplots(figsize=(6, 4))
         for prefix in dict.fromkeys(r["dataset"] for r in rows):

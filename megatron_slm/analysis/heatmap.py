@@ -16,7 +16,9 @@ reference checkpoint and some text (forward passes on one CPU process), so both 
   is behind), selected tokens bold and underlined, masked tokens (EOD, padding) faded and struck through,
   losses in each token's ``title`` (hover). Several dumps give one section per iteration, plus the
   sequences that occur in more than one dump side by side.
-- :func:`render_png` -- the same picture for one dump, drawn with matplotlib (for docs and slides).
+- :func:`render_png` -- the same picture for one dump, drawn with matplotlib (for docs and slides; the ``viz``
+  extra: pip install 'megatron_slm[viz]').
+- :func:`selection_dumps` and :func:`write_heatmap` -- ``slm viz``: the dumps of either source, the page, the PNG.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import html
+import json
 import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+
+from megatron_slm.errors import ConfigError, require
 
 SP_SPACE = "\u2581"  # sentencepiece's visible space
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -526,8 +531,7 @@ def render_png(
     """One dump's heatmap as a PNG: monospaced tokens on their excess-loss colour, selected ones underlined."""
     import warnings
 
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the heatmap's PNG (--png)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LinearSegmentedColormap
@@ -643,3 +647,100 @@ def render_png(
     fig.savefig(out_path, dpi=dpi)
     plt.close(fig)
     return out_path
+
+
+# ----------------------------------------------------------------------------------------------
+# slm viz: the dumps of either source, the page and the PNG
+
+TITLES = {"dumps": "SLM token selection during training", "checkpoints": "SLM token selection (policy vs reference)"}
+
+
+def read_texts(items: Sequence[str]) -> list[str]:
+    """The documents of ``--text``: each item a file (``.jsonl``: one document per line's "text"; any other
+    file: one document) or, when no such file exists, the text itself. Empty documents are dropped."""
+    texts = []
+    for item in items:
+        p = Path(item)
+        if len(item) < 4096 and "\n" not in item and p.is_file():
+            if p.suffix == ".jsonl":
+                for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+                    if line.strip():
+                        obj = json.loads(line)
+                        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                            raise ConfigError(f'{p}:{n} has no "text" string')
+                        texts.append(obj["text"])
+            else:
+                texts.append(p.read_text(encoding="utf-8"))
+        else:
+            texts.append(item)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ConfigError("--text gave no non-empty document")
+    return texts
+
+
+def selection_dumps(
+    dump: Sequence[str] | None = None,
+    policy: Sequence[str] | None = None,
+    reference: str | None = None,
+    text: Sequence[str] | None = None,
+    tokenizer: str | None = None,
+    k: float = 0.6,
+    seq_length: int | None = None,
+    scope: str = "document",
+) -> list[dict]:
+    """The dumps ``slm viz`` shows: (a) ``load_dumps(dump)``, written during training, or (b) computed here by
+    ``text_selection.compute_selection`` from the ``policy`` checkpoint(s) and the ``reference`` on ``text``
+    (files or texts, see ``read_texts``) with ``tokenizer``. Raises ConfigError for a mix of both sources or an
+    incomplete (b); FileNotFoundError / ValueError (a) and SLMError / ValueError (b) for unusable inputs."""
+    if bool(dump) == bool(policy):
+        raise ConfigError("give either --dump (source a) or --policy/--reference/--text/--tokenizer (source b)")
+    if dump:
+        return load_dumps(dump)
+    given = {"reference": reference, "text": text, "tokenizer": tokenizer}
+    missing = [name for name, value in given.items() if not value]
+    if missing:
+        raise ConfigError("checkpoint mode needs " + ", ".join(f"--{m}" for m in missing))
+    from megatron_slm.analysis.text_selection import compute_selection
+
+    return compute_selection(policy, reference, read_texts(text), tokenizer, k=k, seq_length=seq_length, scope=scope)
+
+
+def write_heatmap(
+    dumps: list[dict],
+    out,
+    tokenizer=None,
+    title: str = TITLES["dumps"],
+    max_sequences: int | None = 4,
+    max_tokens: int | None = 512,
+    max_dumps: int | None = 8,
+    vmax: float | None = None,
+    layout: str = "auto",
+    png=None,
+    png_dump: int = -1,
+    png_sequences: int = 2,
+    png_tokens: int = 256,
+) -> list[str]:
+    """``render_html`` of ``dumps`` written to ``out`` (folders created), and with ``png`` also ``render_png`` of
+    the ``png_dump``-th dump the page shows; returns one "wrote ..." line per file."""
+    page = render_html(
+        dumps,
+        tokenizer=tokenizer,
+        title=title,
+        max_sequences=max_sequences,
+        max_tokens=max_tokens,
+        max_dumps=max_dumps,
+        vmax=vmax,
+        layout=layout,
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    lines = [f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB, {len(dumps)} dump(s))"]
+    if png:
+        shown = [dumps[i] for i in _even_subset(len(dumps), max_dumps)]
+        written = render_png(
+            shown[png_dump], png, tokenizer=tokenizer, max_sequences=png_sequences, max_tokens=png_tokens, vmax=vmax
+        )
+        lines.append(f"wrote {written}")
+    return lines

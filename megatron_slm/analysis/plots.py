@@ -10,7 +10,10 @@ A *run directory* is a ``--save`` directory of ``slm train``: ``metrics.jsonl`` 
                                 policy vs reference loss over training (SLM runs);
 - :func:`plot_excess_histograms` the excess-loss distribution of selected vs unselected tokens per dump;
 - :func:`k_sweep_report`        held-out loss vs k over several SLM runs (CLM as a horizontal line), plus
-                                ``k_sweep.csv`` and ``k_sweep.md``.
+                                ``k_sweep.csv`` and ``k_sweep.md``;
+- :func:`plot_runs`             all of them for some run directories: ``slm plot``.
+
+matplotlib is the ``viz`` extra: pip install 'megatron_slm[viz]'.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from megatron_slm.errors import require
 
 
 @dataclass
@@ -117,8 +122,7 @@ def _runs(runs) -> list[Run]:
 
 
 def _plt():
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plotting runs")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -440,3 +444,52 @@ def k_sweep_report(runs: Iterable, out_dir, name: str = "k_sweep") -> dict:
     fig.tight_layout()
     png = _save(fig, out_dir / f"{name}.png")
     return {"png": png, "csv": out_dir / f"{name}.csv", "md": out_dir / f"{name}.md", "rows": rows}
+
+
+PLOT_KINDS = ("curves", "selection", "excess", "sweep")
+
+
+def plot_runs(
+    runs: Iterable,
+    out_dir,
+    kinds: Iterable[str] | None = None,
+    k_sweep: bool = False,
+    smooth_window: int = 5,
+    prefix: str = "",
+) -> tuple[list[Path], list[str], str | None]:
+    """``slm plot``: the plots of ``runs`` (:class:`Run` objects, or ``DIR`` / ``LABEL=DIR``) in ``out_dir``:
+
+        <prefix>slm_vs_clm.png       held-out and training loss, SLM vs CLM                    (kind "curves")
+        <prefix>selection_stats.png  selected fraction, excess loss of selected vs unselected   ("selection")
+        <prefix>excess_hist.png      excess-loss histograms per dump (SLM runs with dumps)      ("excess")
+        <prefix>k_sweep.png/.csv/.md held-out loss vs k, CLM as a line                          ("sweep")
+
+    ``kinds``: some of PLOT_KINDS (default: all but "sweep", which ``k_sweep`` adds). Returns the files written,
+    notes on the plots skipped, and the k sweep's markdown table (None without it). A run directory that is
+    missing or unreadable raises FileNotFoundError / ValueError before anything is drawn."""
+    loaded = _runs(runs)
+    kinds = set(kinds or [k for k in PLOT_KINDS if k != "sweep" or k_sweep])
+    out = Path(out_dir)
+    written, notes, report = [], [], None
+    slm = [r for r in loaded if r.loss_mode == "slm"]
+    if "curves" in kinds:
+        written.append(plot_loss_curves(loaded, out / f"{prefix}slm_vs_clm.png", smooth_window=smooth_window))
+    if "selection" in kinds:
+        if slm:
+            written.append(plot_selection_stats(slm, out / f"{prefix}selection_stats.png", smooth_window=smooth_window))
+        else:
+            notes.append("no SLM run: skipping selection_stats.png")
+    if "excess" in kinds:
+        with_dumps = [r for r in slm if any((r.path / "selection_dumps").glob("iter_*.pt"))]
+        for r in with_dumps:
+            name = f"{prefix}excess_hist.png" if len(with_dumps) == 1 else f"{prefix}excess_hist_{r.path.name}.png"
+            written.append(plot_excess_histograms(r.path, out / name))
+        if not with_dumps:
+            notes.append(
+                "no selection_dumps/ in the SLM runs (train with --selection-dump-interval N): skipping excess_hist.png"
+            )
+    if "sweep" in kinds:
+        rep = k_sweep_report(loaded, out, name=f"{prefix}k_sweep")
+        written += [rep["png"], rep["csv"], rep["md"]]
+        report = rep["md"].read_text()
+    return written, notes, report

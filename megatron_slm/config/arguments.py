@@ -70,6 +70,8 @@ def add_override_arguments(parser: argparse.ArgumentParser, select: Selection | 
             kwargs["type"] = str  # coerced (and reported) by load_config, like YAML values
             is_path = path[-1].endswith(("load", "save", "dir", "path", "model", "checkpoint", "deepspeed"))
             kwargs["metavar"] = {int: "N", float: "X", list: "PATH"}.get(tp, "PATH" if is_path else "STR")
+            if path[-1].endswith("_per_dataset"):
+                kwargs["metavar"] = "K"
             if tp is list:
                 kwargs["nargs"] = "+"
             if meta.get("choices"):

@@ -93,6 +93,9 @@ def validate(
         problems.append(
             f"slm.slm_select_ratio (k) = {slm.slm_select_ratio} is outside (0, 1]; the paper uses 0.6 (1B) / 0.7 (7B)"
         )
+    problems += _per_dataset_problems(cfg)
+    if not (0.0 <= slm.slm_warn_selected_share <= 1.0):
+        problems.append(f"slm.slm_warn_selected_share={slm.slm_warn_selected_share} must be in [0, 1] (0: never warn)")
     if not (0.0 <= slm.threshold_momentum < 1.0):
         problems.append(f"slm.threshold_momentum={slm.threshold_momentum} must be in [0, 1)")
     if reference_in_memory(cfg) if check_reference is None else check_reference:
@@ -318,3 +321,31 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """Vocab padded so each TP shard is equal and a multiple of ``divisible_by`` (as Megatron does)."""
     multiple = divisible_by * tp
     return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def _per_dataset_problems(cfg) -> list[str]:
+    """--slm-select-ratio-per-dataset: one k in (0, 1] per --data-path dataset."""
+    ks = cfg.slm.slm_select_ratio_per_dataset
+    if not ks:
+        return []
+    flag = "--slm-select-ratio-per-dataset"
+    problems = []
+    values = []
+    for k in ks:
+        try:
+            values.append(float(k))
+        except ValueError:
+            problems.append(f"{flag}: {k!r} is not a number; give one k in (0, 1] per --data-path dataset")
+    problems += [f"{flag}: k={k} is outside (0, 1]" for k in values if not (0.0 < k <= 1.0)]
+    if cfg.slm.loss_mode != "slm":
+        problems.append(f"{flag} selects tokens: it needs --loss-mode slm")
+    if cfg.data.data_path:
+        from megatron_slm.data.blend import parse_blend
+
+        prefixes = parse_blend(cfg.data.data_path)[0]
+        if len(prefixes) != len(ks):
+            problems.append(
+                f"{flag} has {len(ks)} value(s) but --data-path has {len(prefixes)} dataset(s) "
+                f"({', '.join(prefixes)}); give one k per dataset, in the same order"
+            )
+    return problems

@@ -147,6 +147,17 @@ class SLMConfig(_Section):
     slm_select_ratio: float = _opt(
         0.6, "k: fraction of the (unmasked) tokens that train (paper: 0.6 for 1B, 0.7 for 7B)"
     )
+    slm_select_ratio_per_dataset: list | None = _opt(
+        None,
+        "one k per --data-path dataset, in its order (e.g. 0.6 1.0: top 60% of the first dataset's tokens, all of "
+        "the second's); each dataset's tokens are ranked among themselves (unset: --slm-select-ratio for all)",
+    )
+    slm_warn_selected_share: float = _opt(
+        0.2,
+        "warn once when a blend dataset's selected share over a logging window falls under this (0: never). SLM "
+        "skips the tokens the reference is bad at; a dataset trained on under 20% of its tokens (a third of "
+        "the paper's k) is being left out and may be forgotten",
+    )
     selection_scope: str = _opt(
         "micro_batch", "which tokens the top-k ranks together (README: selection scopes)", SELECTION_SCOPES
     )
@@ -232,7 +243,7 @@ class TrainConfig(_Section):
 
 @dataclass
 class DataConfig(_Section):
-    """megatron-core indexed datasets written by tools/preprocess_data.py (prefixes, without .bin/.idx)."""
+    """megatron-core indexed datasets written by slm preprocess (prefixes, without .bin/.idx)."""
 
     data_path: list | None = _opt(None, "training data: [weight] prefix [weight prefix ...] (Megatron's blend)")
     valid_data_path: list | None = _opt(None, "separate validation blend (unset: a split of --data-path)")

@@ -31,7 +31,7 @@ from megatron_slm.conversion.tokenizer_export import (
     write_tokenizer,
 )
 from megatron_slm.data.preprocess import path_overlap
-from megatron_slm.errors import CheckpointError, ConvertError
+from megatron_slm.errors import CheckpointError, ConvertError, require
 from megatron_slm.log import get_logger
 from megatron_slm.model.hf import (
     ARCHITECTURES,
@@ -48,7 +48,7 @@ from megatron_slm.model.hf import (
 from megatron_slm.model.loading import build_eval_model, load_model
 
 _log = get_logger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # names: conversion.DTYPE_NAMES (a test checks)
 HF_SOURCE = "hf_source.json"  # sidecar in a converted checkpoint: the original HF config and the dtype written
 
 
@@ -135,7 +135,11 @@ def hf_to_megatron(
     """
     from megatron_slm.checkpoint import save_model_weights, tokenizer_fingerprints
 
+    if verify_seq_len < 1:
+        raise ConvertError("--verify-seq-len must be >= 1")
     torch_dtype = _dtype(dtype)
+    if verify:  # before the conversion, not after it
+        require("transformers", "--verify (transformers' own forward pass)")
     hf_cfg = read_hf_config(hf_dir)
     _check_output(out_dir, force, [hf_dir])
     hf = HFWeights(hf_dir)
@@ -236,13 +240,8 @@ def megatron_to_hf(
     if dtype == "auto":
         dtype = source.get("dtype", "fp32") if source.get("dtype") in DTYPES else "fp32"
     torch_dtype = _dtype(dtype)
-    try:
-        from safetensors.torch import save_file  # noqa: F401
-        from transformers import LlamaConfig  # noqa: F401
-    except ImportError:
-        raise ConvertError(
-            "megatron-to-hf needs transformers and safetensors: pip install transformers safetensors"
-        ) from None
+    for module in ("transformers", "safetensors", "tokenizers"):
+        require(module, "megatron-to-hf")
     hf_cfg = model_config_to_hf_config(m, source.get("hf_config"), torch_dtype)
     tokenizer = find_tokenizer(path, source, tokenizer_model)
     # path: the iteration read; the tokenizer may be the HF directory the checkpoint was converted from
@@ -310,10 +309,8 @@ def verify_conversion(hf_dir: str, ckpt_dir: str, seq_len: int = 64, batch: int 
     on the same random token ids."""
     from megatron_slm.checkpoint import read_model_config
 
-    try:
-        hf_model = load_hf_model(hf_dir)
-    except ImportError:
-        raise ConvertError("--verify needs transformers: pip install transformers") from None
+    require("transformers", "--verify (transformers' own forward pass)")
+    hf_model = load_hf_model(hf_dir)
     m = read_model_config(ckpt_dir)
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, m.vocab_size, (batch, seq_len), generator=gen)

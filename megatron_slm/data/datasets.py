@@ -4,7 +4,7 @@ Blending by weight, train/valid/test split, seeded shuffling, sequence packing a
 megatron-core's. This module adds two things:
 
 - one metadata check up front: every dataset of a blend must come from the same tokenizer, its
-  vocabulary must be the model's (``<prefix>.json``, written by tools/preprocess_data.py), and every token
+  vocabulary must be the model's (``<prefix>.json``, written by slm preprocess), and every token
   id in its ``.bin`` must lie inside that vocabulary (the id range is recorded in ``<prefix>.json`` for the
   ``.bin``'s size and mtime, and rescanned when either changes);
 - a *positions twin*: the same GPTDataset built over a stand-in low-level dataset whose "tokens" are each
@@ -55,30 +55,30 @@ def read_meta(prefix: str) -> dict:
     for suffix in (".bin", ".idx"):
         if not Path(str(p) + suffix).is_file():
             raise DataError(
-                f"dataset '{prefix}': {p.name}{suffix} is missing; create it with tools/preprocess_data.py "
+                f"dataset '{prefix}': {p.name}{suffix} is missing; create it with slm preprocess "
                 "(a data path is the prefix without .bin/.idx)"
             )
     meta_path = Path(str(p) + ".json")
     if not meta_path.is_file():
         raise DataError(
-            f"dataset '{prefix}': {meta_path.name} (tokenizer metadata) is missing; rebuild it with tools/preprocess_data.py"
+            f"dataset '{prefix}': {meta_path.name} (tokenizer metadata) is missing; rebuild it with slm preprocess"
         )
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(
-            f"dataset '{prefix}': {meta_path.name} is not valid JSON ({exc}); rebuild it with tools/preprocess_data.py"
+            f"dataset '{prefix}': {meta_path.name} is not valid JSON ({exc}); rebuild it with slm preprocess"
         ) from None
     size = Path(f"{p}.bin").stat().st_size
     if "bin_bytes" in meta and size != meta["bin_bytes"]:
         raise DataError(
             f"dataset '{prefix}': {p.name}.bin has {size} bytes but was written with {meta['bin_bytes']}: it is "
-            "truncated or corrupt; rebuild it with tools/preprocess_data.py"
+            "truncated or corrupt; rebuild it with slm preprocess"
         )
     if "idx_sha256" in meta:
         if file_sha256(f"{p}.idx") != meta["idx_sha256"]:
             raise DataError(
-                f"dataset '{prefix}': {p.name}.idx does not match its metadata (corrupt or replaced); rebuild it with tools/preprocess_data.py"
+                f"dataset '{prefix}': {p.name}.idx does not match its metadata (corrupt or replaced); rebuild it with slm preprocess"
             )
     return meta
 
@@ -99,7 +99,7 @@ def scan_token_ids(prefix: str, vocab_size: int):
     if size < end:
         raise DataError(
             f"dataset '{prefix}': {Path(prefix).name}.bin has {size} bytes but its index needs {end}: it is "
-            "truncated or corrupt; rebuild it with tools/preprocess_data.py"
+            "truncated or corrupt; rebuild it with slm preprocess"
         )
     n = end // itemsize
     if n == 0:
@@ -131,7 +131,7 @@ def check_token_ids(prefix: str, meta: dict, vocab_size: int) -> None:
         raise DataError(
             f"dataset '{prefix}': token id {first[1]} at position {first[0]} is outside the vocabulary "
             f"(vocab_size={vocab_size}); the .bin is corrupt or was tokenized with another tokenizer; rebuild it "
-            "with tools/preprocess_data.py"
+            "with slm preprocess"
         )
     meta.update(min_token_id=lo, max_token_id=hi, token_ids_bin=key)
     meta_path = Path(f"{prefix}.json")
@@ -235,7 +235,47 @@ def build_datasets(config, num_samples: list[int], positions: bool = False):
         # megatron-core builds every split with a share, even one asked for no samples (our test split), and loops
         # forever on one without documents (a small dataset's 0.1%): such splits are not built
         config.split_matrix = [None if not n else b for b, n in zip(config.split_matrix, num_samples)]
-    return BlendedMegatronDatasetBuilder(cls, num_samples, lambda: True, config).build()
+    builder = BlendedMegatronDatasetBuilder(cls, num_samples, lambda: True, config)
+    _build_node_local_caches(config, builder)
+    return builder.build()
+
+
+def _build_node_local_caches(config, builder) -> None:
+    """Fill each node's own index cache once, when ``--data-cache-path`` is not shared between nodes.
+
+    megatron-core builds the sample indices on global rank 0, writes them to the cache, and has every other rank
+    read them: right for a cache on a shared file system, but the ranks of other nodes find nothing in a
+    node-local one (local disk, /tmp) and fail. There, the first rank of each such node builds its node's copy
+    first (megatron-core's single-process path, which builds and saves), and the node's other ranks read it. A
+    node that sees rank 0's marker file shares rank 0's cache and builds nothing. Every rank must call this."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or config.path_to_cache is None or dist.get_world_size() == 1:
+        return
+    rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    token = torch.randint(0, 2**62, (1,), dtype=torch.int64) if rank == 0 else torch.zeros(1, dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        token = token.cuda()
+    dist.broadcast(token, 0)  # the marker's name, new for each call: a stale marker cannot mislead
+    cache = Path(config.path_to_cache)
+    marker = cache / f".rank0-sees-this-{int(token.item()):x}"
+    if rank == 0:
+        cache.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    dist.barrier()
+    if rank != 0 and local_rank == 0 and not marker.exists():  # this node's cache is its own
+        cache.mkdir(parents=True, exist_ok=True)
+        # megatron-core decides "build and save on a cache miss" by global rank 0 (GPTDataset: or no process
+        # group); this node's first rank answers as rank 0 of no process group for a moment and does that work.
+        real = dist.is_initialized, dist.get_rank
+        dist.is_initialized, dist.get_rank = (lambda: False), (lambda group=None: 0)
+        try:
+            builder.build()
+        finally:
+            dist.is_initialized, dist.get_rank = real
+    dist.barrier()
+    if rank == 0:
+        marker.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------

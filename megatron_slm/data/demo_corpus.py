@@ -14,7 +14,7 @@ The general documents are split by a seeded shuffle into ``general_heldout`` (10
 ``0.55 math_train 0.45 general`` draws each document about once). A SentencePiece BPE tokenizer (byte
 fallback, identity normalization, so decoding returns the exact text) is trained on the non-held-out
 documents. Everything lands in ``out_dir``: tokenizer.model, ``text/<name>.jsonl``, the megatron-core indexed
-datasets ``<name>.bin/.idx/.json`` made from them by tools/preprocess_data.py's ``preprocess``, and
+datasets ``<name>.bin/.idx/.json`` made from them by ``preprocess`` (slm preprocess), and
 corpus.json (the summary).
 
     python -m megatron_slm.data.demo_corpus --out data/demo

@@ -26,10 +26,11 @@ encode, is refused naming its file and line; a null text cell naming its file an
 under temporary names and renamed at the end (the .idx last), so an interrupted run never leaves a
 complete-looking output.
 
-    python tools/preprocess_data.py data/*.jsonl --tokenizer tokenizer.model --output-prefix data/train
+    slm preprocess data/*.jsonl --tokenizer tokenizer.model --output-prefix data/train
+
+Its command line is ``slm preprocess`` (megatron_slm/cli.py).
 """
 
-import argparse
 import collections
 import glob
 import gzip
@@ -42,14 +43,14 @@ import re
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from megatron_slm.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_slm.errors import PreprocessError, TokenizerError
+from megatron_slm.errors import PreprocessError
+from megatron_slm.log import progress_bar
 
 TOOL = "megatron_slm preprocess_data"
 TOOL_VERSION = "1"
@@ -717,39 +718,6 @@ def _encode_task(task) -> tuple:
     return ("ok", flat, lengths, empty, lo, hi, newlines)
 
 
-# ----------------------------------------------------------------------------------------------- progress
-class _Progress:
-    def __init__(self, quiet: bool, every: float, stream=None):
-        self.quiet, self.every, self.stream = quiet, every, stream or sys.stderr
-        self.t0 = self.last = time.perf_counter()
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.shown = False
-
-    def _line(self, docs: int, tokens: int) -> str:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        return f"{docs:,} docs, {tokens:,} tokens | {docs / dt:,.0f} docs/s, {tokens / dt:,.0f} tokens/s | {dt:.1f} s"
-
-    def update(self, docs: int, tokens: int) -> None:
-        now = time.perf_counter()
-        if self.quiet or now - self.last < self.every:
-            return
-        self.last = now
-        if self.tty:
-            self.stream.write("\r\033[K" + self._line(docs, tokens))
-        else:
-            self.stream.write(self._line(docs, tokens) + "\n")
-        self.stream.flush()
-        self.shown = True
-
-    def done(self, text: str) -> None:
-        if self.quiet:
-            return
-        if self.tty and self.shown:
-            self.stream.write("\r\033[K")
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-
 # ----------------------------------------------------------------------------------------------- preprocess
 def _prefix(output_prefix) -> str:
     s = str(output_prefix)
@@ -822,8 +790,9 @@ def preprocess(
 ) -> dict:
     """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx/.json`` (see the module docstring); return the metadata.
 
-    ``tokenizer_path`` may also be a loaded ``Tokenizer``. ``log_every``: seconds between progress lines on
-    ``stream`` (stderr), shown unless ``quiet``. Raises ``PreprocessError`` / ``TokenizerError`` (both
+    ``tokenizer_path`` may also be a loaded ``Tokenizer``. ``log_every``: seconds between updates of the progress
+    bar on ``stream`` (stderr; a bar only on a terminal), which with the summary line is shown unless ``quiet``.
+    Raises ``PreprocessError`` / ``TokenizerError`` (both
     ``ValueError``) for unusable inputs, tokenizer or output."""
     if workers < 1:
         raise PreprocessError(f"workers must be >= 1, got {workers}")
@@ -859,7 +828,11 @@ def preprocess(
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     tmp = {ext: f"{p}.partial-{os.getpid()}" for ext, p in outputs.items()}
-    progress = _Progress(quiet, log_every, stream)
+    stream = sys.stderr if stream is None else stream
+    t0 = time.perf_counter()
+    bar = progress_bar(
+        desc="tokenizing", unit=" docs", unit_scale=True, file=stream, quiet=quiet, mininterval=log_every, leave=False
+    )
     docs = tokens = empty = 0
     lo, hi = None, None  # the range of the token ids written
     done = False
@@ -885,14 +858,15 @@ def preprocess(
             docs += len(lengths)
             tokens += int(flat.size)
             empty += n_empty
-            progress.update(docs, tokens)
+            bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
+            bar.update(len(lengths))
         if docs == 0:
             raise PreprocessError(
                 f"empty input: {len(files)} file(s) hold no non-empty document ({empty} empty skipped)"
             )
         builder.finalize(tmp[".idx"])
         bin_stat = os.stat(tmp[".bin"])  # the rename below keeps size and mtime
-        elapsed = time.perf_counter() - progress.t0
+        elapsed = time.perf_counter() - t0
         meta = {
             "format": "megatron-core indexed dataset",
             "tool": TOOL,
@@ -923,6 +897,7 @@ def preprocess(
         os.replace(tmp[".idx"], outputs[".idx"])
         done = True
     finally:
+        bar.close()
         results.close()  # stops the worker pool
         if not done:
             if builder is not None:
@@ -930,85 +905,14 @@ def preprocess(
             for p in tmp.values():
                 if os.path.exists(p):
                     os.remove(p)
-    progress.done(
-        f"done: {docs:,} documents ({empty:,} empty skipped), {tokens:,} tokens in {elapsed:.2f} s: "
-        f"{docs / max(elapsed, 1e-9):,.0f} docs/s, {tokens / max(elapsed, 1e-9):,.0f} tokens/s "
-        f"-> {prefix}.bin/.idx ({np.dtype(dtype).name})"
-    )
+    if not quiet:
+        print(
+            f"done: {docs:,} documents ({empty:,} empty skipped), {tokens:,} tokens in {elapsed:.2f} s: "
+            f"{docs / max(elapsed, 1e-9):,.0f} docs/s, {tokens / max(elapsed, 1e-9):,.0f} tokens/s "
+            f"-> {prefix}.bin/.idx ({np.dtype(dtype).name})",
+            file=stream,
+            flush=True,
+        )
     meta_out = dict(meta)
     meta_out["seconds"] = elapsed
     return meta_out
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="preprocess_data.py",
-        description="Tokenize .jsonl/.json/.txt (also .gz/.zst), parquet and Arrow files or datasets "
-        "directories into a megatron-core indexed dataset (<prefix>.bin/.idx) plus <prefix>.json "
-        "metadata.",
-    )
-    p.add_argument("inputs", nargs="*", help="input files, directories (recursive) or globs")
-    p.add_argument(
-        "--input",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="another input (repeatable; same as a positional input)",
-    )
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx and PREFIX.json")
-    p.add_argument(
-        "--tokenizer", required=True, metavar="PATH", help="a sentencepiece .model or a Hugging Face tokenizer.json"
-    )
-    p.add_argument(
-        "--eod-token", default=None, help="token (or id) appended after each document; default: the tokenizer's eos"
-    )
-    p.add_argument(
-        "--json-key", default="text", help="JSON field, or parquet / Arrow column, holding the text (default: text)"
-    )
-    p.add_argument(
-        "--split-lines",
-        action="store_true",
-        help="text files: each non-empty line is a document (default: each file is one document)",
-    )
-    p.add_argument("--workers", type=int, default=2, help="tokenizer processes (default: 2)")
-    p.add_argument(
-        "--no-append-eod", dest="append_eod", action="store_false", help="do not append the EOD id after each document"
-    )
-    p.add_argument("--force", action="store_true", help="overwrite an existing PREFIX.bin/.idx (never an input)")
-    p.add_argument("--log-every", type=float, default=1.0, help="seconds between progress updates (default: 1)")
-    p.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    try:
-        preprocess(
-            list(args.inputs) + list(args.input),
-            args.output_prefix,
-            args.tokenizer,
-            json_key=args.json_key,
-            workers=args.workers,
-            force=args.force,
-            append_eod=args.append_eod,
-            log_every=args.log_every,
-            split_lines=args.split_lines,
-            eod_token=args.eod_token,
-            quiet=args.quiet,
-        )
-    except (PreprocessError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -255,7 +255,7 @@ def check_scoring_flags(sidecar: ScoreSidecar, run: dict) -> None:
             else f"--train-iters {rec['train_iters']} --global-batch-size {rec['global_batch_size']}"
         )
     if problems:
-        fix = "rerun tools/score_reference.py (slm score-reference) with this run's data flags"
+        fix = "rerun slm score-reference with this run's data flags"
         if hints:
             fix += f", or train with the scored ones: {' '.join(hints)}"
         raise DataError(
@@ -280,7 +280,7 @@ class ScoreSidecar:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.prefix = scores_prefix or default_scores_prefix(token_prefix)
-        fix = f"score it with: torchrun ... tools/score_reference.py --data-path {token_prefix} --ref-load REF_CKPT"
+        fix = f"score it with: torchrun ... -m megatron_slm.cli score-reference --data-path {token_prefix} --ref-load REF_CKPT"
         meta_path = Path(f"{self.prefix}.json")
         if not meta_path.is_file():
             raise DataError(f"no reference scores for dataset '{token_prefix}' (missing {meta_path}); {fix}")
@@ -365,6 +365,6 @@ class OfflineScores:
                 raise DataError(
                     f"{int(missing.sum())} training tokens have no reference score in '{self.sidecars[d].prefix}': it was "
                     "scored with another data config (seq_length, seed, split, blend) or fewer samples than this run "
-                    "uses; rerun tools/score_reference.py with this run's data flags"
+                    "uses; rerun slm score-reference with this run's data flags"
                 )
             mb["ref_loss"] = torch.nan_to_num(ref, nan=0.0)

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_slm.errors import TokenizerError
+from megatron_slm.errors import TokenizerError, require
 
 EXPECTED = "expected a sentencepiece .model or a Hugging Face tokenizer.json"
 
@@ -82,13 +82,7 @@ class Tokenizer:
         self.pad = pad if pad >= 0 and pad not in (self.eod, self.bos) else -1
 
     def _init_huggingface(self):
-        try:
-            from tokenizers import Tokenizer as HFTokenizer
-        except ImportError:
-            raise TokenizerError(
-                f"tokenizer {self.path} is a tokenizer.json, which needs the 'tokenizers' "
-                f"package: pip install tokenizers"
-            ) from None
+        HFTokenizer = require("tokenizers", f"tokenizer {self.path} (a tokenizer.json)").Tokenizer
         try:
             text = self._data.decode("utf-8")
             json.loads(text)

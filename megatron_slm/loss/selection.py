@@ -21,6 +21,12 @@ by (train seed, the selector's step counter, DP rank, micro-batch index): the sa
 as top-k on tokens chosen independently of the losses, so "selection" and "fewer tokens" can be told apart. The step
 counter is in the selector's state_dict, so a resumed run continues the same sequence.
 
+Per-dataset ratios (``--slm-select-ratio-per-dataset``, one k per ``--data-path`` dataset): every scope ranks the
+tokens of each blend dataset among themselves and keeps its own k of them, in the same group of tokens the scope
+ranks together (a sequence, micro-batch i over DP, the global batch; threshold: one running quantile per
+dataset), then takes all of those together; the loss is normalised by all the tokens selected. k=1.0 on a
+dataset trains on all of its tokens. The random strategy keeps the same per-dataset counts.
+
 CLM (``--loss-mode clm``) is the selector that keeps every valid token. Ties are broken by global position
 (DP rank, micro-batch, sequence, token), so results are deterministic. The trainer and the DeepSpeed
 backend talk to a selector only through ``prepare``, ``__call__`` and ``expected_count``.
@@ -33,7 +39,7 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-from megatron_slm.slm import RunningThreshold, num_selected, top_k_mask
+from megatron_slm.slm import RunningThreshold, num_selected, per_dataset_top_k_mask, top_k_mask
 
 
 def _dp_group():
@@ -71,6 +77,18 @@ def _valid_masks(micro_batches: list[dict]) -> list[torch.Tensor]:
     return [mb["loss_mask"] > 0 for mb in micro_batches]
 
 
+def _token_dataset_ids(mb: dict, valid: torch.Tensor) -> torch.Tensor:
+    """Each token's blend dataset, [b, s] like ``valid`` (micro-batches of unblended data carry none: 0)."""
+    ids = mb.get("dataset_id")
+    if ids is None:
+        return torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
+    return ids.to(device=valid.device, dtype=torch.long).view(-1, *([1] * (valid.dim() - 1))).expand(valid.shape)
+
+
+def _count_per_dataset(valid: torch.Tensor, ids: torch.Tensor, n: int) -> list[float]:
+    return [float((valid & (ids == d)).sum()) for d in range(n)]
+
+
 STRATEGIES = ("topk", "random")
 
 
@@ -97,10 +115,11 @@ class TokenSelector:
     uses_reference = True  # excess losses need the reference's token losses (random: logged, not ranked)
     _SCORES_KEY = "random_selection_scores"  # random strategy: the scores, parked on the micro-batch
 
-    def __init__(self, k: float, strategy: str = "topk", seed: int | None = None):
+    def __init__(self, k: float, strategy: str = "topk", seed: int | None = None, ks: list[float] | None = None):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown selection strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
         self.k, self.strategy = k, strategy
+        self.ks = [float(x) for x in ks] if ks is not None else None  # per blend dataset, or one k for all
         self.seed = int(torch.initial_seed() if seed is None else seed)  # the trainer seeds torch with train.seed
         self.step = 0  # prepare() calls so far: the random strategy's position in its sequence
 
@@ -132,8 +151,26 @@ class TokenSelector:
     def __call__(self, excess: torch.Tensor | None, valid: torch.Tensor, mb: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def _top_k(self, scores, valid, ids, dim=None) -> torch.Tensor:
+        """The top-k% mask of one group of tokens: one k, or each dataset's own k among its tokens."""
+        if self.ks is None:
+            return top_k_mask(scores, valid, self.k, dim=dim)
+        return per_dataset_top_k_mask(scores, valid, ids, self.ks, dim=dim)
+
+    def _per_dataset_valid(self, micro_batches: list[dict]) -> list[list[float]]:
+        """[micro-batch][dataset] valid-token counts of this rank."""
+        return [
+            _count_per_dataset(v, _token_dataset_ids(mb, v), len(self.ks))
+            for v, mb in zip(_valid_masks(micro_batches), micro_batches)
+        ]
+
     def expected_count(self, micro_batches: list[dict]) -> float:
-        """Default: round(k x valid tokens of the global batch) (exact for global_batch, expected for threshold)."""
+        """Default: round(k x valid tokens of the global batch) per dataset (exact for global_batch, expected for
+        threshold)."""
+        if self.ks is not None:
+            per_mb = self._per_dataset_valid(micro_batches)
+            totals = _dp_sum([sum(row[d] for row in per_mb) for d in range(len(self.ks))])
+            return float(sum(int(num_selected(totals[d], k)) for d, k in enumerate(self.ks)))
         total = _dp_sum([float(sum(int(v.sum()) for v in _valid_masks(micro_batches)))])
         return float(num_selected(total[0], self.k))
 
@@ -161,10 +198,16 @@ class AllTokens(TokenSelector):
 
 class SequenceScope(TokenSelector):
     def __call__(self, excess, valid, mb):
-        return top_k_mask(self.scores(excess, mb), valid.bool(), self.k, dim=-1)
+        return self._top_k(self.scores(excess, mb), valid.bool(), _token_dataset_ids(mb, valid), dim=-1)
 
     def expected_count(self, micro_batches):
-        per_rank = sum(int(num_selected(v.sum(-1), self.k).sum()) for v in _valid_masks(micro_batches))
+        per_rank = 0
+        for v, mb in zip(_valid_masks(micro_batches), micro_batches):
+            if self.ks is None:
+                per_rank += int(num_selected(v.sum(-1), self.k).sum())
+            else:
+                ids = _token_dataset_ids(mb, v)
+                per_rank += sum(int(num_selected((v & (ids == d)).sum(-1), k).sum()) for d, k in enumerate(self.ks))
         return float(_dp_sum([float(per_rank)])[0])
 
 
@@ -173,9 +216,14 @@ class MicroBatchScope(TokenSelector):
         group = _dp_group()
         all_scores = _all_gather(self.scores(excess, mb).float(), group)
         all_valid = _all_gather(valid.to(torch.uint8), group).bool()
-        return top_k_mask(all_scores, all_valid, self.k)[_dp_rank(group)]
+        all_ids = _all_gather(_token_dataset_ids(mb, valid), group) if self.ks is not None else None
+        return self._top_k(all_scores, all_valid, all_ids)[_dp_rank(group)]
 
     def expected_count(self, micro_batches):
+        if self.ks is not None:  # micro-batch i's tokens of dataset d over DP ranks, each group its own top-k_d
+            n = len(self.ks)
+            per = _dp_sum([c for row in self._per_dataset_valid(micro_batches) for c in row]).view(-1, n)
+            return float(sum(int(num_selected(per[:, d], k).sum()) for d, k in enumerate(self.ks)))
         per_mb = _dp_sum([float(v.sum()) for v in _valid_masks(micro_batches)])  # micro-batch i over DP ranks
         return float(num_selected(per_mb, self.k).sum())
 
@@ -195,7 +243,13 @@ class GlobalBatchScope(TokenSelector):
             ranked = torch.stack([excess_loss(p, mb["ref_loss"]) for p, mb in zip(scores, micro_batches)])
         group = _dp_group()
         valid = torch.stack([v.to(torch.uint8) for v in _valid_masks(micro_batches)])
-        masks = top_k_mask(_all_gather(ranked, group), _all_gather(valid, group).bool(), self.k)[_dp_rank(group)]
+        ids = None
+        if self.ks is not None:
+            ids = _all_gather(
+                torch.stack([_token_dataset_ids(mb, v) for mb, v in zip(micro_batches, _valid_masks(micro_batches))]),
+                group,
+            )
+        masks = self._top_k(_all_gather(ranked, group), _all_gather(valid, group).bool(), ids)[_dp_rank(group)]
         for mb, mask in zip(micro_batches, masks.unbind(0)):
             mb[self._KEY] = mask
 
@@ -206,20 +260,41 @@ class GlobalBatchScope(TokenSelector):
 
 
 class ThresholdScope(TokenSelector):
-    def __init__(self, k: float, momentum: float, strategy: str = "topk", seed: int | None = None):
-        super().__init__(k, strategy, seed)
+    def __init__(self, k: float, momentum: float, strategy: str = "topk", seed: int | None = None, ks=None):
+        super().__init__(k, strategy, seed, ks)
         self.threshold = RunningThreshold(k, momentum)
+        self.thresholds = [RunningThreshold(kd, momentum) for kd in self.ks] if self.ks is not None else None
 
     def __call__(self, excess, valid, mb):
-        return self.threshold(self.scores(excess, mb), valid)  # random: the quantile of uniform scores
+        scores = self.scores(excess, mb)  # random: the quantile of uniform scores
+        if self.thresholds is None:
+            return self.threshold(scores, valid)
+        valid, ids = valid.bool(), _token_dataset_ids(mb, valid)
+        mask = torch.zeros_like(valid)
+        for d, threshold in enumerate(self.thresholds):  # each dataset its own running quantile
+            in_d = valid & (ids == d)
+            if in_d.any():
+                mask |= threshold(scores, in_d)
+        return mask
 
     def state_dict(self):
-        return {**super().state_dict(), "threshold": self.threshold.state_dict()}
+        state = {**super().state_dict(), "threshold": self.threshold.state_dict()}
+        if self.thresholds is not None:
+            state["thresholds"] = [t.state_dict() for t in self.thresholds]
+        return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         if state.get("threshold"):
             self.threshold.load_state_dict(state["threshold"])
+        for t, saved in zip(self.thresholds or [], state.get("thresholds") or []):
+            t.load_state_dict(saved)
+
+
+def per_dataset_ratios(slm_cfg) -> list[float] | None:
+    """``--slm-select-ratio-per-dataset`` as floats (one k per --data-path dataset), or None (one k for all)."""
+    ks = getattr(slm_cfg, "slm_select_ratio_per_dataset", None)
+    return [float(k) for k in ks] if ks else None
 
 
 def build_selector(slm_cfg, seed: int | None = None) -> TokenSelector:
@@ -228,7 +303,7 @@ def build_selector(slm_cfg, seed: int | None = None) -> TokenSelector:
     if slm_cfg.loss_mode == "clm":
         return AllTokens()
     k, scope = slm_cfg.slm_select_ratio, slm_cfg.selection_scope
-    kw = dict(strategy=getattr(slm_cfg, "selection_strategy", "topk"), seed=seed)
+    kw = dict(strategy=getattr(slm_cfg, "selection_strategy", "topk"), seed=seed, ks=per_dataset_ratios(slm_cfg))
     if scope == "sequence":
         return SequenceScope(k, **kw)
     if scope == "micro_batch":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from megatron_slm.config import ModelConfig
-from megatron_slm.errors import ConvertError
+from megatron_slm.errors import ConvertError, require
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
@@ -173,6 +173,11 @@ def model_config_to_hf_config(m: ModelConfig, source: dict | None = None, dtype:
 # HF weights
 
 
+def _safe_open():
+    """safetensors' ``safe_open``, or the one-line error naming the extra that installs it."""
+    return require("safetensors", "reading a transformers directory's .safetensors weights").safe_open
+
+
 class HFWeights:
     """Lazy access to the tensors of a transformers directory (safetensors or .bin, sharded or not)."""
 
@@ -217,10 +222,9 @@ class HFWeights:
             self._strip_prefix = False
 
     def _keys_of(self, file: Path):
+        safe_open = _safe_open() if file.suffix == ".safetensors" else None
         try:
-            if file.suffix == ".safetensors":
-                from safetensors import safe_open
-
+            if safe_open is not None:
                 with safe_open(str(file), framework="pt") as f:
                     return list(f.keys())
             return list(self._load_bin(file).keys())
@@ -256,10 +260,9 @@ class HFWeights:
             raise ConvertError(f"the HF weights lack '{key}'")
         file = self.where[key]
         stored = key[len("model.") :] if self._strip_prefix and key != "lm_head.weight" else key
+        safe_open = _safe_open() if file.suffix == ".safetensors" else None
         try:
-            if file.suffix == ".safetensors":
-                from safetensors import safe_open
-
+            if safe_open is not None:
                 with safe_open(str(file), framework="pt") as f:
                     return f.get_tensor(stored)
             return self._load_bin(file)[stored]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_slm.config import bf16_enabled
-from megatron_slm.errors import CheckpointError, ConfigError
+from megatron_slm.errors import CheckpointError, ConfigError, require
 from megatron_slm.model.head import output_weight
 
 
@@ -81,6 +81,7 @@ def load_ds_config(path: str, cfg, dp_size: int) -> dict:
 def _engine_globals() -> list:
     """The DeepSpeed classes its engine files hold besides what ``weights_only`` allows (found by saving ZeRO 0/1/2
     checkpoints, fp32 and bf16): plain state, nothing that runs code when built from a pickle."""
+    require("deepspeed", "--deepspeed")
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -132,7 +133,7 @@ class DeepSpeedBackend:
 
     def __init__(self, module, cfg, dp_size: int):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        import deepspeed
+        deepspeed = require("deepspeed", "--deepspeed")
 
         from megatron_slm.parallel import cpu_shims
 

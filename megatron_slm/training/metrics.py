@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_slm.errors import ConfigError
+from megatron_slm.errors import require
 from megatron_slm.log import METRICS_LOGGER
 from megatron_slm.parallel import distributed
 from megatron_slm.planning.flops import training_step_flops
@@ -49,6 +49,25 @@ PEAK_TFLOPS = (
 )
 GIB = 1024**3
 WANDB_ID_FILE = "wandb_run_id"
+
+# Per blended dataset and step (metrics "<key>_ds<i>"): selected and valid tokens, and the reference loss summed over
+# the unselected tokens with their count (a high mean there: tokens SLM skips because the reference is bad at them).
+DATASET_COUNT_KEYS = ("selected_tokens", "valid_tokens", "unselected_ref_loss_sum", "unselected_tokens")
+
+
+def dataset_shares(window: list[dict]) -> list[tuple[float, float | None]]:
+    """Per blended dataset over a window of steps: (selected share, mean reference loss of the unselected tokens)."""
+    out, i = [], 0
+    while any(f"valid_tokens_ds{i}" in w for w in window):
+
+        def total(key, i=i):
+            return sum(w.get(f"{key}_ds{i}") or 0.0 for w in window)
+
+        valid, unselected = total("valid_tokens"), total("unselected_tokens")
+        share = total("selected_tokens") / valid if valid else math.nan
+        out.append((share, total("unselected_ref_loss_sum") / unselected if unselected else None))
+        i += 1
+    return out
 
 
 def finite_or_none(x):
@@ -113,6 +132,7 @@ class MetricsLogger:
         self.interval = max(cfg.train.log_interval, 1)
         self.tb = self.jsonl = self.wandb = None
         self.window: list[dict] = []
+        self.warned: set[int] = set()  # datasets already warned about (--slm-warn-selected-share)
         self.total, self.first, self.t0 = cfg.train.train_iters, 0, time.perf_counter()
         if not self.enabled:
             return
@@ -137,10 +157,7 @@ class MetricsLogger:
 
     @staticmethod
     def _init_wandb(cfg):
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("--wandb-project needs wandb: pip install wandb") from None
+        wandb = require("wandb", "--wandb-project")
         directory = Path(_wandb_dir(cfg))
         directory.mkdir(parents=True, exist_ok=True)
         run_id = None
@@ -192,7 +209,34 @@ class MetricsLogger:
         seconds = sum(w.get("step_time", 0.0) for w in window)
         avg.update(self._throughput(sum(w["tokens"] for w in window), seconds))
         avg["peak_mem_gib"] = values["peak_mem_gib"]
-        log.info(self._line(iteration, avg))
+        shares = dataset_shares(window)
+        log.info(self._line(iteration, avg) + self._dataset_part(shares))
+        self._warn_forgetting(iteration, shares, len(window))
+
+    def _dataset_part(self, shares) -> str:
+        if len(shares) < 2:
+            return ""
+        cells = [f"{s:.2f}/" + (f"{r:.2f}" if r is not None else "-") for s, r in shares]
+        return " | by dataset selected/ref(unsel) " + " ".join(cells)
+
+    def _warn_forgetting(self, iteration: int, shares, steps: int) -> None:
+        """Once per dataset: its selected share over this logging window is under --slm-warn-selected-share."""
+        floor = self.cfg.slm.slm_warn_selected_share
+        if not floor or len(shares) < 2:
+            return
+        names = self.cfg.data.data_path and _blend_names(self.cfg.data.data_path)
+        for i, (share, ref) in enumerate(shares):
+            if i in self.warned or math.isnan(share) or share >= floor:
+                continue
+            self.warned.add(i)
+            name = names[i] if names and i < len(names) else f"dataset {i}"
+            log.warning(
+                f"{name}: only {share:.1%} of its tokens were selected over the last {steps} step(s) (under "
+                f"--slm-warn-selected-share {floor}); the reference's mean loss on the tokens left out is "
+                + (f"{ref:.2f}" if ref is not None else "n/a")
+                + ". SLM does not train on what the reference is bad at, so this data may be forgotten; give it "
+                "its own k with --slm-select-ratio-per-dataset (1.0: plain CLM on it)"
+            )
 
     def _line(self, iteration: int, avg: dict) -> str:
         done = iteration - self.first
@@ -255,3 +299,9 @@ class MetricsLogger:
             # a job killed then (a Slurm step ending) would lose them. teardown() waits for the service to flush.
             wandb.teardown()
             self.wandb = None
+
+
+def _blend_names(data_path) -> list[str]:
+    from megatron_slm.data.blend import parse_blend
+
+    return [Path(p).name for p in parse_blend(data_path)[0]]

@@ -15,7 +15,8 @@ import yaml
 from megatron_slm.config import Config
 from megatron_slm.errors import DivergenceError, SLMError
 from megatron_slm.log import get_logger
-from megatron_slm.training.metrics import finite_or_none
+from megatron_slm.loss.selection import per_dataset_ratios
+from megatron_slm.training.metrics import DATASET_COUNT_KEYS, finite_or_none
 from megatron_slm.training.resolve import ResolvedRun, dataset_sizes, resolve_run
 
 SUMMARY_FILE = "summary.json"  # <save>/summary.json: the whole run's statistics, written on every stop
@@ -81,15 +82,20 @@ def summarize(cfg: Config, trainer, result: dict) -> dict | None:
         for k in history[-1]
         if isinstance(history[-1][k], (int, float))
         and k != "iteration"
-        and not k.startswith(("selected_tokens_ds", "valid_tokens_ds"))
+        and not any(k.startswith(f"{key}_ds") for key in DATASET_COUNT_KEYS)
     ]
     tail = history[len(history) // 2 :] or history  # the second half: past warm-up
     selective = trainer.selective
-    by_dataset = None
+    by_dataset = unselected_ref = None
     if selective and any("valid_tokens_ds0" in h for h in history):
-        sel = [sum(h.get(f"selected_tokens_ds{i}", 0.0) for h in history) for i in range(trainer.num_datasets)]
-        val = [sum(h.get(f"valid_tokens_ds{i}", 0.0) for h in history) for i in range(trainer.num_datasets)]
+
+        def total(key):
+            return [sum(h.get(f"{key}_ds{i}") or 0.0 for h in history) for i in range(trainer.num_datasets)]
+
+        sel, val = total("selected_tokens"), total("valid_tokens")
         by_dataset = [s / v if v else None for s, v in zip(sel, val)]
+        ref_sum, n_unsel = total("unselected_ref_loss_sum"), total("unselected_tokens")
+        unselected_ref = [r / n if n else None for r, n in zip(ref_sum, n_unsel)]
     return finite_or_none(
         {
             "loss_mode": cfg.slm.loss_mode,
@@ -103,6 +109,9 @@ def summarize(cfg: Config, trainer, result: dict) -> dict | None:
             "mean_second_half": {k: sum(h.get(k, math.nan) for h in tail) / len(tail) for k in keys},
             "data_path": cfg.data.data_path,
             "selected_fraction_by_dataset": by_dataset,
+            "k_by_dataset": per_dataset_ratios(cfg.slm) if selective else None,
+            # mean reference loss of the tokens SLM left out, per dataset: high where the reference is bad
+            "unselected_ref_loss_by_dataset": unselected_ref,
             "parallel": {
                 "tp": cfg.parallel.tensor_model_parallel_size,
                 "pp": cfg.parallel.pipeline_model_parallel_size,

@@ -33,7 +33,7 @@ from megatron_slm.model.build import build_model_chunks, recompute_settings
 from megatron_slm.model.head import output_weight, unwrap
 from megatron_slm.parallel import distributed
 from megatron_slm.training import state
-from megatron_slm.training.metrics import MetricsLogger
+from megatron_slm.training.metrics import DATASET_COUNT_KEYS, MetricsLogger
 from megatron_slm.training.passes import data_iterators, model_forward, score_pass
 from megatron_slm.training.resolve import ResolvedRun, resolve_run
 
@@ -335,7 +335,8 @@ class Trainer:
             counts = self._count_selection_by_dataset(outputs, micro_batches)
             if counts is not None:
                 for i in range(self.num_datasets):
-                    metrics[f"selected_tokens_ds{i}"], metrics[f"valid_tokens_ds{i}"] = counts[:, i].tolist()
+                    for key, value in zip(DATASET_COUNT_KEYS, counts[:, i].tolist()):
+                        metrics[f"{key}_ds{i}"] = value
         metrics.update(
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=self.optimizer.param_groups[0]["lr"],
@@ -349,14 +350,22 @@ class Trainer:
         return metrics
 
     def _count_selection_by_dataset(self, outputs, micro_batches) -> torch.Tensor | None:
-        """[selected, valid] tokens per blended dataset in this step (last stage, summed over DP), or None."""
+        """DATASET_COUNT_KEYS x blended datasets in this step (last stage, summed over DP), or None: selected and
+        valid tokens, and the reference loss summed over the unselected ones (what SLM leaves out, and why)."""
         if not (self.selective and self.is_last_stage and "dataset_id" in micro_batches[0]):
             return None
-        counts = torch.zeros(2, self.num_datasets, dtype=torch.float64, device=distributed.device())
+        counts = torch.zeros(
+            len(DATASET_COUNT_KEYS), self.num_datasets, dtype=torch.float64, device=distributed.device()
+        )
         for o, mb in zip(outputs, micro_batches):
-            ids = mb["dataset_id"].long()
+            ids = mb["dataset_id"].long().to(counts.device)
+            valid = mb["loss_mask"] > 0
+            unselected = (valid & ~o["selected"].bool()).double()
             counts[0].index_add_(0, ids, o["selected"].sum(-1).double())
-            counts[1].index_add_(0, ids, (mb["loss_mask"] > 0).sum(-1).double())
+            counts[1].index_add_(0, ids, valid.sum(-1).double())
+            if o.get("ref_loss") is not None:
+                counts[2].index_add_(0, ids, (o["ref_loss"].double() * unselected).sum(-1))
+            counts[3].index_add_(0, ids, unselected.sum(-1))
         dist.all_reduce(counts, group=self.ps.get_data_parallel_group())
         return counts.cpu()
 

@@ -23,15 +23,14 @@ from megatron_slm.analysis import heatmap, plots, text_selection
 # matplotlib is a test extra (pyproject); only the PNG checks need it
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
 
-ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _slm(command: str, argv: list[str]) -> int:
+    """``slm COMMAND ARGV`` in this process; its exit status."""
+    from megatron_slm import cli
+
+    return cli.main([command, *argv])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,15 +299,14 @@ def test_dump_directory_sections_caps_and_cli(tmp_path):
     parsed3 = parse(heatmap.render_html(dumps[:2], tokenizer=FakeTokenizer()))
     assert [s.get("class") for s in parsed3.sections] == ["tracked"] and len(parsed3.toks) == 2 * 2 * 16
 
-    cli = _tool("visualize_selection")
     out = tmp_path / "page.html"
     png = tmp_path / "page.png"
     # the dumps name no tokenizer: token ids are shown
-    assert cli.main(["--dump", str(run), "--out", str(out), "--png", str(png), "--png-tokens", "40"]) == 0
+    assert _slm("viz", ["--dump", str(run), "--out", str(out), "--png", str(png), "--png-tokens", "40"]) == 0
     parsed = parse(out.read_text())
     assert len(parsed.toks) > 0 and all(re.fullmatch(r"\[\d+\]", t["text"]) for t in parsed.toks)
     assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 5000
-    assert cli.main(["--dump", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert _slm("viz", ["--dump", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,7 +372,6 @@ def test_plots_from_runs(tmp_path):
     assert run.loss_mode == "slm" and run.k == 0.6 and len(run.train) == 40 and len(run.eval) == 4
 
     out = tmp_path / "plots"
-    tool = _tool("plot_runs")
     args = [
         f"SLM k=0.6={tmp_path / 'slm'}",
         str(tmp_path / "slm_k04"),
@@ -384,7 +381,7 @@ def test_plots_from_runs(tmp_path):
         str(out),
         "--k-sweep",
     ]
-    assert tool.main(args) == 0
+    assert _slm("plot", args) == 0
     for name in ("slm_vs_clm", "selection_stats", "k_sweep", "excess_hist"):
         _assert_png(out / f"{name}.png")
 
@@ -399,7 +396,7 @@ def test_plots_from_runs(tmp_path):
     md = (out / "k_sweep.md").read_text()
     assert "SLM k=0.6 **best**" in md and "-0.2000" in md  # 4.10 - 4.30
 
-    assert tool.main([str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert _slm("plot", [str(tmp_path / "nope"), "--out", str(out)]) == 2
     with pytest.raises(ValueError, match="no SLM run"):
         plots.plot_selection_stats([tmp_path / "clm"], out / "x.png")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from dist_helpers import run_distributed
 from helpers.forked import _child
-from test_parallel_training import make_config, my_micro_batches
+from helpers.tiny_training import make_config, my_micro_batches
 
 import megatron_slm.training.trainer  # noqa: F401 - import megatron-core once, before forking ranks
 from megatron_slm.checkpoint import LATEST

@@ -216,15 +216,12 @@ def test_deepspeed_resume_refuses_a_planted_engine_file(runs, tmp_path):
 
 
 def test_heatmap_tool_refuses_a_planted_selection_dump(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import visualize_selection
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    from megatron_slm import cli
+
     dumps, marker = tmp_path / "run" / "selection_dumps", tmp_path / "marker"
     dumps.mkdir(parents=True)
     torch.save({"iteration": 1, "sequences": [], "x": Payload(marker)}, dumps / "iter_0000001.pt")
-    rc = visualize_selection.main(["--dump", str(tmp_path / "run"), "--out", str(tmp_path / "page.html")])
+    rc = cli.main(["viz", "--dump", str(tmp_path / "run"), "--out", str(tmp_path / "page.html")])
     _refused(rc, capsys.readouterr().err, marker, str(dumps / "iter_0000001.pt"))
 
 

@@ -24,8 +24,9 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from megatron_slm.checkpoint import load_model_weights, read_model_config, save_model_weights  # noqa: E402
+from megatron_slm.cli import main as slm_main  # noqa: E402
 from megatron_slm.config import ParallelConfig  # noqa: E402
-from megatron_slm.conversion import cli, converters  # noqa: E402
+from megatron_slm.conversion import converters  # noqa: E402
 from megatron_slm.conversion.tokenizer_export import TOKENIZER_DIR, TOKENIZER_FILES  # noqa: E402
 from megatron_slm.model import (  # noqa: E402
     build,  # noqa: F401 - import megatron before forking ranks
@@ -255,7 +256,7 @@ def test_transformer_engine_names_map_to_local_names():
 
 
 def _cli(argv, capsys):
-    rc = cli.main(argv)
+    rc = slm_main(["convert", *argv])
     err = capsys.readouterr().err
     return rc, err
 
@@ -347,7 +348,7 @@ def _main_captured(argv):
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        rc = cli.main(argv)
+        rc = slm_main(["convert", *argv])
     return rc, err.getvalue()
 
 
@@ -368,8 +369,8 @@ def test_cli_truncated_checkpoint_exits_2_with_one_line(tiny, tmp_path):
 def test_cli_script_exit_status_without_traceback(tmp_path):
     proc = subprocess.run(
         [
-            sys.executable,
-            str(ROOT / "tools/convert_checkpoint.py"),
+            str(Path(sys.executable).with_name("slm")),  # the installed console script
+            "convert",
             "hf-to-megatron",
             "--input",
             str(tmp_path / "missing"),
@@ -532,7 +533,9 @@ def test_output_folders_are_created(tiny, tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "tools" / "convert_checkpoint.py"),
+            "-m",
+            "megatron_slm.cli",
+            "convert",
             "hf-to-megatron",
             "--input",
             str(tiny["root"] / "hf_llama"),

@@ -36,7 +36,8 @@ transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 pytest.importorskip("lm_eval")
 
-from megatron_slm.conversion import cli, converters  # noqa: E402
+from megatron_slm import cli  # noqa: E402
+from megatron_slm.conversion import converters  # noqa: E402
 from megatron_slm.conversion.sentencepiece_json import sentencepiece_to_tokenizers  # noqa: E402
 from megatron_slm.conversion.tokenizer_export import TOKENIZER_DIR, TOKENIZER_FILES  # noqa: E402
 from megatron_slm.model import build  # noqa: E402,F401 - import megatron before forking ranks
@@ -182,7 +183,7 @@ def test_sentencepiece_builder_encodes_exactly_like_sentencepiece(kind, tmp_path
 def _main_captured(argv):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(argv)
+        rc = cli.main(["convert", *argv])
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -491,5 +492,6 @@ def test_export_without_tokenizer_writes_weights_and_says_how_to_add_it(exported
 
 
 def test_cli_help_names_the_tokenizer_flag():
-    text = cli.build_parser()._subparsers._group_actions[0].choices["megatron-to-hf"].format_help()
+    convert = cli.build_parser()._subparsers._group_actions[0].choices["convert"]
+    text = convert._subparsers._group_actions[0].choices["megatron-to-hf"].format_help()
     assert "--tokenizer-model PATH" in text and "sentencepiece .model" in text

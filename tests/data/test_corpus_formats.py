@@ -1,4 +1,4 @@
-"""tools/preprocess_data.py's inputs besides JSONL: parquet, Arrow (datasets' save_to_disk, DatasetDict, the
+"""slm preprocess's inputs besides JSONL: parquet, Arrow (datasets' save_to_disk, DatasetDict, the
 load_dataset cache, the IPC file format), .jsonl.zst and .jsonl.gz, and its refusals of unusable inputs.
 
 The truth is the JSONL path: the same documents written as JSONL give .bin/.idx bytes that every other format
@@ -25,7 +25,6 @@ import zstandard
 from megatron_slm.data import preprocess as pp
 from megatron_slm.data.preprocess import PreprocessError, preprocess
 
-ROOT = Path(__file__).resolve().parents[2]
 WORDS = (
     "the reference scores every token and only the top fraction enters the loss; integral sum prime 12 345 "
     'x^2 + y^2 = z^2, café naïve über — “quotes” 数学 \\ backslash "quoted"'
@@ -369,7 +368,9 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path, sp_model):
         subprocess.Popen(
             [
                 sys.executable,
-                str(ROOT / "tools" / "preprocess_data.py"),
+                "-m",
+                "megatron_slm.cli",
+                "preprocess",
                 name,
                 "--tokenizer",
                 str(sp_model),

@@ -153,7 +153,7 @@ def test_topk_strategy_is_the_default_and_unknown_strategies_fail():
 
 
 def _random_dp_worker():
-    from test_parallel_training import make_config, run_steps
+    from helpers.tiny_training import make_config, run_steps
 
     from megatron_slm.training.trainer import Trainer
 
@@ -170,7 +170,7 @@ def _random_dp_worker():
 
 
 def test_random_strategy_trains_at_dp2_with_the_top_k_count():
-    from test_parallel_training import my_micro_batches
+    from helpers.tiny_training import my_micro_batches
 
     ranks = run_distributed(_random_dp_worker, 2)
     assert sorted(r["dp_rank"] for r in ranks) == [0, 1]

@@ -5,7 +5,7 @@ attributes, and a run from a pretrained checkpoint with a loaded reference ends 
 from __future__ import annotations
 
 from dist_helpers import run_distributed
-from test_parallel_training import make_config
+from helpers.tiny_training import make_config
 
 
 def _worker(tmp: str) -> dict:

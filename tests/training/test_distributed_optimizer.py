@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 from dist_helpers import run_distributed
-from test_parallel_training import make_config, my_micro_batches
+from helpers.tiny_training import make_config, my_micro_batches
 
 from megatron_slm.config import load_config, validate
 from megatron_slm.errors import ConfigError

@@ -13,7 +13,7 @@ import re
 
 import pytest
 from dist_helpers import run_distributed
-from test_parallel_training import _assert_close_dicts, make_config, my_micro_batches
+from helpers.tiny_training import assert_close_dicts, make_config, my_micro_batches
 
 from megatron_slm.config import validate
 from megatron_slm.errors import ConfigError
@@ -89,7 +89,7 @@ def _assert_same_training(a, b):
             assert p[k] == pytest.approx(s[k], rel=1e-5, abs=1e-6), k
     assert b["eval"] == pytest.approx(a["eval"], rel=1e-5)
     for key in ("grads0", "grads", "params"):
-        _assert_close_dicts(a[key], b[key])
+        assert_close_dicts(a[key], b[key])
 
 
 @pytest.mark.parametrize("other", ["pp1", "pp2"])

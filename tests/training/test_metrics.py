@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatron_slm.config import Config, fill_model_shapes
-from megatron_slm.errors import ConfigError
+from megatron_slm.errors import MissingDependencyError
 from megatron_slm.log import METRICS_LOGGER
 from megatron_slm.planning.flops import training_step_flops
 from megatron_slm.training import metrics as metrics_mod
@@ -319,10 +319,12 @@ def test_wandb_offline_logs_the_values_passed(tmp_path, lines, wandb_offline, mo
     assert resumed.run_id == run.run_id and sorted(history) == [4]
 
 
-def test_wandb_missing_is_one_config_error(tmp_path, monkeypatch):
+def test_wandb_missing_is_one_error_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     cfg = _tiny()
     cfg.train.wandb_project = "p"
-    with pytest.raises(ConfigError, match="--wandb-project needs wandb: pip install wandb"):
+    with pytest.raises(
+        MissingDependencyError, match=r"--wandb-project needs the 'wandb' package: pip install 'megatron_slm\[wandb\]'"
+    ):
         MetricsLogger(cfg, is_logging_rank=True)
     MetricsLogger(cfg, is_logging_rank=False).close()  # other ranks never import it

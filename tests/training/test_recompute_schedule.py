@@ -24,7 +24,7 @@ import pytest
 import torch
 from dist_helpers import run_distributed
 from helpers.data import tiny_text_dataset
-from test_parallel_training import VOCAB, make_config, my_micro_batches
+from helpers.tiny_training import VOCAB, make_config, my_micro_batches
 
 from megatron_slm.config import validate
 from megatron_slm.errors import ConfigError

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from dist_helpers import run_distributed
 from helpers.data import tiny_text_dataset
-from test_parallel_training import make_config, my_micro_batches
+from helpers.tiny_training import make_config, my_micro_batches
 
 from megatron_slm.errors import ConfigError
 

@@ -112,14 +112,12 @@ def test_a_checkpoint_of_another_tokenizer_is_refused_even_with_the_same_vocab_s
 
 
 def test_the_heatmap_tool_refuses_a_tokenizer_that_is_not_the_checkpoints(data, tmp_path, capsys):
-    import importlib.util
+    from megatron_slm import cli
 
-    spec = importlib.util.spec_from_file_location("visualize_selection", REPO / "tools" / "visualize_selection.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     # the reference records the tokenizer given, the policy another one: refused before any model is built
-    rc = tool.main(
+    rc = cli.main(
         [
+            "viz",
             "--policy",
             str(data / "hf_other_tok"),
             "--reference",
