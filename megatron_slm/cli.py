@@ -448,6 +448,21 @@ def build_parser() -> argparse.ArgumentParser:
         "the median token loss at the first checkpoint, all runs pooled)",
     )
     p_dyn.add_argument(
+        "--dynamics-reference",
+        default=None,
+        metavar="CKPT",
+        help="the SLM runs' reference checkpoint: adds the reference-hard tokens (reference loss above the "
+        "threshold, not selected at --dynamics-select-ratio at the first checkpoint) and their mean loss per "
+        "checkpoint, what SLM may forget (default: unset, not computed)",
+    )
+    p_dyn.add_argument(
+        "--dynamics-select-ratio",
+        type=float,
+        default=0.6,
+        metavar="K",
+        help="k of the SLM runs, for the reference-hard tokens (default: 0.6)",
+    )
+    p_dyn.add_argument(
         "--out",
         default="dynamics_out",
         metavar="DIR",
@@ -962,7 +977,7 @@ def _evaluate(args, cfg) -> int:
                 )
             for note in write_outputs(rows, args.out, settings):
                 print(note, file=sys.stderr)
-            print(f"wrote {os.path.join(args.out, 'eval.json')} and eval.csv")
+            print(f"wrote {os.path.join(args.out, 'eval.json')}, eval.csv and eval_windows.npz (for slm compare)")
     finally:
         distributed.destroy()
     return 0
@@ -996,9 +1011,11 @@ def _dynamics(args, cfg) -> int:
 
     runs = [dynamics.parse_run(spec) for spec in args.dyn_runs]  # syntax errors before any loading
     try:
-        measured = dynamics.measure(cfg, runs, cfg.data.data_path or [], args.eval_samples)
+        measured = dynamics.measure(
+            cfg, runs, cfg.data.data_path or [], args.eval_samples, reference=args.dynamics_reference
+        )
         if measured is not None:  # rank 0
-            result = dynamics.analyse(measured, args.dynamics_threshold)
+            result = dynamics.analyse(measured, args.dynamics_threshold, args.dynamics_select_ratio)
             print(dynamics.format_table(result))
             settings = _eval_settings(args, cfg)
             notes = dynamics.write_outputs(result, args.out, settings)

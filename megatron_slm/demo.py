@@ -5,9 +5,11 @@
 3. policies   four runs from the base (``--pretrained-checkpoint``), same steps, same data and order:
               CLM; SLM (top-k excess loss, k = 0.6, TP=2 x PP=2); random k% (the same number of tokens,
               picked at random: "selection" vs "fewer tokens"); CLM on the blend reweighted to the token mix
-              SLM selected (``slm reweight``: selection vs domain filtering);
-4. ``slm evaluate`` of all six on held-out math and held-out general text (fixed windows, the same tokens
-   for every model), and one table.
+              SLM selected (``slm reweight``: selection vs domain filtering); SLM on math with CLM on general
+              (``--slm-select-ratio-per-dataset k 1.0``: selection without forgetting the general text);
+4. ``slm evaluate`` of all seven on all of held-out math and held-out general text (fixed windows, the same
+   tokens for every model), one table, and each policy's paired difference to SLM with a 95% block-bootstrap
+   interval (``slm compare``'s ``paired_bootstrap`` over the per-window losses evaluate saved).
 
 Math text = sympy's docstrings; general text = the Python standard library's docstrings (present wherever
 torch is installed). Everything runs through the real commands (``slm train`` under torchrun, ``slm
@@ -27,7 +29,7 @@ from pathlib import Path
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo_tiny.yaml"
 POLICY_BLEND = (("math_train", 0.55), ("general", 0.45))  # the continual-pretraining mix
 BASE_BLEND = (("math_train", 0.25), ("general", 0.75))  # the base's mostly-general pretraining mix
-POLICIES = ("clm", "slm", "random", "clm_reweighted")
+POLICIES = ("clm", "slm", "random", "clm_reweighted", "slm_math_clm_general")
 LABELS = {
     "base": "base",
     "reference": "reference",
@@ -35,6 +37,7 @@ LABELS = {
     "slm": "SLM",
     "random": "random k%",
     "clm_reweighted": "CLM, reweighted blend",
+    "slm_math_clm_general": "SLM math + CLM general",
 }
 
 
@@ -75,9 +78,10 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--eval-samples",
         type=int,
-        default=256,
+        default=0,
         metavar="N",
-        help="held-out windows of 128 tokens per dataset, the first N (0: all)",
+        help="held-out windows of 128 tokens per dataset, the first N (default: 0, all: 1,332 of math and 319 of "
+        "general; the first 256 overstate differences that vary along the file)",
     )
     p.add_argument(
         "--nproc",
@@ -268,17 +272,40 @@ def main(args) -> int:
             policy + reweighted + ["--loss-mode", "clm"],
         )
         summaries[("matched", seed)] = matched
+        summaries[("slm_math_clm_general", seed)] = _train(
+            home / "slm_math_clm_general",
+            f"SLM on math + CLM on general (seed {seed})",
+            args.nproc,
+            policy + mix + slm_flags + ["--slm-select-ratio-per-dataset", str(args.slm_select_ratio), "1.0"],
+        )
         runs.update({f"{name}@{seed}": home / name for name in POLICIES})
 
     losses = _evaluate(
         out, runs, [data / "math_heldout", data / "general_heldout"], args.eval_samples, args.slm_select_ratio
     )
     report = _report(args, summaries, losses)
+    report["paired_vs_slm"] = _paired_vs_slm(out, runs, args.seeds[0])
     report["total_wall_s"] = time.perf_counter() - t0
     _print_table(args, report)
     (out / "demo_report.json").write_text(json.dumps(report, indent=2))
     print(f"report: {out / 'demo_report.json'}  (total {report['total_wall_s']:.0f} s)")
     return 0
+
+
+def _paired_vs_slm(out: Path, runs: dict, seed: int) -> dict:
+    """{policy: {dataset: paired_bootstrap result}}: each policy's held-out loss minus SLM's (first seed), with a 95%
+    interval over blocks of 16 windows (``slm compare``'s defaults), from the per-window losses evaluate saved."""
+    from megatron_slm.analysis.compare import compare, load_windows
+
+    rows = load_windows(str(out / "eval"))
+    slm = str(runs[f"slm@{seed}"])
+    result = {}
+    for name in POLICIES:
+        if name == "slm":
+            continue
+        res = compare(rows, str(runs[f"{name}@{seed}"]), slm)
+        result[name] = {Path(r["dataset"]).name: r for r in res["results"] if r["part"] == "all"}
+    return result
 
 
 def _report(args, summaries: dict, losses: dict) -> dict:
@@ -303,7 +330,7 @@ def _report(args, summaries: dict, losses: dict) -> dict:
         rows[name] = dict(measured([name]), trained_math_share=None, selected_math=None, selected_general=None)
     for name in POLICIES:
         row = measured([f"{name}@{s}" for s in args.seeds])
-        if name in ("slm", "random"):
+        if name in ("slm", "random", "slm_math_clm_general"):
             fr = [summaries[(name, s)]["selected_fraction_by_dataset"] for s in args.seeds]
             f_m, f_g = (sum(f[i] for f in fr) / len(fr) for i in (0, 1))
             row.update(
@@ -340,6 +367,8 @@ def _print_table(args, report: dict) -> None:
     def label(name: str) -> str:
         return LABELS[name] + (f" k={args.slm_select_ratio}" if name in ("slm", "random") else "")
 
+    width = max(24, max(len(label(n)) for n in ("base", "reference") + POLICIES) + 2)
+
     def loss(name: str, key: str) -> str:  # a policy's mean over seeds, with its spread when there are several
         r = rows[name]
         return f"{r[key]:.4f} +-{r[key + '_spread']:.4f}" if many and name in POLICIES else f"{r[key]:.4f}"
@@ -353,27 +382,41 @@ def _print_table(args, report: dict) -> None:
         "held-out loss = mean token cross-entropy (nats) on fixed held-out windows, the same tokens for every model"
         + ("; +-x = seed spread (max - min)" if many else "")
     )
-    head = f"{'model':<24}{'math':>16}{'general':>16}{'math share trained':>20}{'selected math/general':>24}"
+    head = f"{'model':<{width}}{'math':>16}{'general':>16}{'math share trained':>20}{'selected math/general':>24}"
     print(head)
     print("-" * len(head))
     for name in ("base", "reference") + POLICIES:
         r = rows[name]
         share = "-" if r["trained_math_share"] is None else f"{r['trained_math_share']:.1%}"
         sel = "-" if r["selected_math"] is None else f"{r['selected_math']:.1%} / {r['selected_general']:.1%}"
-        print(f"{label(name):<24}{loss(name, 'math'):>16}{loss(name, 'general'):>16}{share:>20}{sel:>24}")
+        print(f"{label(name):<{width}}{loss(name, 'math'):>16}{loss(name, 'general'):>16}{share:>20}{sel:>24}")
     print(
         f"held-out math split by the base's excess loss over the reference (top {args.slm_select_ratio:.0%} = "
         "'learnable', what SLM would select at the start; rest = not learnable):"
     )
-    print(f"{'model':<24}{'learnable':>16}{'not learnable':>16}")
+    print(f"{'model':<{width}}{'learnable':>16}{'not learnable':>16}")
     for name in ("base", "reference") + POLICIES:
-        print(f"{label(name):<24}{loss(name, 'math_learnable'):>16}{loss(name, 'math_not_learnable'):>16}")
+        print(f"{label(name):<{width}}{loss(name, 'math_learnable'):>16}{loss(name, 'math_not_learnable'):>16}")
     slm = rows["slm"]
     for name in ("clm", "random", "clm_reweighted"):
         d = slm["math"] - rows[name]["math"]
         noise = max(slm["math_spread"], rows[name]["math_spread"])  # the larger of the two runs' seed spreads
         verdict = "" if not many else f"  ({'beyond' if abs(d) > noise else 'within'} the seed spread {noise:.4f})"
         print(f"SLM - {LABELS[name]:<22} held-out math {d:+.4f}{verdict}")
+    paired = report.get("paired_vs_slm") or {}
+    if paired:
+        print(
+            f"paired difference to SLM (policy - SLM, held-out loss, seed {args.seeds[0]}; 95% interval of a block "
+            "bootstrap over windows, 16 per block; * = the interval excludes 0):"
+        )
+        print(f"{'model':<{width}}{'math':>30}{'general':>30}")
+        for name, by_ds in paired.items():
+            cells = []
+            for ds in ("math_heldout", "general_heldout"):
+                r = by_ds[ds]
+                star = "*" if r["significant"] else " "
+                cells.append(f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]{star}")
+            print(f"{label(name):<{width}}{cells[0]:>30}{cells[1]:>30}")
     t = report["step_time_s"]
     print(f"step time: SLM (online reference) {t['slm_online_ref']:.3f} s vs CLM {t['clm']:.3f} s = {t['ratio']:.2f}x")
     if not many:

@@ -15,6 +15,8 @@ from megatron_slm.cli import build_parser, main
 from megatron_slm.config import Config, add_override_arguments, load_config
 from megatron_slm.config.schema import _leaf_paths
 
+pytestmark = pytest.mark.unit
+
 
 def _subparsers(parser):
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -39,6 +39,7 @@ needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is 
 # ------------------------------------------------------------------------------------------------ version, --help
 
 
+@pytest.mark.unit
 def test_version_is_the_installed_package_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
@@ -58,6 +59,7 @@ def test_the_installed_slm_script_answers_version_and_help():
         assert f"    {command} " in usage.stdout, usage.stdout
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("command", NEW_COMMANDS, ids=" ".join)
 def test_each_new_command_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -68,6 +70,7 @@ def test_each_new_command_has_help_with_an_example(command, capsys):
     assert f"\nexample:\n  slm {' '.join(command)}" in out
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "command, flags",
     [

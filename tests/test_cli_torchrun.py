@@ -57,6 +57,7 @@ def _slm(args, nproc, timeout=240):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_torchrun_tp2_pp2_reference_then_slm(data, tmp_path):
     common = [
         "--tensor-model-parallel-size",

@@ -7,6 +7,8 @@ import pytest
 from megatron_slm.config import add_override_arguments, load_config, validate
 from megatron_slm.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 
 def _cli(argv, config=None):
     p = argparse.ArgumentParser()

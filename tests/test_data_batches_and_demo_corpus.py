@@ -10,6 +10,7 @@ from megatron_slm.data.batches import micro_batches
 EOD = 2
 
 
+@pytest.mark.unit
 def test_micro_batches_partition_the_global_batch():
     samples = [{"tokens": torch.tensor([i, i]), "dataset_id": np.int16(i % 3)} for i in range(100)]
     G, mbs, dp = 8, 2, 2
@@ -56,6 +57,7 @@ def test_demo_corpus_builds_indexed_datasets_equal_to_sentencepiece(tmp_path):
     assert 0.45 <= summary["math_fraction_of_policy_data"] <= 0.65
 
 
+@pytest.mark.unit
 def test_to_device_moves_tensors_in_place():
     """Micro-batches reach the model's device (CUDA on GPU); the caller's dicts see the moved tensors."""
     from megatron_slm.data.batches import to_device

@@ -199,6 +199,7 @@ def _corrupt(prefix, dtype=np.uint16):
     del tokens
 
 
+@pytest.mark.unit
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, monkeypatch):
     prefix = make_dataset(tmp_path / "c", 7)  # vocab 96, no recorded id range
     scans = []
@@ -218,6 +219,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, monkeypatch):
     ), msg
 
 
+@pytest.mark.unit
 def test_preprocess_records_the_id_range_and_a_rewritten_bin_is_rescanned(tmp_path, sp_model, monkeypatch):
     write_jsonl(tmp_path / "t.jsonl", ["the model selects tokens whose excess loss is high"] * 30)
     meta = preprocess([tmp_path / "t.jsonl"], tmp_path / "t", sp_model)

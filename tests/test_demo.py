@@ -1,5 +1,5 @@
 """README command 1 end to end at a few steps: ``slm demo`` builds the corpus, trains base, reference and the
-four policies through torchrun, evaluates all six and prints the table.
+five policies through torchrun, evaluates all seven and prints the table and the paired differences to SLM.
 
 Checked against what the runs wrote, recomputed here: the reweighted CLM trained on the blend w_i f_i / sum w_j f_j
 of the SLM run's own summary, the table's trained math share of SLM is w_m f_m / (w_m f_m + w_g f_g), every policy
@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow  # the module's demo fixture runs the whole demo (~140 s)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else sys.executable
@@ -49,10 +51,18 @@ def demo(tmp_path_factory):
     return out, proc.stdout
 
 
-def test_demo_prints_six_rows_from_slm_evaluate(demo):
+def test_demo_prints_seven_rows_from_slm_evaluate(demo):
     out, stdout = demo
     table = stdout[stdout.index("SLM demo results") :]
-    labels = ["base", "reference", "CLM", "SLM k=0.6", "random k% k=0.6", "CLM, reweighted blend"]
+    labels = [
+        "base",
+        "reference",
+        "CLM",
+        "SLM k=0.6",
+        "random k% k=0.6",
+        "CLM, reweighted blend",
+        "SLM math + CLM general",
+    ]
     lines = {label: next(line for line in table.splitlines() if line.startswith(label + " ")) for label in labels}
     rows = json.loads((out / "eval" / "eval.json").read_text())["results"]
     runs = {
@@ -62,6 +72,7 @@ def test_demo_prints_six_rows_from_slm_evaluate(demo):
         "SLM k=0.6": out / "seed4321" / "slm",
         "random k% k=0.6": out / "seed4321" / "random",
         "CLM, reweighted blend": out / "seed4321" / "clm_reweighted",
+        "SLM math + CLM general": out / "seed4321" / "slm_math_clm_general",
     }
     for label, run in runs.items():
         got = {Path(r["dataset"]).name: r["loss"] for r in rows if Path(r["checkpoint"]) == run}
@@ -143,3 +154,28 @@ def test_demo_policy_exports_with_its_training_tokenizer(demo, tmp_path):
         if Path(r["checkpoint"]) == out / "seed4321" / "slm" and Path(r["dataset"]).name == "math_heldout"
     )
     assert ce[valid].mean() == pytest.approx(expected, abs=1e-4)
+
+
+def test_demo_per_dataset_policy_and_paired_differences(demo):
+    """SLM on math + CLM on general selects all general tokens and k of the math ones; each paired difference to
+    SLM printed is the difference of eval.json's losses, inside its printed interval."""
+    out, stdout = demo
+    mixed = json.loads((out / "seed4321" / "slm_math_clm_general" / "summary.json").read_text())
+    f_math, f_general = mixed["selected_fraction_by_dataset"]
+    assert f_general == 1.0 and abs(f_math - 0.6) < 0.02 and mixed["k_by_dataset"] == [0.6, 1.0]
+    assert mixed["unselected_ref_loss_by_dataset"][1] is None  # nothing of general left out
+    rows = json.loads((out / "eval" / "eval.json").read_text())["results"]
+    loss = {(Path(r["checkpoint"]).name, Path(r["dataset"]).name): r["loss"] for r in rows}
+    section = stdout[stdout.index("paired difference to SLM") :].splitlines()
+    for label, name in (
+        ("CLM", "clm"),
+        ("random k% k=0.6", "random"),
+        ("CLM, reweighted blend", "clm_reweighted"),
+        ("SLM math + CLM general", "slm_math_clm_general"),
+    ):
+        line = next(x for x in section if x.startswith(label + " "))
+        cells = line[len(label) :].replace("[", " ").replace("]", " ").replace(",", " ").replace("*", " ").split()
+        for (diff, lo, hi), ds in zip((cells[0:3], cells[3:6]), ("math_heldout", "general_heldout")):
+            want = loss[(name, ds)] - loss[("slm", ds)]
+            assert float(diff) == pytest.approx(want, abs=1e-4)
+            assert float(lo) - 1e-4 <= float(diff) <= float(hi) + 1e-4

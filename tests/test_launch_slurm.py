@@ -261,6 +261,7 @@ def jobs():
         job.cleanup()
 
 
+@pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, jobs):
     straight = jobs(cluster, "straight")  # runs alongside the first start of the preempted job
     first = jobs(cluster, "preempted")
@@ -454,6 +455,7 @@ def _score_cli(argv):
     return cli.main(argv)
 
 
+@pytest.mark.slow
 def test_preempted_scoring_job_requeues_and_resumes_exactly(cluster, jobs):
     from dist_helpers import run_distributed
 

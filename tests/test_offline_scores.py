@@ -46,6 +46,7 @@ def _blend_worker(blend, cache):
     return [(train[i], twin[i]) for i in range(800)]
 
 
+@pytest.mark.unit
 def test_blend_proportions_and_positions_twin_alignment(data):
     d, blend = data
     pairs = run_distributed(_blend_worker, 1, blend, str(d / "cache1"))[0]
@@ -60,6 +61,7 @@ def test_blend_proportions_and_positions_twin_alignment(data):
         assert torch.equal(s["loss_mask"], (s["tokens"] != EOD).float())  # loss masked after EOD
 
 
+@pytest.mark.unit
 def test_data_errors_are_clear(data, tmp_path):
     from megatron_slm.training.resolve import resolve_run
 

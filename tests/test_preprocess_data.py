@@ -22,6 +22,8 @@ from megatron_slm.data import preprocess as pp
 from megatron_slm.data.preprocess import PreprocessError, preprocess
 from megatron_slm.data.tokenizer import TokenizerError, load_tokenizer
 
+pytestmark = pytest.mark.unit
+
 
 def _documents(seed: int, n: int):
     rng = random.Random(seed)

@@ -251,6 +251,7 @@ def _summary(work: Path, run: str, mode: str, iters: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_recipe_end_to_end(tmp_path):
     t0 = time.monotonic()
     work = tmp_path

@@ -9,6 +9,8 @@ from helpers.spec import plain_top_k
 
 from megatron_slm.slm import RunningThreshold, excess_loss, num_selected, selective_loss, top_k_mask
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("k", [0.1, 0.6, 0.7, 1.0])
 def test_top_k_matches_plain_implementation_with_ties_and_masks(k):

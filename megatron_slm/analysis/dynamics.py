@@ -21,6 +21,12 @@ the per-token losses at the first checkpoint of every run, pooled over all runs.
 
 Give an explicit ``--dynamics-threshold`` to compare with an analysis of other runs.
 
+Reference-hard tokens (``--dynamics-reference CKPT``, the SLM runs' reference; ``--dynamics-select-ratio k``): the
+tokens SLM leaves out because the reference is bad at them. A token is reference-hard when the reference's loss on
+it is high (above the threshold) and its excess loss at the first checkpoint of the first run (that loss minus the
+reference's) is not in the top k of the valid tokens: SLM at k would not select it at the start. Per run and
+checkpoint, ``reference_hard`` gives their mean loss: it falls under CLM, and rises under SLM when it forgets them.
+
 Per run and checkpoint c, over the valid tokens:
 
 - ``share``: each class's share of the tokens, classes by the first and last checkpoint (the same at every c);
@@ -159,7 +165,11 @@ def run_checkpoints(name: str, paths: list[str]) -> list[tuple[str, Path, int | 
 
 
 def measure(
-    cfg, runs: list[tuple[str, list[str]]], data_paths: list[str], eval_samples: int | None = None
+    cfg,
+    runs: list[tuple[str, list[str]]],
+    data_paths: list[str],
+    eval_samples: int | None = None,
+    reference: str | None = None,
 ) -> dict | None:
     """Per-token losses of every run's checkpoints on the dataset's evaluation windows (``slm evaluate``'s
     windows and forward, any TP/PP/DP). Rank 0: {"runs": [{"name", "checkpoints": [(arg, dir, iteration)],
@@ -184,6 +194,13 @@ def measure(
         raise ConfigError(f"--run names must differ (got {names})")
     resolved = [(name, run_checkpoints(name, paths)) for name, paths in runs]
     dirs = list(dict.fromkeys(d for _, cks in resolved for _, d, _ in cks))
+    ref_dir = None
+    if reference:
+        try:
+            ref_dir = ev.resolve_checkpoint(reference)[0]
+        except CheckpointError as exc:
+            raise CheckpointError(f"--dynamics-reference: {exc}") from None
+        dirs = list(dict.fromkeys([*dirs, ref_dir]))
     configs = {d: checkpoint.read_model_config(str(d)) for d in dirs}
     (data,) = ev.load_datasets(data_paths, dirs, [configs[d] for d in dirs], seq, eval_samples)
 
@@ -202,12 +219,27 @@ def measure(
             {"name": name, "checkpoints": cks, "losses": [losses[d] for _, d, _ in cks]} for name, cks in resolved
         ],
         "mask": ev.window_loss_mask(data.tokens, data.windows, seq, data.eod),
+        "reference_losses": losses[ref_dir] if ref_dir is not None else None,
         "dataset": data.prefix,
         "windows": data.windows,
     }
 
 
-def analyse(measured: dict, threshold: float | None = None) -> dict:
+def reference_hard_mask(
+    first: np.ndarray, reference: np.ndarray, mask: np.ndarray, threshold: float, k: float
+) -> np.ndarray:
+    """Valid tokens with reference loss > ``threshold`` whose excess loss (``first`` - ``reference``) is not among
+    the top ``k`` of the valid tokens (round half up, ties by position as in training)."""
+    excess = np.where(mask, first.astype(np.float64) - reference, -np.inf).ravel()
+    n = int(mask.sum())
+    keep = min(max(int(np.floor(n * k + 0.5)), min(n, 1)), n)
+    order = np.argsort(-excess, kind="stable")  # stable: ties keep position order
+    top = np.zeros(excess.shape, dtype=bool)
+    top[order[:keep]] = True
+    return mask & (reference > threshold) & ~top.reshape(mask.shape)
+
+
+def analyse(measured: dict, threshold: float | None = None, select_ratio: float = 0.6) -> dict:
     """Classes per run from ``measure``'s losses; one threshold for all runs (``default_threshold`` when None)."""
     mask = measured["mask"]
     source = "--dynamics-threshold"
@@ -216,6 +248,12 @@ def analyse(measured: dict, threshold: float | None = None) -> dict:
     if threshold is None:
         threshold = default_threshold([r["losses"][0] for r in measured["runs"]], mask)
         source = THRESHOLD_DEFAULT_SOURCE
+    ref = measured.get("reference_losses")
+    hard = None
+    if ref is not None:
+        if not 0.0 < select_ratio <= 1.0:
+            raise ConfigError(f"--dynamics-select-ratio must be in (0, 1] (got {select_ratio})")
+        hard = reference_hard_mask(measured["runs"][0]["losses"][0], ref, mask, threshold, select_ratio)
     runs = []
     for r in measured["runs"]:
         res = classify(r["losses"], threshold, mask)
@@ -229,6 +267,10 @@ def analyse(measured: dict, threshold: float | None = None) -> dict:
                 ],
             }
         )
+        if hard is not None:
+            n = int(hard.sum())
+            for c, losses in zip(runs[-1]["checkpoints"], r["losses"]):
+                c["reference_hard_loss"] = float(losses[hard].astype(np.float64).mean()) if n else None
     return {
         "threshold": float(threshold),
         "threshold_source": source,
@@ -236,13 +278,22 @@ def analyse(measured: dict, threshold: float | None = None) -> dict:
         "dataset": measured["dataset"],
         "windows": measured["windows"],
         "tokens": int(np.sum(mask)),
+        "reference_hard": None
+        if hard is None
+        else {
+            "tokens": int(hard.sum()),
+            "select_ratio": select_ratio,
+            "reference_mean_loss": float(ref[hard].astype(np.float64).mean()) if hard.any() else None,
+        },
         "runs": runs,
     }
 
 
 def format_table(result: dict) -> str:
     """One line per (run, checkpoint): per class its share so far and its mean loss at that checkpoint."""
+    hard = result.get("reference_hard")
     head = ["run", "checkpoint", "iteration"] + [f"{c} {x}" for c in CLASSES for x in ("share", "loss")]
+    head += ["ref-hard loss"] if hard else []
     body = []
     for r in result["runs"]:
         for c in r["checkpoints"]:
@@ -250,6 +301,9 @@ def format_table(result: dict) -> str:
             for k in CLASSES:
                 loss = c["mean_loss"][k]
                 cells += [f"{c['share_so_far'][k]:.3f}", "-" if loss is None else f"{loss:.4f}"]
+            if hard:
+                loss = c.get("reference_hard_loss")
+                cells.append("-" if loss is None else f"{loss:.4f}")
             body.append(cells)
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(x.ljust(w) for x, w in zip(cells, widths))  # noqa: E731
@@ -258,6 +312,12 @@ def format_table(result: dict) -> str:
         f"{result['dataset']}\nshare: class by the first checkpoint and this one (at the last: the final "
         "classes); loss: mean loss at this checkpoint of the final classes (first vs last)"
     )
+    if hard:
+        intro += (
+            f"\nref-hard: the {hard['tokens']} tokens the reference is bad at (its loss above the threshold, mean "
+            + ("-" if hard["reference_mean_loss"] is None else f"{hard['reference_mean_loss']:.4f}")
+            + f") that SLM at k={hard['select_ratio']} would not select at the first checkpoint; their mean loss"
+        )
     return "\n".join([intro, line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 

@@ -64,6 +64,38 @@ def test_classes_shares_and_means_by_hand():
         classify([first], 2.0)
 
 
+def test_reference_hard_tokens_by_hand():
+    """Tokens the reference is bad at (loss > t) that SLM at k would not select at the start, and their losses."""
+    from megatron_slm.analysis.dynamics import analyse
+
+    mask = np.array([[1, 1, 1, 1, 1, 0]], dtype=bool)
+    ref = np.array([[1.0, 6.0, 5.0, 1.0, 7.0, 9.0]])
+    start = np.array([[4.0, 6.5, 5.0, 3.0, 4.0, 9.0]])  # excess 3.0, 0.5, 0.0, 2.0, -3.0 (token 5 masked)
+    # k = 0.4 keeps round(2.0) = 2 of 5: tokens 0 and 3. Reference loss > t = 2.0: tokens 1, 2, 4 -> all three hard
+    slm_end = np.array([[2.0, 7.0, 6.0, 1.5, 5.0, 0.0]])  # the hard tokens got worse: mean (7 + 6 + 5) / 3 = 6
+    clm_end = np.array([[3.0, 5.0, 4.0, 2.0, 3.0, 0.0]])  # better: (5 + 4 + 3) / 3 = 4
+    measured = {
+        "runs": [
+            {"name": "slm", "checkpoints": [("a", "a", 0), ("b", "b", 1)], "losses": [start, slm_end]},
+            {"name": "clm", "checkpoints": [("a", "a", 0), ("c", "c", 1)], "losses": [start, clm_end]},
+        ],
+        "mask": mask,
+        "reference_losses": ref,
+        "dataset": "d",
+        "windows": 1,
+    }
+    res = analyse(measured, threshold=2.0, select_ratio=0.4)
+    assert res["reference_hard"] == {"tokens": 3, "select_ratio": 0.4, "reference_mean_loss": 6.0}
+    slm, clm = res["runs"]
+    assert [c["reference_hard_loss"] for c in slm["checkpoints"]] == pytest.approx([15.5 / 3, 6.0])
+    assert [c["reference_hard_loss"] for c in clm["checkpoints"]] == pytest.approx([15.5 / 3, 4.0])
+    # k = 0.8 keeps 4 of 5 (tokens 0, 3, 1, 2): only token 4 stays hard
+    assert analyse(measured, threshold=2.0, select_ratio=0.8)["reference_hard"]["tokens"] == 1
+    from megatron_slm.analysis.dynamics import format_table
+
+    assert "ref-hard loss" in format_table(res) and "3 tokens the reference is bad at" in format_table(res)
+
+
 def test_default_threshold_pools_the_first_checkpoints_of_all_runs():
     a, b = np.array([[1.0, 2.0, 100.0]]), np.array([[3.0, 4.0, 200.0]])
     assert default_threshold([a, b]) == 3.5  # median of 1, 2, 3, 4, 100, 200
@@ -183,6 +215,10 @@ def test_dynamics_of_two_runs_equals_transformers_losses_classified(runs, tmp_pa
         str(SAMPLES),
         "--micro-batch-size",
         "3",
+        "--dynamics-reference",
+        str(root / "clm" / "iter_0000003"),  # the CLM run's end stands in for a reference
+        "--dynamics-select-ratio",
+        "0.5",
         "--out",
         str(out),
     ]
@@ -222,6 +258,19 @@ def test_dynamics_of_two_runs_equals_transformers_losses_classified(runs, tmp_pa
                 assert (c["mean_loss"][k] is None) == (w["mean_loss"][k] is None)
                 if w["mean_loss"][k] is not None:
                     assert c["mean_loss"][k] == pytest.approx(w["mean_loss"][k], abs=1e-4), (k, c, w)
+    # reference-hard tokens from transformers' losses, in plain Python: reference loss above t, excess at the first
+    # run's first checkpoint outside the top round(0.5 n) (ties by position)
+    ref, first = clm_l[2], clm_l[0]
+    valid = [i for i in range(mask.size) if mask.flat[i]]
+    excess = sorted(valid, key=lambda i: (-(float(first.flat[i]) - float(ref.flat[i])), i))
+    keep = int(len(valid) * 0.5 + 0.5)
+    gaps = [float(first.flat[i] - ref.flat[i]) for i in excess[keep - 1 : keep + 1]]
+    assert abs(gaps[0] - gaps[1]) > 1e-4 and not any(abs(float(ref.flat[i]) - t) < 1e-4 for i in valid)
+    hard = [i for i in excess[keep:] if float(ref.flat[i]) > t]
+    assert got["reference_hard"]["tokens"] == len(hard) > 0
+    for run, ls in zip(got["runs"], (clm_l, slm_l)):
+        for c, x in zip(run["checkpoints"], ls):
+            assert c["reference_hard_loss"] == pytest.approx(sum(float(x.flat[i]) for i in hard) / len(hard), abs=1e-4)
     # the analysis is not degenerate: tokens moved in both directions, and all four classes are present
     assert all(v > 0 for v in got["runs"][0]["checkpoints"][-1]["tokens"].values()), got["runs"][0]
 

@@ -25,6 +25,8 @@ import zstandard
 from megatron_slm.data import preprocess as pp
 from megatron_slm.data.preprocess import PreprocessError, preprocess
 
+pytestmark = pytest.mark.unit
+
 WORDS = (
     "the reference scores every token and only the top fraction enters the loss; integral sum prime 12 345 "
     'x^2 + y^2 = z^2, café naïve über — “quotes” 数学 \\ backslash "quoted"'

@@ -10,6 +10,8 @@ import pytest
 import torch
 from dist_helpers import run_distributed
 
+pytestmark = pytest.mark.unit
+
 KS = [0.5, 1.0, 0.25]  # dataset 1 trains on all its tokens (CLM on it)
 N_MB, B, S = 3, 2, 10  # micro-batches per DP rank, sequences per micro-batch, tokens per sequence
 SCOPES = ("sequence", "micro_batch", "global_batch", "threshold")

@@ -18,6 +18,8 @@ from megatron_slm.loss.selection import (
 )
 from megatron_slm.slm import num_selected
 
+pytestmark = pytest.mark.unit
+
 K, B, S = 0.6, 3, 40
 
 

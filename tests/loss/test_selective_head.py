@@ -18,6 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from megatron_slm.loss import vocab_parallel_ce as vpce
 from megatron_slm.parallel import distributed
 
+pytestmark = pytest.mark.unit
+
 PADDED_VOCAB, HIDDEN = 64, 24
 CASES = [  # (name, hidden shape [b, s], true vocab, weight dtype)
     ("pad50", (3, 19), 50, torch.float32),

@@ -17,6 +17,8 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron_slm.loss.vocab_parallel_ce import vocab_parallel_token_loss
 from megatron_slm.parallel import distributed
 
+pytestmark = pytest.mark.unit
+
 PADDED_VOCAB = 64
 # (name, labels shape, true vocab or None for unpadded, logits dtype)
 CASES = [

@@ -33,6 +33,7 @@ def _model(**kw):
 # Parameters
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("preset,expected", [("mistral-7b", MISTRAL_7B), ("tinyllama-1.1b", TINYLLAMA_1B)])
 def test_exact_parameter_totals(preset, expected):
     m = _model(preset=preset)
@@ -41,6 +42,7 @@ def test_exact_parameter_totals(preset, expected):
     assert unpadded_parameters(m, 2, 2) == expected
 
 
+@pytest.mark.unit
 def test_rank_slices_sum_to_the_padded_model():
     m = _model(preset="mistral-7b")
     tp, pp = 4, 2
@@ -170,6 +172,7 @@ def measured_state():
     return run_distributed(_state_worker, 2, timeout=240)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: str(x))
 def test_state_bytes_match_the_plan(measured_state, layout):
     tp, pp, distopt, bf16 = layout
@@ -285,6 +288,7 @@ def test_activation_bytes_match_the_plan():
 # CLI
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("world_size", [8, 16, 32])
 def test_cli_plan_shipped_mistral_config(world_size, capsys):
     assert main(["plan", "--config", MISTRAL_CONFIG, "--world-size", str(world_size)]) == 0
@@ -293,6 +297,7 @@ def test_cli_plan_shipped_mistral_config(world_size, capsys):
     assert "7,241,732,096 unpadded" in out and "tokens/s per GPU" in out and "every rank" in out
 
 
+@pytest.mark.unit
 def test_check_config_warns_when_the_layout_does_not_fit(tmp_path, capsys):
     cfg = yaml.safe_load(open(MISTRAL_CONFIG))
     del cfg["reference"]["load"], cfg["checkpoint"]["pretrained_checkpoint"]  # placeholder paths, refused

@@ -16,6 +16,8 @@ from megatron_slm.config import load_config
 from megatron_slm.loss.vocab_parallel_ce import _HEAD_BLOCK_BYTES
 from megatron_slm.planning.plan import PART_CONTAINER_BYTES, make_scoring_plan
 
+pytestmark = pytest.mark.unit
+
 MISTRAL_CONFIG = "launch/configs/mistral7b_owm_slm_k0.7.yaml"
 GiB = 1 << 30
 

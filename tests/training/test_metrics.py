@@ -103,6 +103,7 @@ POLICY_FWD = 319488 * 4 * 32
 REF_FWD = 88064 * 4 * 32
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "mode,ref_mode,scope,expected",
     [
@@ -117,6 +118,7 @@ def test_flops_tiny_by_hand(mode, ref_mode, scope, expected):
     assert training_step_flops(_tiny(mode, ref_mode, scope)) == expected
 
 
+@pytest.mark.unit
 def test_flops_reference_inherits_policy_shape_and_vocab_padding():
     cfg = _tiny(ref_shape=False)  # reference fields unset: same shape as the policy
     assert training_step_flops(cfg) == 4 * POLICY_FWD
@@ -128,6 +130,7 @@ def test_flops_reference_inherits_policy_shape_and_vocab_padding():
     assert training_step_flops(cfg) == base + 3 * 4 * 32 * 2 * 64 * (1280 - 1152)
 
 
+@pytest.mark.unit
 def test_flops_mistral_7b_is_6nd_plus_attention():
     cfg = _mistral()
     tokens, s, layers, h = 8 * 4096, 4096, 32, 4096
@@ -155,6 +158,7 @@ def _num(pattern, line):
     return float(match.group(1).replace(",", ""))
 
 
+@pytest.mark.unit
 def test_log_line_throughput_mfu_memory(tmp_path, lines, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     cfg = _mistral()
@@ -183,6 +187,7 @@ def test_log_line_throughput_mfu_memory(tmp_path, lines, monkeypatch):
     assert r["peak_mem_gib"] > 0 and r["loss_selected"] == 2.2
 
 
+@pytest.mark.unit
 def test_log_line_no_peak_and_nothing_unselected(tmp_path, lines, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(metrics_mod, "device_peak_tflops", lambda: None)  # as on CPU or an unknown GPU
@@ -199,6 +204,7 @@ def test_log_line_no_peak_and_nothing_unselected(tmp_path, lines, monkeypatch):
     assert "mfu" not in row and row["tflops_per_gpu"] == pytest.approx(tflops, rel=1e-12)
 
 
+@pytest.mark.unit
 def test_clm_line_has_no_slm_fields_and_other_ranks_are_silent(tmp_path, lines, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = _tiny("clm")
@@ -215,6 +221,7 @@ def test_clm_line_has_no_slm_fields_and_other_ranks_are_silent(tmp_path, lines, 
     assert len(lines) == n
 
 
+@pytest.mark.unit
 def test_peak_table(monkeypatch):
     import torch
 
@@ -328,3 +335,47 @@ def test_wandb_missing_is_one_error_naming_the_extra(tmp_path, monkeypatch):
     ):
         MetricsLogger(cfg, is_logging_rank=True)
     MetricsLogger(cfg, is_logging_rank=False).close()  # other ranks never import it
+
+
+def _ds(selected, valid, unselected_ref_sum):
+    """Per-dataset counts of one step, as the trainer adds them (two blend datasets)."""
+    out = {}
+    for i, (s, v, r) in enumerate(zip(selected, valid, unselected_ref_sum)):
+        out.update(
+            {
+                f"selected_tokens_ds{i}": s,
+                f"valid_tokens_ds{i}": v,
+                f"unselected_ref_loss_sum_ds{i}": r,
+                f"unselected_tokens_ds{i}": v - s,
+            }
+        )
+    return out
+
+
+@pytest.mark.unit
+def test_forgetting_is_visible_and_warned_once(tmp_path, lines):
+    cfg = _tiny()
+    cfg.data.data_path = ["0.5", "data/math", "0.5", "data/general"]
+    cfg.train.log_interval, cfg.train.train_iters = 2, 4
+    cfg.slm.slm_warn_selected_share = 0.2
+    # general: 10 of 100 tokens selected per step; its 90 unselected tokens have reference loss 7.0 on average
+    steps = [_m(i, **_ds([70, 10], [100, 100], [30 * 3.0, 90 * 7.0])) for i in range(1, 5)]
+    _run(cfg, steps, lines)
+    logged = [x for x in lines if "by dataset" in x]
+    assert len(logged) == 2 and "by dataset selected/ref(unsel) 0.70/3.00 0.10/7.00" in logged[0]
+    warnings = [x for x in lines if "--slm-warn-selected-share" in x]
+    assert len(warnings) == 1  # once per dataset, not at every log line
+    assert warnings[0].startswith("general: only 10.0% of its tokens") and "7.00" in warnings[0]
+    assert "--slm-select-ratio-per-dataset" in warnings[0]
+
+
+@pytest.mark.unit
+def test_no_forgetting_warning_above_the_share_or_when_off(tmp_path, lines):
+    cfg = _tiny()
+    cfg.data.data_path = ["0.5", "data/math", "0.5", "data/general"]
+    cfg.train.log_interval, cfg.train.train_iters = 1, 2
+    steps = [_m(i, **_ds([70, 30], [100, 100], [90.0, 490.0])) for i in range(1, 3)]
+    _run(cfg, steps, lines)
+    cfg.slm.slm_warn_selected_share = 0.0
+    _run(cfg, [_m(i, **_ds([70, 1], [100, 100], [90.0, 690.0])) for i in range(1, 3)], lines)
+    assert not [x for x in lines if "--slm-warn-selected-share" in x]

@@ -413,6 +413,7 @@ def _stopped(res, save, iteration, by):
     assert summary["stopped_by"] == by and summary["iterations"] == iteration
 
 
+@pytest.mark.slow
 def test_exit_duration_and_exit_interval_checkpoint_exit_0_and_the_rerun_resumes_exactly(data, tmp_path):
     straight = tmp_path / "straight"
     assert _train(data, straight).returncode == 0

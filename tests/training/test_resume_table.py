@@ -230,6 +230,7 @@ def _slm(*args, timeout=300):
     )
 
 
+@pytest.mark.slow
 def test_config_yaml_reruns_the_run_and_check_config_refuses_what_train_refuses(data, tmp_path):
     save = tmp_path / "run"
     flags = [

@@ -195,6 +195,7 @@ def test_checkpoints_record_the_tokenizer_and_a_foreign_one_is_refused(data, tmp
         resolve_run(other)
 
 
+@pytest.mark.slow
 def test_resume_with_changed_schedule_flags_is_refused_or_applied_explicitly(data, tmp_path):
     save = tmp_path / "run"
     assert _train(data, save, "--train-iters", "2", "--lr", "1e-3").returncode == 0
