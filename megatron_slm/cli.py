@@ -753,6 +753,14 @@ def _viz_arguments(sub) -> None:
         help="colour range of the excess loss (default: the 98th percentile of |excess|)",
     )
     p.add_argument(
+        "--ref-hard-loss",
+        type=float,
+        default=None,
+        metavar="LOSS",
+        help="unselected tokens whose reference loss is above this get a dashed box: what SLM leaves out because "
+        "the reference is bad at it (default: the 75th percentile of the reference loss on the tokens shown)",
+    )
+    p.add_argument(
         "--layout",
         choices=("auto", "by_dump", "by_sequence"),
         default="auto",
@@ -1125,6 +1133,7 @@ def _viz(args) -> int:
         max_dumps=args.max_dumps or None,
         vmax=args.vmax,
         layout=args.layout,
+        ref_hard_loss=args.ref_hard_loss,
         png=args.png,
         png_dump=args.png_dump,
         png_sequences=args.png_sequences,

@@ -14,6 +14,8 @@ reference checkpoint and some text (forward passes on one CPU process), so both 
 - :func:`render_html` -- a self-contained page (inline CSS, one line of inline JS): colour = excess loss on a
   diverging scale centred at 0 (blue: the policy already beats the reference, white: equal, red: the policy
   is behind), selected tokens bold and underlined, masked tokens (EOD, padding) faded and struck through,
+  unselected tokens the reference is bad at (its loss above ``ref_hard_loss``, by default the 75th percentile of
+  its loss on the tokens shown) in a dashed box: what SLM leaves out, and may make the policy forget,
   losses in each token's ``title`` (hover). Several dumps give one section per iteration, plus the
   sequences that occur in more than one dump side by side.
 - :func:`render_png` -- the same picture for one dump, drawn with matplotlib (for docs and slides; the ``viz``
@@ -296,6 +298,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px so
  white-space:pre-wrap;overflow-wrap:anywhere;border:1px solid #ddd;padding:.5em .7em;background:#fff}
 .tok{border-radius:2px}.tok:hover{outline:1px solid #000}
 .sel{font-weight:700;box-shadow:inset 0 -3px 0 #111}
+.rhard{outline:1px dashed #333;outline-offset:-1px}
 .masked{color:#888;background:#eee!important;text-decoration:line-through;opacity:.6}
 .tok.nl::before{content:"\\21b5";color:#888}
 .tok:empty::before{content:"\\b7";color:#888}
@@ -314,12 +317,14 @@ def _token_title(text: str, tid: int, p: float, r: float, selected: bool, valid:
     )
 
 
-def _span(text: str, tid: int, p: float, r: float, selected: bool, valid: bool, vmax: float) -> str:
+def _span(
+    text: str, tid: int, p: float, r: float, selected: bool, valid: bool, vmax: float, ref_hard: float = math.inf
+) -> str:
     if not valid:
         cls = "tok masked"
         style = ""
     else:
-        cls = "tok sel" if selected else "tok unsel"
+        cls = "tok sel" if selected else ("tok unsel rhard" if r > ref_hard else "tok unsel")
         rgb = excess_color(p - r, vmax)
         style = f' style="background:{_hex(rgb)}' + (';color:#fff"' if _dark(rgb) else '"')
     if "\n" in text:
@@ -328,12 +333,18 @@ def _span(text: str, tid: int, p: float, r: float, selected: bool, valid: bool, 
     return f'<span class="{cls}"{style} title="{title}">{html.escape(text, quote=False)}</span>'
 
 
+def _ref_quantile(views, q: float) -> float:
+    """The ``q`` quantile of the reference loss over the scored tokens shown (inf when there are none)."""
+    refs = sorted(r for vs in views for v in vs for r, ok in zip(v.ref[: v.shown], v.valid[: v.shown]) if ok)
+    return refs[min(int(q * len(refs)), len(refs) - 1)] if refs else math.inf
+
+
 def _dark(rgb) -> bool:
     r, g, b = rgb
     return 0.299 * r + 0.587 * g + 0.114 * b < 110
 
 
-def _sequence_html(v: SeqView, vmax: float, heading: str) -> str:
+def _sequence_html(v: SeqView, vmax: float, heading: str, ref_hard: float = math.inf) -> str:
     st = v.stats()
     parts = [
         f'<div class="seq"><h3>{html.escape(heading)} <span class="meta">{st["tokens"]} tokens, '
@@ -346,7 +357,7 @@ def _sequence_html(v: SeqView, vmax: float, heading: str) -> str:
             f'<span class="ctx" title="context: input only, no loss">{html.escape(v.context, quote=False)}</span>'
         )
     for i in range(v.shown):
-        parts.append(_span(v.texts[i], v.ids[i], v.policy[i], v.ref[i], v.selected[i], v.valid[i], vmax))
+        parts.append(_span(v.texts[i], v.ids[i], v.policy[i], v.ref[i], v.selected[i], v.valid[i], vmax, ref_hard))
     parts.append("</div>")
     if v.shown < len(v.texts):
         parts.append(f'<p class="note">{len(v.texts) - v.shown} more tokens not shown (--max-tokens)</p>')
@@ -394,6 +405,7 @@ def render_html(
     max_dumps: int | None = 8,
     vmax: float | None = None,
     layout: str = "auto",
+    ref_hard_loss: float | None = None,
 ) -> str:
     """A self-contained HTML page showing the selection of one or several dumps (see the module docstring).
 
@@ -403,6 +415,8 @@ def render_html(
     ``vmax``: colour range of the excess loss (default: the 98th percentile of |excess| on the page).
     ``layout``: ``by_dump`` (a section per dump, after the sequences found in several dumps side by side),
     ``by_sequence`` (only the side-by-side view; for dumps that all hold the same sequences) or ``auto``.
+    ``ref_hard_loss``: unselected tokens with a reference loss above it get a dashed box (default: the 75th
+    percentile of the reference loss over the scored tokens shown).
     """
     if isinstance(dumps, dict):
         dumps = [dumps]
@@ -419,6 +433,14 @@ def render_html(
     scopes = sorted({str(d.get("scope")) for d in shown if d.get("scope") is not None})
     iters = [d.get("iteration") for d in shown]
     allstats = dump_stats(v for vs in views for v in vs)
+    ref_hard = ref_hard_loss if ref_hard_loss is not None else _ref_quantile(views, 0.75)
+    n_hard = sum(
+        1
+        for vs in views
+        for v in vs
+        for r, s, ok in zip(v.ref[: v.shown], v.selected[: v.shown], v.valid[: v.shown])
+        if ok and not s and r > ref_hard
+    )
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -438,7 +460,9 @@ def render_html(
         f'<b>{-vmax:+.2f}</b> <span class="bar"></span> <b>{vmax:+.2f}</b> (clipped)</span>'
         '<span><span class="key sel" style="background:#f4a582">selected</span> &nbsp;'
         '<span class="key" style="background:#d1e5f0">not selected</span> &nbsp;'
-        '<span class="key masked">masked (EOD/pad)</span></span>'
+        '<span class="key masked">masked (EOD/pad)</span> &nbsp;'
+        f'<span class="key rhard">not selected, reference loss &gt; {ref_hard:.2f}</span> '
+        f"({n_hard} tokens: the reference is bad at them, so SLM leaves them out)</span>"
         "<span>hover a token for its losses</span>"
         '<label><input type="checkbox" onchange="document.body.classList.toggle(\'fade\',this.checked)"> '
         "fade unselected tokens</label></div>"
@@ -486,7 +510,9 @@ def render_html(
         out.append('<section class="tracked"><h2>Same sequences across iterations</h2>')
         for n, locs in enumerate(repeated):
             for di, si in locs:
-                out.append(_sequence_html(views[di][si], vmax, f"sequence {n + 1} at {_dump_label(shown[di])}"))
+                out.append(
+                    _sequence_html(views[di][si], vmax, f"sequence {n + 1} at {_dump_label(shown[di])}", ref_hard)
+                )
         out.append("</section>")
     if layout == "by_sequence":
         return "\n".join(out + ["</body></html>"])
@@ -501,7 +527,7 @@ def render_html(
             f"mean excess selected {_num(s['excess_selected'])}, unselected {_num(s['excess_unselected'])}</p>"
         )
         for si, v in enumerate(vs):
-            out.append(_sequence_html(v, vmax, f"sequence {si}"))
+            out.append(_sequence_html(v, vmax, f"sequence {si}", ref_hard))
         out.append("</section>")
     out.append("</body></html>")
     return "\n".join(out)
@@ -720,6 +746,7 @@ def write_heatmap(
     png_dump: int = -1,
     png_sequences: int = 2,
     png_tokens: int = 256,
+    ref_hard_loss: float | None = None,
 ) -> list[str]:
     """``render_html`` of ``dumps`` written to ``out`` (folders created), and with ``png`` also ``render_png`` of
     the ``png_dump``-th dump the page shows; returns one "wrote ..." line per file."""
@@ -732,6 +759,7 @@ def write_heatmap(
         max_dumps=max_dumps,
         vmax=vmax,
         layout=layout,
+        ref_hard_loss=ref_hard_loss,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

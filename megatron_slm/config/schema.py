@@ -159,7 +159,7 @@ class SLMConfig(_Section):
         "the paper's k) is being left out and may be forgotten",
     )
     selection_scope: str = _opt(
-        "micro_batch", "which tokens the top-k ranks together (README: selection scopes)", SELECTION_SCOPES
+        "micro_batch", "which tokens the top-k ranks together (docs/design.md: selection scopes)", SELECTION_SCOPES
     )
     selection_strategy: str = _opt(
         "topk",

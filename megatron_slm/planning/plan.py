@@ -805,7 +805,7 @@ def _shape(m: ModelConfig) -> str:
 
 
 def summary_row(plan: Plan) -> dict:
-    """One line of the README's table: the most loaded rank with the configured optimizer and recompute."""
+    """One line of the table in docs/plan.md: the most loaded rank with the configured optimizer and recompute."""
     d = plan.distributed_optimizer
     st = plan.worst(d)
     return {

@@ -1,6 +1,6 @@
 """The pipeline passes of one SLM step, all through megatron-core's stock schedules.
 
-Design (README, "Design: where the reference runs"): the frozen reference runs a forward-only pipeline pass over the global batch's
+Design (docs/design.md, "Where the reference runs"): the frozen reference runs a forward-only pipeline pass over the global batch's
 micro-batches *before* the training pass; its per-token losses stay on the last pipeline stage, attached to
 the micro-batch they belong to, where the training pass's loss function reads them. The reference may differ
 in depth and width from the policy (its own TransformerConfig sets the p2p shapes); TP/PP layout is shared.

@@ -215,6 +215,27 @@ def test_html_tokens_selection_titles_escaping():
     assert f"{100 * chosen / valid:.1f}%" in head
 
 
+def test_reference_hard_tokens_are_boxed():
+    """Unselected scored tokens whose reference loss is above the line get the dashed 'rhard' box, nothing else;
+    by default the line is the 75th percentile of the reference loss over the scored tokens shown."""
+    dump = make_dump(seed=3)
+    seqs = dump["sequences"]
+    flat = [
+        (float(s["ref_loss"][t]), bool(s["loss_mask"][t] > 0), bool(s["selected"][t]))
+        for s in seqs
+        for t in range(len(s["labels"]))
+    ]
+    for line in (2.5, None):
+        page = heatmap.render_html(dump, tokenizer=FakeTokenizer(), ref_hard_loss=line)
+        if line is None:
+            refs = sorted(r for r, ok, _ in flat if ok)
+            line = refs[int(0.75 * len(refs))]
+        boxed = [("rhard" in span["cls"]) for span in parse(page).toks]
+        want = [ok and not sel and r > line for r, ok, sel in flat]
+        assert boxed == want and any(want)
+        assert f"reference loss &gt; {line:.2f}</span> ({sum(want)} tokens" in page
+
+
 def test_colour_scale_is_centred():
     assert heatmap.excess_color(0.0, 2.0) == heatmap.MID_RGB
     assert heatmap.excess_color(5.0, 2.0) == heatmap.POS_RGB  # clipped

@@ -191,7 +191,7 @@ def test_documents_assumed_when_not_given():
 
 
 def test_cli_scoring_section_for_mistral_7b(capsys):
-    """The README's numbers: Mistral-7B (the shipped config: TP=2 x PP=1, global batch 256 x 4096, bf16
+    """The numbers of docs/recipe.md: Mistral-7B (the shipped config: TP=2 x PP=1, global batch 256 x 4096, bf16
     reference) scoring a 14B-token corpus on 64 GPUs (DP=32)."""
     assert main(["plan", "--config", MISTRAL_CONFIG, "--world-size", "64", "--scoring-tokens", "14e9"]) == 0
     out = capsys.readouterr().out
