@@ -69,47 +69,45 @@ SPLIT_TRAIN = 0.998  # the configs' --split 998,2,0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--tokens", type=float, default=2e7, help="corpus size in tokens")
-    p.add_argument("--heldout-tokens", type=float, default=2e5, help="held-out evaluation set in tokens")
-    p.add_argument("--workers", type=int, default=2, help="slm preprocess --workers")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=float, default=2e7, help="corpus size in tokens (default: 2e7)")
+    p.add_argument("--heldout-tokens", type=float, default=2e5, help="held-out set in tokens (default: 2e5)")
+    p.add_argument("--workers", type=int, default=2, help="slm preprocess --workers (default: 2)")
     p.add_argument(
         "--score-tokens",
         type=float,
-        default=2e5,
-        help="tokens slm score-reference scores (a fraction of the corpus; its rate is extrapolated); "
-        "0: the whole training split",
+        default=5e5,
+        help="tokens slm score-reference scores, a fraction of the corpus whose rate is extrapolated; 0: the "
+        "whole training split (default: 5e5)",
     )
-    p.add_argument("--ref-iters", type=int, default=20, help="steps of the reference's CLM training")
-    p.add_argument("--train-iters", type=int, default=30, help="steps of the offline SLM run")
-    p.add_argument("--eval-samples", type=int, default=100, help="slm evaluate --eval-samples (held-out windows)")
-    p.add_argument("--layers", type=int, default=2, help="transformer layers (policy and reference)")
-    p.add_argument("--hidden", type=int, default=64, help="hidden size")
-    p.add_argument("--ffn", type=int, default=176, help="SwiGLU inner size")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--groups", type=int, default=2, help="KV heads (GQA)")
-    p.add_argument("--seq", type=int, default=256, help="sequence length")
-    p.add_argument("--mbs", type=int, default=4, help="micro-batch size")
-    p.add_argument("--gbs", type=int, default=8, help="global batch size")
+    p.add_argument("--ref-iters", type=int, default=30, help="steps of the reference's CLM training (default: 30)")
+    p.add_argument("--train-iters", type=int, default=40, help="steps of the offline SLM run (default: 40)")
+    p.add_argument("--eval-samples", type=int, default=100, help="slm evaluate --eval-samples (default: 100)")
+    p.add_argument("--layers", type=int, default=2, help="transformer layers (default: 2)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size (default: 64)")
+    p.add_argument("--ffn", type=int, default=176, help="SwiGLU inner size (default: 176)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
+    p.add_argument("--groups", type=int, default=2, help="KV heads (GQA) (default: 2)")
+    p.add_argument("--seq", type=int, default=256, help="sequence length (default: 256)")
+    p.add_argument("--mbs", type=int, default=4, help="micro-batch size (default: 4)")
+    p.add_argument("--gbs", type=int, default=8, help="global batch size (default: 8)")
     p.add_argument("--tokenizer", default=None, help="a sentencepiece .model (default: Mistral-7B v0.1's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the corpus")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus (default: 0)")
     # extrapolation
-    p.add_argument("--corpus-tokens", type=float, default=14e9, help="the corpus to extrapolate to, in tokens")
-    p.add_argument("--gpus", default="8,32,64", help="GPU counts to extrapolate to, comma-separated")
-    p.add_argument("--assumed-mfu", type=float, default=0.40, help="model FLOPs utilisation assumed on the GPUs")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak TFLOP/s per GPU (H100/H200 dense bf16)")
-    p.add_argument("--cores-per-node", type=int, default=32, help="preprocessing workers per node of 8 GPUs")
+    p.add_argument("--corpus-tokens", type=float, default=14e9, help="corpus to extrapolate to (default: 14e9)")
+    p.add_argument("--gpus", default="8,32,64", help="GPU counts to extrapolate to (default: 8,32,64)")
+    p.add_argument("--assumed-mfu", type=float, default=0.40, help="MFU assumed on the GPUs (default: 0.40)")
     p.add_argument(
-        "--disk-bandwidth", type=float, default=1.0, help="GB/s the plan assumes for the scoring merge's disk"
+        "--peak-tflops", type=float, default=989.0, help="peak TFLOP/s per GPU (default: 989, H100/H200 dense bf16)"
     )
     p.add_argument(
-        "--dir", default=None, help="working directory, new or empty; kept (default: a temporary one, see --keep)"
+        "--cores-per-node", type=int, default=32, help="preprocessing workers per node of 8 GPUs (default: 32)"
     )
     p.add_argument(
-        "--keep", action="store_true", help="keep the temporary working directory (default: removed at the end)"
+        "--disk-bandwidth", type=float, default=1.0, help="GB/s of the scoring merge's disk, as slm plan (default: 1)"
     )
+    p.add_argument("--dir", default=None, help="working directory, new or empty, kept (default: a temporary one)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (default: removed at the end)")
     return p.parse_args(argv)
 
 
