@@ -129,6 +129,7 @@ def test_each_new_command_has_help_with_an_example(command, capsys):
                 "--max-tokens": 512,
                 "--max-dumps": 8,
                 "--vmax": None,
+                "--ref-hard-loss": None,  # added since the old tool
                 "--layout": "auto",
                 "--png": None,
                 "--png-dump": -1,

@@ -746,6 +746,7 @@ def _results(tasks: Iterable[tuple], tokenizer: Tokenizer, workers: int, append_
         return
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     pool = _Pool(workers, initializer=_init_worker, initargs=(tokenizer, append_eod, dtype), context=ctx)
+    interrupted = False
     try:
         pending = collections.deque()
         for task in tasks:
@@ -756,9 +757,16 @@ def _results(tasks: Iterable[tuple], tokenizer: Tokenizer, workers: int, append_
         while pending:
             path, result = pending.popleft()
             yield path, result.get()
-        pool.close()
+    except KeyboardInterrupt:
+        interrupted = True
+        pool.terminate()  # Ctrl-C: stop now
+        raise
     finally:
-        pool.terminate()
+        if not interrupted:
+            # Also after an error: let the few tasks in flight (at most 4 per worker) finish and the workers exit.
+            # Pool.terminate() kills workers that may be mid-transfer on its queues, and its own teardown can then
+            # wait forever (seen once in 899 s of a test on a loaded machine).
+            pool.close()
         pool.join()
 
 
