@@ -198,11 +198,13 @@ def score_reference(cfg, dtype: str = "fp32", force: bool = False) -> list[str]:
         dist.barrier()
         # A stop signal from here on is only recorded (lifecycle): the merge runs to its end, so a stop never leaves
         # half-written sidecars (a kill can; a rerun then merges again, to the same bytes).
+        merge_start = time.perf_counter()
         _on_rank0(
             lambda: _merge(parts, prefixes, outputs, dtype, tr.train_iters * G, cfg),
             "cannot write the score sidecars",
             f"free space or fix permissions and rerun: the scores in {parts} are kept and merged again",
         )
+        log.info(f"[score] merged the parts into the sidecars in {time.perf_counter() - merge_start:.1f} s")
         if lifecycle.received():
             log.info(f"[score] {lifecycle.received()} came during the merge, which finished first: nothing to resume")
             lifecycle.acted_on()
