@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers.data import tiny_text_dataset
+from helpers.tiny_training import tiny_clm_flags
 
 from megatron_slm.parallel.distributed import free_port
 
@@ -28,28 +29,7 @@ def _cmd(data, save, launcher=()):
         "-m",
         "megatron_slm.cli",
         "train",
-        "--preset",
-        "tiny",
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "32",
-        "--ffn-hidden-size",
-        "64",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "4",
-        "--seq-length",
-        "16",
-        "--loss-mode",
-        "clm",
-        "--data-path",
-        str(data / "train"),
-        "--split",
-        "99,1,0",
-        "--log-interval",
-        "1",
+        *tiny_clm_flags(data),
         "--train-iters",
         "100000",
         "--save",

@@ -79,3 +79,11 @@ def assert_close_dicts(a, b, rtol=1e-4):
     for k in a:
         atol = rtol * float(a[k].abs().max()) + 1e-8
         torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def tiny_clm_flags(data_dir) -> list[str]:
+    """``slm train`` flags of a tiny CLM run on ``helpers.data.tiny_text_dataset``'s ``train`` (2 layers, hidden 32,
+    4 sequences of 16 tokens per step, a log line every step); callers add --save, --train-iters and the rest."""
+    flags = "--preset tiny --num-layers 2 --hidden-size 32 --ffn-hidden-size 64 --micro-batch-size 2"
+    flags += " --global-batch-size 4 --seq-length 16 --loss-mode clm --split 99,1,0 --log-interval 1"
+    return flags.split() + ["--data-path", str(data_dir / "train")]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.data import tiny_text_dataset
+from helpers.tiny_training import tiny_clm_flags
 
 
 @pytest.fixture(scope="module")
@@ -30,28 +31,7 @@ def _train(data, save, *flags, nproc=1):
         "-m",
         "megatron_slm.cli",
         "train",
-        "--preset",
-        "tiny",
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "32",
-        "--ffn-hidden-size",
-        "64",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "4",
-        "--seq-length",
-        "16",
-        "--loss-mode",
-        "clm",
-        "--data-path",
-        str(data / "train"),
-        "--split",
-        "99,1,0",
-        "--log-interval",
-        "1",
+        *tiny_clm_flags(data),
         "--save",
         str(save),
         "--data-cache-path",

@@ -24,7 +24,7 @@ import pytest
 import torch
 from dist_helpers import run_distributed
 from helpers.data import tiny_text_dataset
-from helpers.tiny_training import VOCAB, make_config, my_micro_batches
+from helpers.tiny_training import VOCAB, make_config, my_micro_batches, tiny_clm_flags
 
 from megatron_slm.config import validate
 from megatron_slm.errors import ConfigError
@@ -363,28 +363,7 @@ def _train(data, save, *flags):
         "-m",
         "megatron_slm.cli",
         "train",
-        "--preset",
-        "tiny",
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "32",
-        "--ffn-hidden-size",
-        "64",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "4",
-        "--seq-length",
-        "16",
-        "--loss-mode",
-        "clm",
-        "--data-path",
-        str(data / "train"),
-        "--split",
-        "99,1,0",
-        "--log-interval",
-        "1",
+        *tiny_clm_flags(data),
         "--train-iters",
         "4",
         "--save",

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from dist_helpers import run_distributed
 from helpers.data import tiny_text_dataset
-from helpers.tiny_training import make_config, my_micro_batches
+from helpers.tiny_training import make_config, my_micro_batches, tiny_clm_flags
 
 from megatron_slm.errors import ConfigError
 
@@ -234,28 +234,7 @@ def _slm(*args, timeout=300):
 def test_config_yaml_reruns_the_run_and_check_config_refuses_what_train_refuses(data, tmp_path):
     save = tmp_path / "run"
     flags = [
-        "--preset",
-        "tiny",
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "32",
-        "--ffn-hidden-size",
-        "64",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "4",
-        "--seq-length",
-        "16",
-        "--loss-mode",
-        "clm",
-        "--data-path",
-        str(data / "train"),
-        "--split",
-        "99,1,0",
-        "--log-interval",
-        "1",
+        *tiny_clm_flags(data),
         "--data-cache-path",
         str(tmp_path / "cache"),
         "--train-iters",
