@@ -9,7 +9,7 @@ so the sidecar read, which is data-loading work outside the step, is not timed).
 
 After warm-up steps the variants take turns step by step (rotating order); the reported time of a variant
 is the median of its steps. Per-phase times come from timing the trainer's own calls: reference/scoring
-pass (``Trainer.prepare_selection``), optimizer (``optimizer.step``), and the training pass (the rest:
+pass (``Trainer.prepare_selection``), optimizer (``Trainer._optimizer_step``: megatron-core's step in stages), and the training pass (the rest:
 1F1B / no-pipelining forward-backward with the loss).
 
 ``--ref-dtype bf16`` runs the online reference in bf16 (the default on GPU), fp32 otherwise on CPU.
@@ -162,7 +162,7 @@ def worker(a) -> dict | None:
         t = Trainer(make_config(a, v))
         prep, opt = Timer(), Timer()
         t.prepare_selection = prep.wrap(t.prepare_selection)
-        t.optimizer.step = opt.wrap(t.optimizer.step)
+        t._optimizer_step = opt.wrap(t._optimizer_step)  # the trainer runs megatron-core's step in stages
         trainers[v], timers[v] = t, (prep, opt)
     any_t = trainers["clm"]
     dp_rank, dp_size = any_t.dp_rank, any_t.dp_size
