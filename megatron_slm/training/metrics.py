@@ -211,7 +211,7 @@ class MetricsLogger:
         avg["peak_mem_gib"] = values["peak_mem_gib"]
         shares = dataset_shares(window)
         log.info(self._line(iteration, avg) + self._dataset_part(shares))
-        self._warn_forgetting(iteration, shares, len(window))
+        self._warn_forgetting(shares, len(window))
 
     def _dataset_part(self, shares) -> str:
         if len(shares) < 2:
@@ -219,7 +219,7 @@ class MetricsLogger:
         cells = [f"{s:.2f}/" + (f"{r:.2f}" if r is not None else "-") for s, r in shares]
         return " | by dataset selected/ref(unsel) " + " ".join(cells)
 
-    def _warn_forgetting(self, iteration: int, shares, steps: int) -> None:
+    def _warn_forgetting(self, shares, steps: int) -> None:
         """Once per dataset: its selected share over this logging window is under --slm-warn-selected-share."""
         floor = self.cfg.slm.slm_warn_selected_share
         if not floor or len(shares) < 2:

@@ -16,7 +16,7 @@ from megatron_slm.config import Config
 from megatron_slm.errors import DivergenceError, SLMError
 from megatron_slm.log import get_logger
 from megatron_slm.loss.selection import per_dataset_ratios
-from megatron_slm.training.metrics import DATASET_COUNT_KEYS, finite_or_none
+from megatron_slm.training.metrics import DATASET_COUNT_KEYS, dataset_shares, finite_or_none
 from megatron_slm.training.resolve import ResolvedRun, dataset_sizes, resolve_run
 
 SUMMARY_FILE = "summary.json"  # <save>/summary.json: the whole run's statistics, written on every stop
@@ -88,14 +88,8 @@ def summarize(cfg: Config, trainer, result: dict) -> dict | None:
     selective = trainer.selective
     by_dataset = unselected_ref = None
     if selective and any("valid_tokens_ds0" in h for h in history):
-
-        def total(key):
-            return [sum(h.get(f"{key}_ds{i}") or 0.0 for h in history) for i in range(trainer.num_datasets)]
-
-        sel, val = total("selected_tokens"), total("valid_tokens")
-        by_dataset = [s / v if v else None for s, v in zip(sel, val)]
-        ref_sum, n_unsel = total("unselected_ref_loss_sum"), total("unselected_tokens")
-        unselected_ref = [r / n if n else None for r, n in zip(ref_sum, n_unsel)]
+        shares = dataset_shares(history)  # the log line's per-dataset figures, over the whole run (NaN -> null)
+        by_dataset, unselected_ref = [s for s, _ in shares], [r for _, r in shares]
     return finite_or_none(
         {
             "loss_mode": cfg.slm.loss_mode,
